@@ -1,0 +1,268 @@
+//! Blocks, block ranges, block digests and block sets.
+//!
+//! A block is the unit of verification: a fixed-size slice of the file (the last one may be
+//! shorter) with its own SHA-256 digest. A [`BlockRange`] is a piece: a contiguous run of
+//! blocks, the unit of transfer and redirection.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Multihash code of SHA2-256.
+pub const SHA2_256: u64 = 0x12;
+
+/// The SHA-256 digest of one block.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BlockDigest(pub [u8; 32]);
+
+impl BlockDigest {
+    /// Digest of `data`.
+    pub fn of(data: &[u8]) -> Self {
+        Self(Sha256::digest(data).into())
+    }
+
+    /// This digest as a multihash (SHA2-256).
+    pub fn to_multihash(&self) -> multihash::Multihash<64> {
+        // A 32-byte digest always fits in 64 bytes, so wrap cannot fail.
+        multihash::Multihash::wrap(SHA2_256, &self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for BlockDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", hex::encode(&self.0[..8]))
+    }
+}
+
+/// A half-open range of block indices `[start, end)`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub struct BlockRange {
+    /// First block of the range.
+    pub start: u32,
+    /// One past the last block of the range.
+    pub end: u32,
+}
+
+impl BlockRange {
+    /// The range `[start, end)`. An inverted range is empty.
+    pub fn new(start: u32, end: u32) -> Self {
+        Self {
+            start,
+            end: end.max(start),
+        }
+    }
+
+    /// Number of blocks in the range.
+    pub fn len(&self) -> u32 {
+        self.end.saturating_sub(self.start)
+    }
+
+    /// Whether the range has no blocks.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `block` lies in the range.
+    pub fn contains(&self, block: u32) -> bool {
+        self.start <= block && block < self.end
+    }
+
+    /// The blocks of the range.
+    pub fn iter(&self) -> std::ops::Range<u32> {
+        self.start..self.end
+    }
+}
+
+impl std::fmt::Debug for BlockRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..{}", self.start, self.end)
+    }
+}
+
+/// Where blocks sit in a file of `size` bytes cut into `block_size` blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// File size in bytes.
+    pub size: u64,
+    /// Block size in bytes.
+    pub block_size: u32,
+}
+
+impl Geometry {
+    /// Number of blocks.
+    pub fn blocks(&self) -> u32 {
+        let bs = u64::from(self.block_size.max(1));
+        u32::try_from(self.size.div_ceil(bs)).unwrap_or(u32::MAX)
+    }
+
+    /// Byte offset of `block`.
+    pub fn offset(&self, block: u32) -> u64 {
+        u64::from(block) * u64::from(self.block_size)
+    }
+
+    /// Length in bytes of `block` (the last block may be short; past the end it is 0).
+    pub fn block_len(&self, block: u32) -> usize {
+        let start = self.offset(block);
+        let end = (start + u64::from(self.block_size)).min(self.size);
+        usize::try_from(end.saturating_sub(start)).unwrap_or(0)
+    }
+
+    /// Total bytes of the blocks in `range`.
+    pub fn range_bytes(&self, range: BlockRange) -> u64 {
+        if range.is_empty() {
+            return 0;
+        }
+        let start = self.offset(range.start).min(self.size);
+        let end = self.offset(range.end).min(self.size);
+        end - start
+    }
+
+    /// The whole file as one range.
+    pub fn all(&self) -> BlockRange {
+        BlockRange::new(0, self.blocks())
+    }
+}
+
+/// A fixed-size set of block indices (a bitfield).
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Blocks {
+    words: Vec<u64>,
+    len: u32,
+    count: u32,
+}
+
+impl Blocks {
+    /// An empty set over `len` blocks.
+    pub fn new(len: u32) -> Self {
+        Self {
+            words: vec![0; (len as usize).div_ceil(64)],
+            len,
+            count: 0,
+        }
+    }
+
+    /// A full set over `len` blocks.
+    pub fn full(len: u32) -> Self {
+        let mut b = Self::new(len);
+        b.insert_range(BlockRange::new(0, len));
+        b
+    }
+
+    /// Number of blocks the set ranges over.
+    pub fn capacity(&self) -> u32 {
+        self.len
+    }
+
+    /// Number of blocks in the set.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Whether every block is in the set.
+    pub fn is_full(&self) -> bool {
+        self.count == self.len
+    }
+
+    /// Whether `block` is in the set (false past the end).
+    pub fn contains(&self, block: u32) -> bool {
+        block < self.len && self.words[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+
+    /// Adds `block`; returns whether it was new. Blocks past the end are ignored.
+    pub fn insert(&mut self, block: u32) -> bool {
+        if block >= self.len || self.contains(block) {
+            return false;
+        }
+        self.words[(block / 64) as usize] |= 1 << (block % 64);
+        self.count += 1;
+        true
+    }
+
+    /// Removes `block`; returns whether it was present.
+    pub fn remove(&mut self, block: u32) -> bool {
+        if !self.contains(block) {
+            return false;
+        }
+        self.words[(block / 64) as usize] &= !(1 << (block % 64));
+        self.count -= 1;
+        true
+    }
+
+    /// Adds every block of `range` that lies within the set's capacity; returns how many
+    /// were new.
+    pub fn insert_range(&mut self, range: BlockRange) -> u32 {
+        range.iter().filter(|&b| self.insert(b)).count() as u32
+    }
+
+    /// Whether every block of `range` is in the set.
+    pub fn contains_range(&self, range: BlockRange) -> bool {
+        range.end <= self.len && range.iter().all(|b| self.contains(b))
+    }
+
+    /// The blocks in the set, as maximal ranges.
+    pub fn ranges(&self) -> Vec<BlockRange> {
+        runs(0..self.len, |b| self.contains(b))
+    }
+
+    /// The blocks not in the set, as maximal ranges.
+    pub fn missing(&self) -> Vec<BlockRange> {
+        runs(0..self.len, |b| !self.contains(b))
+    }
+}
+
+impl std::fmt::Debug for Blocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Blocks({}/{} {:?})", self.count, self.len, self.ranges())
+    }
+}
+
+/// Maximal runs of consecutive indices in `over` for which `pred` holds.
+pub fn runs(over: std::ops::Range<u32>, mut pred: impl FnMut(u32) -> bool) -> Vec<BlockRange> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for b in over.clone() {
+        match (pred(b), start) {
+            (true, None) => start = Some(b),
+            (false, Some(s)) => {
+                out.push(BlockRange::new(s, b));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        out.push(BlockRange::new(s, over.end));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn geometry_of_a_short_last_block() {
+        let g = Geometry {
+            size: 10 * 1024 + 5,
+            block_size: 1024,
+        };
+        assert_eq!(g.blocks(), 11);
+        assert_eq!(g.block_len(10), 5);
+        assert_eq!(g.block_len(11), 0);
+        assert_eq!(g.range_bytes(BlockRange::new(9, 11)), 1029);
+        assert_eq!(g.range_bytes(g.all()), g.size);
+    }
+
+    proptest! {
+        #[test]
+        fn ranges_and_missing_partition_the_set(len in 0u32..300, picks in proptest::collection::vec(0u32..300, 0..100)) {
+            let mut b = Blocks::new(len);
+            for p in &picks { b.insert(*p); }
+            let have: u32 = b.ranges().iter().map(|r| r.len()).sum();
+            let miss: u32 = b.missing().iter().map(|r| r.len()).sum();
+            prop_assert_eq!(have, b.count());
+            prop_assert_eq!(have + miss, len);
+            for r in b.ranges() { prop_assert!(b.contains_range(r)); }
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! Wire messages of every shoal protocol, and the request-response codec that frames them.
+//!
+//! | protocol | messages |
+//! |---|---|
+//! | `/shoal/master/1` | [`MasterRequest`] / [`MasterResponse`] |
+//! | `/shoal/digest/1` | [`DigestRequest`] / [`DigestResponse`] |
+//! | `/shoal/piece/1`  | [`PieceRequest`] / [`PieceResponse`], then raw block bytes |
+//! | `/shoal/authority/1` (gossipsub) | [`AuthorityEvent`] |
+
+use std::{io, marker::PhantomData};
+
+use futures::{AsyncRead, AsyncWrite};
+use libp2p::{request_response, Multiaddr, PeerId, StreamProtocol};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::block::{BlockDigest, BlockRange};
+use crate::limits::*;
+use crate::manifest::{FileId, PublisherHeader, SignedHeader};
+use crate::piece::{read_frame, write_frame};
+
+/// A request to the master.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MasterRequest {
+    /// A publisher announces a file; the master countersigns and then pulls its pieces.
+    Announce {
+        /// The publisher-signed header.
+        header: PublisherHeader,
+        /// The block digest list.
+        digests: Vec<BlockDigest>,
+    },
+    /// A node names blocks it lacks and asks where to get them.
+    Locate {
+        /// The file.
+        file: FileId,
+        /// Blocks the node still needs (and has not in flight).
+        need: Vec<BlockRange>,
+    },
+    /// A node now holds these verified blocks and serves them.
+    Have {
+        /// The file.
+        file: FileId,
+        /// Newly held ranges.
+        ranges: Vec<BlockRange>,
+    },
+    /// A node could not get blocks from an assigned peer.
+    Report {
+        /// The file.
+        file: FileId,
+        /// The peer at fault.
+        peer: PeerId,
+        /// What went wrong.
+        problem: Problem,
+    },
+    /// What the master knows of a file.
+    Status {
+        /// The file.
+        file: FileId,
+    },
+    /// Join the swarm: the node's region, for nearby redirects.
+    Hello {
+        /// Free-form region label ("eu-west", "rack-3"); empty for none.
+        region: String,
+    },
+    /// The node is leaving: drop it from every mirror list.
+    Leave,
+}
+
+/// A problem with an assigned source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Problem {
+    /// The peer could not be reached, refused, stalled or reset the stream.
+    Unreachable,
+    /// The peer served bytes that failed their digest.
+    Corrupt {
+        /// The blocks that failed.
+        blocks: Vec<BlockRange>,
+    },
+}
+
+/// Where to get a range of blocks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    /// From the master itself.
+    Master,
+    /// From a peer (a redirect), with the addresses the master knows for it.
+    Peer {
+        /// The holder.
+        peer: PeerId,
+        /// Where to dial it: the redirect hint.
+        addrs: Vec<Multiaddr>,
+    },
+}
+
+/// One answer to a Locate: get `range` from `source`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The blocks.
+    pub range: BlockRange,
+    /// Who serves them.
+    pub source: Source,
+}
+
+/// A mirror in a status report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    /// The mirror.
+    pub peer: PeerId,
+    /// Its region label.
+    pub region: String,
+    /// Blocks it holds.
+    pub blocks: u32,
+    /// Whether the master currently considers it live.
+    pub live: bool,
+}
+
+/// What the master knows of a file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStatus {
+    /// The file.
+    pub file: FileId,
+    /// The file name.
+    pub name: String,
+    /// File size in bytes.
+    pub size: u64,
+    /// Number of blocks.
+    pub blocks: u32,
+    /// Blocks the master itself holds (all of them once a publish completed).
+    pub master_blocks: u32,
+    /// Mirrors known for the file.
+    pub mirrors: Vec<MirrorStatus>,
+    /// Blocks no live mirror holds.
+    pub master_only_blocks: u32,
+    /// Piece bytes the master has sent for this file.
+    pub bytes_from_master: u64,
+    /// Piece bytes peers reported having received from other peers.
+    pub bytes_from_peers: u64,
+    /// Peers banned swarm-wide.
+    pub banned: Vec<PeerId>,
+}
+
+/// An answer from the master.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MasterResponse {
+    /// The announce was accepted; the header is countersigned.
+    Announced {
+        /// The file id.
+        file: FileId,
+        /// The countersigned header.
+        header: SignedHeader,
+    },
+    /// Where to get blocks. An empty list with `retry_after_ms` means "ask again later".
+    Assignments {
+        /// The assignments.
+        assignments: Vec<Assignment>,
+        /// When nothing could be assigned now, how long to wait before asking again.
+        retry_after_ms: u32,
+    },
+    /// Accepted.
+    Ack,
+    /// A status report.
+    Status(FileStatus),
+    /// Refused, with a reason for humans.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A request for manifest parts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DigestRequest {
+    /// The countersigned header.
+    Header {
+        /// The file.
+        file: FileId,
+    },
+    /// Block digests `[start, start + count)`.
+    Digests {
+        /// The file.
+        file: FileId,
+        /// First block.
+        start: u32,
+        /// How many (capped at [`MAX_DIGESTS_PER_RESPONSE`]).
+        count: u32,
+    },
+}
+
+/// An answer with manifest parts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DigestResponse {
+    /// The header.
+    Header(SignedHeader),
+    /// Digests starting at `start`.
+    Digests {
+        /// First block.
+        start: u32,
+        /// The digests.
+        digests: Vec<BlockDigest>,
+    },
+    /// The responder does not know this file.
+    NotFound,
+}
+
+/// The first frame of a piece stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceRequest {
+    /// The file.
+    pub file: FileId,
+    /// The blocks wanted.
+    pub range: BlockRange,
+}
+
+/// The server's answer frame; on `Ok` the block bytes follow, in order, each block exactly
+/// its length.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PieceResponse {
+    /// The bytes follow.
+    Ok,
+    /// The server refuses.
+    Refused(RefuseReason),
+}
+
+/// Why a server refused a piece request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseReason {
+    /// It does not know the file.
+    UnknownFile,
+    /// It does not hold every block of the range.
+    NotHeld,
+    /// All upload slots are busy.
+    Busy,
+    /// The requester is banned.
+    Banned,
+}
+
+/// A master-signed event on the authority topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthorityEvent {
+    /// A file was announced.
+    FileAnnounced {
+        /// The file.
+        file: FileId,
+        /// Its name.
+        name: String,
+        /// Its size.
+        size: u64,
+    },
+    /// A peer was banned swarm-wide.
+    PeerBanned {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A peer was removed from the mirror lists (dead or left).
+    MirrorRemoved {
+        /// The peer.
+        peer: PeerId,
+    },
+}
+
+/// A length-prefixed bincode codec for request-response, with per-direction size caps.
+pub struct RrCodec<Req, Resp> {
+    max_request: usize,
+    max_response: usize,
+    _types: PhantomData<fn() -> (Req, Resp)>,
+}
+
+impl<Req, Resp> Clone for RrCodec<Req, Resp> {
+    fn clone(&self) -> Self {
+        Self {
+            max_request: self.max_request,
+            max_response: self.max_response,
+            _types: PhantomData,
+        }
+    }
+}
+
+/// The codec of `/shoal/master/1`.
+pub type MasterCodec = RrCodec<MasterRequest, MasterResponse>;
+/// The codec of `/shoal/digest/1`.
+pub type DigestCodec = RrCodec<DigestRequest, DigestResponse>;
+
+impl Default for MasterCodec {
+    fn default() -> Self {
+        Self::new(MAX_MASTER_REQUEST, MAX_MASTER_RESPONSE)
+    }
+}
+
+impl Default for DigestCodec {
+    fn default() -> Self {
+        Self::new(MAX_DIGEST_REQUEST, MAX_DIGEST_RESPONSE)
+    }
+}
+
+impl<Req, Resp> RrCodec<Req, Resp> {
+    /// A codec with the given caps.
+    pub fn new(max_request: usize, max_response: usize) -> Self {
+        Self {
+            max_request,
+            max_response,
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<Req, Resp> request_response::Codec for RrCodec<Req, Resp>
+where
+    Req: Serialize + DeserializeOwned + Send + Sync + 'static,
+    Resp: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    type Protocol = StreamProtocol;
+    type Request = Req;
+    type Response = Resp;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Req>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io, self.max_request).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io, self.max_response).await
+    }
+
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Req) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &req, self.max_request).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Resp,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &res, self.max_response).await
+    }
+}
+
+/// Encodes an authority event for gossipsub.
+pub fn encode_authority(event: &AuthorityEvent) -> Vec<u8> {
+    crate::codec::encode(event).unwrap_or_default()
+}
+
+/// Decodes an authority event from gossipsub.
+pub fn decode_authority(bytes: &[u8]) -> Result<AuthorityEvent, crate::codec::DecodeError> {
+    crate::codec::decode(bytes, MAX_AUTHORITY_EVENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+    use libp2p::identity::Keypair;
+    use proptest::prelude::*;
+
+    fn arb_range() -> impl Strategy<Value = BlockRange> {
+        (any::<u32>(), any::<u32>()).prop_map(|(a, b)| BlockRange::new(a.min(b), a.max(b)))
+    }
+
+    fn arb_peer() -> impl Strategy<Value = PeerId> {
+        any::<[u8; 32]>().prop_map(|seed| {
+            Keypair::ed25519_from_bytes(seed)
+                .expect("32 bytes")
+                .public()
+                .to_peer_id()
+        })
+    }
+
+    fn arb_request() -> impl Strategy<Value = MasterRequest> {
+        let file = any::<[u8; 32]>().prop_map(FileId);
+        prop_oneof![
+            (file.clone(), proptest::collection::vec(arb_range(), 0..50))
+                .prop_map(|(file, need)| MasterRequest::Locate { file, need }),
+            (file.clone(), proptest::collection::vec(arb_range(), 0..50))
+                .prop_map(|(file, ranges)| MasterRequest::Have { file, ranges }),
+            (
+                file.clone(),
+                arb_peer(),
+                proptest::collection::vec(arb_range(), 0..5)
+            )
+                .prop_map(|(file, peer, blocks)| MasterRequest::Report {
+                    file,
+                    peer,
+                    problem: Problem::Corrupt { blocks }
+                }),
+            ".{0,40}".prop_map(|region| MasterRequest::Hello { region }),
+            Just(MasterRequest::Leave),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn master_requests_round_trip(req in arb_request()) {
+            let bytes = encode(&req).unwrap();
+            let back: MasterRequest = decode(&bytes, MAX_MASTER_REQUEST).unwrap();
+            prop_assert_eq!(back, req);
+        }
+
+        #[test]
+        fn assignments_round_trip(ranges in proptest::collection::vec(arb_range(), 0..40), peer in arb_peer(), port in any::<u16>()) {
+            let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+            let assignments: Vec<Assignment> = ranges.iter().enumerate().map(|(i, r)| Assignment {
+                range: *r,
+                source: if i % 2 == 0 { Source::Master } else { Source::Peer { peer, addrs: vec![addr.clone()] } },
+            }).collect();
+            let resp = MasterResponse::Assignments { assignments, retry_after_ms: 7 };
+            let bytes = encode(&resp).unwrap();
+            let back: MasterResponse = decode(&bytes, MAX_MASTER_RESPONSE).unwrap();
+            prop_assert_eq!(back, resp);
+        }
+
+        #[test]
+        fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<MasterRequest>(&bytes, MAX_MASTER_REQUEST);
+            let _ = decode::<MasterResponse>(&bytes, MAX_MASTER_RESPONSE);
+            let _ = decode::<DigestResponse>(&bytes, MAX_DIGEST_RESPONSE);
+            let _ = decode::<PieceRequest>(&bytes, MAX_PIECE_FRAME);
+            let _ = decode_authority(&bytes);
+        }
+
+        #[test]
+        fn piece_requests_round_trip(file in any::<[u8; 32]>(), range in arb_range()) {
+            let req = PieceRequest { file: FileId(file), range };
+            let back: PieceRequest = decode(&encode(&req).unwrap(), MAX_PIECE_FRAME).unwrap();
+            prop_assert_eq!(back, req);
+        }
+
+        #[test]
+        fn digest_responses_over_the_cap_are_refused(n in 0u32..40_000) {
+            let resp = DigestResponse::Digests { start: 0, digests: vec![BlockDigest([7; 32]); n as usize] };
+            let bytes = encode(&resp).unwrap();
+            let decoded = decode::<DigestResponse>(&bytes, MAX_DIGEST_RESPONSE);
+            prop_assert_eq!(decoded.is_ok(), bytes.len() <= MAX_DIGEST_RESPONSE);
+        }
+    }
+
+    #[test]
+    fn authority_events_round_trip() {
+        let peer = Keypair::generate_ed25519().public().to_peer_id();
+        let e = AuthorityEvent::PeerBanned { peer };
+        assert_eq!(decode_authority(&encode_authority(&e)).unwrap(), e);
+    }
+}
