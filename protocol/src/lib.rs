@@ -16,6 +16,7 @@
 //! Non-goals: sockets, files, timers, tasks. Those live in `shoal-master` and `shoal-node`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod behaviour;
 pub mod block;
 pub mod codec;
 pub mod limits;

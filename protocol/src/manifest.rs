@@ -447,6 +447,72 @@ impl VerifiedManifest {
     }
 }
 
+/// Builds a manifest body and digest list from a file's bytes, streamed in any chunking.
+#[derive(Debug)]
+pub struct ManifestBuilder {
+    block_size: u32,
+    file: Sha256,
+    block: Sha256,
+    in_block: usize,
+    size: u64,
+    digests: Vec<BlockDigest>,
+}
+
+impl ManifestBuilder {
+    /// A builder for blocks of `block_size` bytes (see [`choose_block_size`]).
+    pub fn new(block_size: u32) -> Self {
+        Self {
+            block_size,
+            file: Sha256::new(),
+            block: Sha256::new(),
+            in_block: 0,
+            size: 0,
+            digests: Vec::new(),
+        }
+    }
+
+    /// Feeds the next bytes of the file.
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.file.update(data);
+        self.size += data.len() as u64;
+        while !data.is_empty() {
+            let take = (self.block_size as usize - self.in_block).min(data.len());
+            self.block.update(&data[..take]);
+            self.in_block += take;
+            data = &data[take..];
+            if self.in_block == self.block_size as usize {
+                let d = std::mem::take(&mut self.block).finalize();
+                self.digests.push(BlockDigest(d.into()));
+                self.in_block = 0;
+            }
+        }
+    }
+
+    /// The body (to be signed) and the digest list.
+    pub fn finish(
+        mut self,
+        name: String,
+        publisher_key: Vec<u8>,
+        master: PeerId,
+        created_unix_s: u64,
+    ) -> (HeaderBody, Vec<BlockDigest>) {
+        if self.in_block > 0 {
+            self.digests.push(BlockDigest(self.block.finalize().into()));
+        }
+        let body = HeaderBody {
+            name,
+            size: self.size,
+            block_size: self.block_size,
+            file_sha256: self.file.finalize().into(),
+            digest_list_sha256: digest_list_sha256(&self.digests),
+            publisher_key,
+            master,
+            created_unix_s,
+        };
+        (body, self.digests)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -566,6 +632,25 @@ pub(crate) mod tests {
     fn block_size_grows_for_huge_files() {
         assert_eq!(choose_block_size(1 << 30), 64 * 1024);
         assert_eq!(choose_block_size(64 << 30), 1 << 20);
+    }
+
+    #[test]
+    fn builder_matches_whole_buffer_digests_in_any_chunking() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 13) as u8).collect();
+        let (p, m) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let reference = manifest_for(&data, 4096, &p, &m);
+        let mut b = ManifestBuilder::new(4096);
+        for chunk in data.chunks(777) {
+            b.update(chunk);
+        }
+        let (body, digests) = b.finish(
+            "test.bin".into(),
+            p.public().encode_protobuf(),
+            m.public().to_peer_id(),
+            1,
+        );
+        assert_eq!(digests, reference.digests);
+        assert_eq!(body, reference.header.body);
     }
 
     #[test]

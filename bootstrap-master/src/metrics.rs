@@ -1,0 +1,131 @@
+//! Prometheus metrics of the master, and a minimal `/metrics` HTTP endpoint.
+
+use std::{
+    net::SocketAddr,
+    sync::{atomic::AtomicU64, Arc},
+};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+/// The master's counters. Cheap to clone; all clones count into the same values.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// Piece payload bytes the master sent.
+    pub piece_bytes_sent: Counter<u64, AtomicU64>,
+    /// Assignments that redirected a node to a peer.
+    pub redirects: Counter,
+    /// All assignments handed out.
+    pub assignments: Counter,
+    /// Connected peers.
+    pub peers: Gauge,
+    /// Peers banned.
+    pub bans: Counter,
+    /// Files registered.
+    pub files: Gauge,
+    registry: Arc<Registry>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics in their own registry.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("shoal_master");
+        let piece_bytes_sent = Counter::<u64, AtomicU64>::default();
+        let redirects = Counter::default();
+        let assignments = Counter::default();
+        let peers = Gauge::default();
+        let bans = Counter::default();
+        let files = Gauge::default();
+        registry.register(
+            "piece_bytes_sent",
+            "Piece payload bytes the master sent",
+            piece_bytes_sent.clone(),
+        );
+        registry.register(
+            "redirects",
+            "Assignments that redirected a node to a peer",
+            redirects.clone(),
+        );
+        registry.register(
+            "assignments",
+            "Assignments handed out (master or peer)",
+            assignments.clone(),
+        );
+        registry.register("peers", "Connected peers", peers.clone());
+        registry.register("bans", "Peers banned swarm-wide", bans.clone());
+        registry.register("files", "Files registered", files.clone());
+        Self {
+            piece_bytes_sent,
+            redirects,
+            assignments,
+            peers,
+            bans,
+            files,
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Serves `GET /metrics` on `listener` until the task is dropped.
+    pub async fn serve(self, listener: TcpListener) {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let body = self.render();
+            // One scrape at a time, each bounded by a timeout: a scraper cannot pile up tasks.
+            async move {
+                let mut req = [0u8; 1024];
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut req),
+                )
+                .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let line = String::from_utf8_lossy(&req[..n]);
+                let resp = if line.starts_with("GET /metrics") {
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_string()
+                };
+                let _ = sock.write_all(resp.as_bytes()).await;
+            }
+            .await;
+        }
+    }
+
+    /// Binds `addr` and serves in a background task; returns the bound address.
+    pub async fn spawn_server(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        tokio::spawn(self.clone().serve(listener));
+        Ok(bound)
+    }
+}

@@ -1,0 +1,676 @@
+//! The master's redirect policy: a pure state machine over the ownership table.
+//!
+//! It owns, per file, which peer holds which blocks, which blocks the master has handed out
+//! and to whom, and per peer its addresses, region, liveness and load (blocks assigned to it
+//! and not yet confirmed). It does no I/O and reads no clock: every call that depends on time
+//! takes `now`. The swarm code around it feeds it events and carries out its answers.
+//!
+//! The rule for a Locate, block by block over what the node lacks:
+//! 1. a live peer holds it: redirect to the nearest (same region first), least-loaded holder
+//!    that the requester has not had trouble with;
+//! 2. no live peer holds it and the master has not handed it out (or the handout expired):
+//!    the master serves it (first copies first), at most one master piece per answer, and the
+//!    piece shrinks as the master's load grows;
+//! 3. otherwise (its first copy is on its way to another node) skip it: the node asks again
+//!    after `retry_after` and will then be redirected to the new holder.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use shoal_protocol::block::{BlockRange, Blocks};
+use shoal_protocol::limits::{MAX_ASSIGNMENTS, MAX_HINT_ADDRS};
+use shoal_protocol::wire::{Assignment, FileStatus, MirrorStatus, Source};
+use shoal_protocol::FileId;
+
+/// Tunables of the policy. The defaults suit 64 KiB blocks.
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    /// Largest piece the master serves itself, in blocks (when idle).
+    pub max_master_piece: u32,
+    /// Smallest piece the master serves itself, in blocks (under heavy load).
+    pub min_master_piece: u32,
+    /// Master load (blocks in flight) at which the master piece has halved.
+    pub master_load_half: u32,
+    /// Largest redirected piece, in blocks.
+    pub max_peer_piece: u32,
+    /// Most blocks assigned in one answer.
+    pub max_blocks_per_answer: u32,
+    /// How long an assignment counts as load (and a master handout blocks re-handouts)
+    /// without the requester confirming the blocks.
+    pub assignment_timeout: Duration,
+    /// What to tell a node to wait when nothing can be assigned now.
+    pub retry_after: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            max_master_piece: 32,
+            min_master_piece: 4,
+            master_load_half: 256,
+            max_peer_piece: 64,
+            max_blocks_per_answer: 512,
+            assignment_timeout: Duration::from_secs(20),
+            retry_after: Duration::from_millis(200),
+        }
+    }
+}
+
+/// The answer to a Locate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocateAnswer {
+    /// Where to get what.
+    pub assignments: Vec<Assignment>,
+    /// When nothing was assigned, how long to wait before asking again.
+    pub retry_after: Duration,
+}
+
+/// Why a request cannot be answered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    /// The master does not know the file.
+    #[error("unknown file {0}")]
+    UnknownFile(FileId),
+}
+
+#[derive(Debug, Default)]
+struct PeerState {
+    addrs: Vec<Multiaddr>,
+    region: String,
+    live: bool,
+    /// Blocks assigned to this peer as a source and not yet confirmed by their requester.
+    load: u32,
+    /// Peers this one could not get data from: never sent there again.
+    avoid: HashSet<PeerId>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    source: Option<PeerId>,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+struct FileState {
+    name: String,
+    size: u64,
+    blocks: u32,
+    master_has: Blocks,
+    holders: HashMap<PeerId, Blocks>,
+    /// Per requester, per block: what it was assigned and until when that counts.
+    pending: HashMap<PeerId, HashMap<u32, Pending>>,
+    /// Per block, the requester a master copy is on its way to.
+    handouts: HashMap<u32, (PeerId, Instant)>,
+    bytes_from_master: u64,
+    bytes_from_peers: u64,
+}
+
+/// The ownership table and the redirect rule.
+#[derive(Debug)]
+pub struct Policy {
+    cfg: PolicyConfig,
+    files: HashMap<FileId, FileState>,
+    peers: HashMap<PeerId, PeerState>,
+    banned: HashSet<PeerId>,
+    master_load: u32,
+}
+
+impl Policy {
+    /// An empty table.
+    pub fn new(cfg: PolicyConfig) -> Self {
+        Self {
+            cfg,
+            files: HashMap::new(),
+            peers: HashMap::new(),
+            banned: HashSet::new(),
+            master_load: 0,
+        }
+    }
+
+    /// Registers a file of `blocks` blocks, of which the master holds `master_has`.
+    pub fn add_file(&mut self, file: FileId, name: String, size: u64, master_has: Blocks) {
+        let blocks = master_has.capacity();
+        self.files.entry(file).or_insert_with(|| FileState {
+            name,
+            size,
+            blocks,
+            master_has,
+            holders: HashMap::new(),
+            pending: HashMap::new(),
+            handouts: HashMap::new(),
+            bytes_from_master: 0,
+            bytes_from_peers: 0,
+        });
+    }
+
+    /// Whether the file is known.
+    pub fn has_file(&self, file: &FileId) -> bool {
+        self.files.contains_key(file)
+    }
+
+    /// The master now holds `block` of `file` itself.
+    pub fn master_stored(&mut self, file: &FileId, block: u32) {
+        if let Some(f) = self.files.get_mut(file) {
+            f.master_has.insert(block);
+        }
+    }
+
+    /// Whether the master holds every block of `file`.
+    pub fn master_complete(&self, file: &FileId) -> bool {
+        self.files.get(file).is_some_and(|f| f.master_has.is_full())
+    }
+
+    /// A peer connected (or its addresses changed).
+    pub fn peer_up(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if self.banned.contains(&peer) {
+            return;
+        }
+        let p = self.peers.entry(peer).or_default();
+        p.live = true;
+        for a in addrs {
+            if !p.addrs.contains(&a) {
+                p.addrs.push(a);
+            }
+        }
+        p.addrs.truncate(MAX_HINT_ADDRS);
+    }
+
+    /// A peer's region label.
+    pub fn set_region(&mut self, peer: PeerId, region: String) {
+        self.peers.entry(peer).or_default().region = region;
+    }
+
+    /// A peer is gone (disconnected, failed its liveness check, or left): it leaves every
+    /// mirror list at once, and its assignments stop counting. Returns whether it was a mirror.
+    pub fn peer_down(&mut self, peer: &PeerId) -> bool {
+        let mut was_mirror = false;
+        for f in self.files.values_mut() {
+            was_mirror |= f.holders.remove(peer).is_some();
+            if let Some(pending) = f.pending.remove(peer) {
+                for p in pending.values() {
+                    release(&mut self.peers, &mut self.master_load, p.source);
+                }
+            }
+            f.handouts.retain(|_, (to, _)| to != peer);
+        }
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.live = false;
+        }
+        was_mirror
+    }
+
+    /// Whether the master considers `peer` live.
+    pub fn is_live(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.live)
+    }
+
+    /// `peer` holds the whole file (a publisher announcing it).
+    pub fn holds_all(&mut self, file: &FileId, peer: PeerId) {
+        if let Some(f) = self.files.get_mut(file) {
+            f.holders.insert(peer, Blocks::full(f.blocks));
+        }
+    }
+
+    /// `peer` now holds `ranges` of `file`: it becomes a mirror of them, and the assignments
+    /// that brought them stop counting as load.
+    pub fn have(&mut self, file: &FileId, peer: PeerId, ranges: &[BlockRange]) {
+        let Some(f) = self.files.get_mut(file) else {
+            return;
+        };
+        let geometry_blocks = f.blocks;
+        let held = f
+            .holders
+            .entry(peer)
+            .or_insert_with(|| Blocks::new(geometry_blocks));
+        let pending = f.pending.entry(peer).or_default();
+        for r in ranges {
+            for b in BlockRange::new(r.start, r.end.min(geometry_blocks)).iter() {
+                held.insert(b);
+                if let Some(p) = pending.remove(&b) {
+                    release(&mut self.peers, &mut self.master_load, p.source);
+                }
+            }
+        }
+    }
+
+    /// Accounts piece bytes served, for status.
+    pub fn count_bytes(&mut self, file: &FileId, from_master: u64, from_peers: u64) {
+        if let Some(f) = self.files.get_mut(file) {
+            f.bytes_from_master += from_master;
+            f.bytes_from_peers += from_peers;
+        }
+    }
+
+    /// `reporter` could not get data from `peer`: never send it there again.
+    pub fn avoid(&mut self, reporter: PeerId, peer: PeerId) {
+        self.peers.entry(reporter).or_default().avoid.insert(peer);
+    }
+
+    /// Bans `peer`: gone from every list, never assigned again.
+    pub fn ban(&mut self, peer: PeerId) {
+        self.peer_down(&peer);
+        self.banned.insert(peer);
+    }
+
+    /// Whether `peer` is banned.
+    pub fn is_banned(&self, peer: &PeerId) -> bool {
+        self.banned.contains(peer)
+    }
+
+    /// The live mirrors of `file` (peers with at least one block).
+    pub fn mirrors(&self, file: &FileId) -> Vec<PeerId> {
+        self.files
+            .get(file)
+            .map(|f| f.holders.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Drops assignments whose time ran out.
+    pub fn expire(&mut self, now: Instant) {
+        for f in self.files.values_mut() {
+            for pending in f.pending.values_mut() {
+                pending.retain(|_, p| {
+                    let keep = p.deadline > now;
+                    if !keep {
+                        release(&mut self.peers, &mut self.master_load, p.source);
+                    }
+                    keep
+                });
+            }
+            f.handouts.retain(|_, (_, deadline)| *deadline > now);
+        }
+    }
+
+    fn master_piece(&self) -> u32 {
+        let cfg = &self.cfg;
+        let scaled = u64::from(cfg.max_master_piece) * u64::from(cfg.master_load_half)
+            / (u64::from(cfg.master_load_half) + u64::from(self.master_load));
+        (scaled as u32).clamp(cfg.min_master_piece, cfg.max_master_piece)
+    }
+
+    /// Answers a Locate from `requester` for the blocks `need` of `file`.
+    pub fn locate(
+        &mut self,
+        now: Instant,
+        requester: PeerId,
+        file: &FileId,
+        need: &[BlockRange],
+    ) -> Result<LocateAnswer, PolicyError> {
+        self.expire(now);
+        let master_piece = self.master_piece();
+        let cfg = self.cfg.clone();
+        let f = self
+            .files
+            .get_mut(file)
+            .ok_or(PolicyError::UnknownFile(*file))?;
+        let avoid = self
+            .peers
+            .get(&requester)
+            .map(|p| p.avoid.clone())
+            .unwrap_or_default();
+        let my_region = self
+            .peers
+            .get(&requester)
+            .map(|p| p.region.clone())
+            .unwrap_or_default();
+        let mine = f.holders.get(&requester).cloned();
+        let deadline = now + cfg.assignment_timeout;
+
+        // Local view of loads, so this answer spreads its own assignments.
+        let mut loads: HashMap<PeerId, u32> = HashMap::new();
+        let mut runs: Vec<(BlockRange, Option<PeerId>)> = Vec::new();
+        let mut budget = cfg.max_blocks_per_answer;
+        let mut master_given = 0u32;
+        let mut master_run_open = true;
+
+        'outer: for r in need {
+            for b in BlockRange::new(r.start, r.end.min(f.blocks)).iter() {
+                if budget == 0 || runs.len() >= MAX_ASSIGNMENTS {
+                    break 'outer;
+                }
+                if mine.as_ref().is_some_and(|m| m.contains(b)) {
+                    continue;
+                }
+                let best = f
+                    .holders
+                    .iter()
+                    .filter(|(p, held)| {
+                        **p != requester
+                            && held.contains(b)
+                            && !avoid.contains(*p)
+                            && self.peers.get(*p).is_some_and(|s| s.live)
+                    })
+                    .map(|(p, _)| {
+                        let s = &self.peers[p];
+                        let load = loads.get(p).copied().unwrap_or(s.load);
+                        (s.region != my_region || my_region.is_empty(), load, *p)
+                    })
+                    .min();
+                let source = if let Some((_, _, holder)) = best {
+                    Some(holder)
+                } else if f.master_has.contains(b)
+                    && f.handouts.get(&b).is_none_or(|(to, _)| *to == requester)
+                    && master_given < master_piece
+                    && master_run_open
+                {
+                    None
+                } else {
+                    // Its first copy is on the way elsewhere (or the master's piece for this
+                    // answer is used up): a master run ends here so pieces stay contiguous.
+                    if master_given > 0 {
+                        master_run_open = false;
+                    }
+                    continue;
+                };
+                // Retract any older assignment of this block to this requester.
+                let pending = f.pending.entry(requester).or_default();
+                if let Some(old) = pending.remove(&b) {
+                    release(&mut self.peers, &mut self.master_load, old.source);
+                }
+                pending.insert(b, Pending { source, deadline });
+                match source {
+                    Some(p) => {
+                        let s = self.peers.entry(p).or_default();
+                        s.load += 1;
+                        loads.insert(p, s.load);
+                    }
+                    None => {
+                        self.master_load += 1;
+                        master_given += 1;
+                        f.handouts.insert(b, (requester, deadline));
+                    }
+                }
+                budget -= 1;
+                let max_len = if source.is_some() {
+                    cfg.max_peer_piece
+                } else {
+                    master_piece
+                };
+                match runs.last_mut() {
+                    Some((run, src)) if *src == source && run.end == b && run.len() < max_len => {
+                        run.end = b + 1;
+                    }
+                    _ => runs.push((BlockRange::new(b, b + 1), source)),
+                }
+            }
+        }
+
+        let assignments: Vec<Assignment> = runs
+            .into_iter()
+            .map(|(range, src)| Assignment {
+                range,
+                source: match src {
+                    None => Source::Master,
+                    Some(peer) => Source::Peer {
+                        peer,
+                        addrs: self
+                            .peers
+                            .get(&peer)
+                            .map(|p| p.addrs.clone())
+                            .unwrap_or_default(),
+                    },
+                },
+            })
+            .collect();
+        let retry_after = if assignments.is_empty() {
+            cfg.retry_after
+        } else {
+            Duration::ZERO
+        };
+        Ok(LocateAnswer {
+            assignments,
+            retry_after,
+        })
+    }
+
+    /// Current load of `peer` as a source, in blocks.
+    pub fn load(&self, peer: &PeerId) -> u32 {
+        self.peers.get(peer).map_or(0, |p| p.load)
+    }
+
+    /// What the master knows of `file`.
+    pub fn status(&self, file: &FileId) -> Option<FileStatus> {
+        let f = self.files.get(file)?;
+        let mut mirrors: Vec<MirrorStatus> = f
+            .holders
+            .iter()
+            .map(|(peer, held)| {
+                let p = self.peers.get(peer);
+                MirrorStatus {
+                    peer: *peer,
+                    region: p.map(|p| p.region.clone()).unwrap_or_default(),
+                    blocks: held.count(),
+                    live: p.is_some_and(|p| p.live),
+                }
+            })
+            .collect();
+        mirrors.sort_by_key(|m| m.peer);
+        let master_only_blocks = (0..f.blocks)
+            .filter(|b| {
+                !f.holders
+                    .iter()
+                    .any(|(p, h)| h.contains(*b) && self.is_live(p))
+            })
+            .count() as u32;
+        let mut banned: Vec<PeerId> = self.banned.iter().copied().collect();
+        banned.sort();
+        Some(FileStatus {
+            file: *file,
+            name: f.name.clone(),
+            size: f.size,
+            blocks: f.blocks,
+            master_blocks: f.master_has.count(),
+            mirrors,
+            master_only_blocks,
+            bytes_from_master: f.bytes_from_master,
+            bytes_from_peers: f.bytes_from_peers,
+            banned,
+        })
+    }
+}
+
+fn release(peers: &mut HashMap<PeerId, PeerState>, master_load: &mut u32, source: Option<PeerId>) {
+    match source {
+        Some(p) => {
+            if let Some(s) = peers.get_mut(&p) {
+                s.load = s.load.saturating_sub(1);
+            }
+        }
+        None => *master_load = master_load.saturating_sub(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::identity::Keypair;
+
+    fn peer() -> PeerId {
+        Keypair::generate_ed25519().public().to_peer_id()
+    }
+
+    fn file() -> FileId {
+        FileId([1; 32])
+    }
+
+    fn setup(blocks: u32) -> Policy {
+        let mut p = Policy::new(PolicyConfig {
+            max_master_piece: 4,
+            min_master_piece: 1,
+            master_load_half: 1000,
+            max_peer_piece: 8,
+            max_blocks_per_answer: 16,
+            ..PolicyConfig::default()
+        });
+        p.add_file(file(), "f".into(), u64::from(blocks) * 1024, Blocks::full(blocks));
+        p
+    }
+
+    fn all(blocks: u32) -> Vec<BlockRange> {
+        vec![BlockRange::new(0, blocks)]
+    }
+
+    #[test]
+    fn first_request_is_served_by_the_master() {
+        let mut p = setup(16);
+        let a = peer();
+        p.peer_up(a, vec![]);
+        let ans = p.locate(Instant::now(), a, &file(), &all(16)).unwrap();
+        assert_eq!(
+            ans.assignments,
+            vec![Assignment {
+                range: BlockRange::new(0, 4),
+                source: Source::Master
+            }]
+        );
+    }
+
+    #[test]
+    fn first_copies_are_handed_out_once() {
+        let mut p = setup(16);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![]);
+        p.peer_up(b, vec![]);
+        let now = Instant::now();
+        p.locate(now, a, &file(), &all(16)).unwrap();
+        let ans = p.locate(now, b, &file(), &all(16)).unwrap();
+        // b gets the next master piece, not a's blocks again.
+        assert_eq!(ans.assignments[0].range, BlockRange::new(4, 8));
+        assert_eq!(ans.assignments[0].source, Source::Master);
+    }
+
+    #[test]
+    fn later_requests_are_redirected_to_the_holder_with_its_addresses() {
+        let mut p = setup(16);
+        let (a, b) = (peer(), peer());
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/4002".parse().unwrap();
+        p.peer_up(a, vec![addr.clone()]);
+        p.peer_up(b, vec![]);
+        let now = Instant::now();
+        p.locate(now, a, &file(), &all(16)).unwrap();
+        p.have(&file(), a, &[BlockRange::new(0, 4)]);
+        let ans = p.locate(now, b, &file(), &[BlockRange::new(0, 4)]).unwrap();
+        assert_eq!(
+            ans.assignments,
+            vec![Assignment {
+                range: BlockRange::new(0, 4),
+                source: Source::Peer { peer: a, addrs: vec![addr] }
+            }]
+        );
+    }
+
+    #[test]
+    fn the_least_loaded_holder_is_chosen() {
+        let mut p = setup(16);
+        let (a, b, c, d) = (peer(), peer(), peer(), peer());
+        for x in [a, b, c, d] {
+            p.peer_up(x, vec![]);
+        }
+        p.have(&file(), a, &all(16));
+        p.have(&file(), b, &all(16));
+        let now = Instant::now();
+        let first = p.locate(now, c, &file(), &[BlockRange::new(0, 8)]).unwrap();
+        let Source::Peer { peer: first_holder, .. } = first.assignments[0].source.clone() else {
+            panic!("expected a redirect")
+        };
+        assert_eq!(p.load(&first_holder), 8);
+        // d is sent to the other holder, which carries no load.
+        let second = p.locate(now, d, &file(), &[BlockRange::new(0, 8)]).unwrap();
+        let Source::Peer { peer: second_holder, .. } = second.assignments[0].source.clone() else {
+            panic!("expected a redirect")
+        };
+        assert_ne!(first_holder, second_holder);
+        // Once c confirms, the first holder's load is released.
+        p.have(&file(), c, &[BlockRange::new(0, 8)]);
+        assert_eq!(p.load(&first_holder), 0);
+    }
+
+    #[test]
+    fn a_pending_first_copy_makes_others_wait_then_redirects() {
+        let mut p = setup(4);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![]);
+        p.peer_up(b, vec![]);
+        let now = Instant::now();
+        p.locate(now, a, &file(), &all(4)).unwrap();
+        let wait = p.locate(now, b, &file(), &all(4)).unwrap();
+        assert!(wait.assignments.is_empty());
+        assert!(wait.retry_after > Duration::ZERO);
+        // The handout expires in virtual time: the master serves b itself.
+        let later = now + PolicyConfig::default().assignment_timeout + Duration::from_millis(1);
+        let ans = p.locate(later, b, &file(), &all(4)).unwrap();
+        assert_eq!(ans.assignments[0].source, Source::Master);
+    }
+
+    #[test]
+    fn dead_peers_leave_the_mirror_list_and_are_not_assigned() {
+        let mut p = setup(8);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![]);
+        p.peer_up(b, vec![]);
+        p.have(&file(), a, &all(8));
+        assert!(p.peer_down(&a));
+        assert!(p.mirrors(&file()).is_empty());
+        let ans = p.locate(Instant::now(), b, &file(), &all(8)).unwrap();
+        assert!(ans.assignments.iter().all(|x| x.source == Source::Master));
+    }
+
+    #[test]
+    fn avoided_and_banned_peers_are_skipped() {
+        let mut p = setup(8);
+        let (a, b, c) = (peer(), peer(), peer());
+        for x in [a, b, c] {
+            p.peer_up(x, vec![]);
+        }
+        p.have(&file(), a, &all(8));
+        p.avoid(b, a);
+        let ans = p.locate(Instant::now(), b, &file(), &all(8)).unwrap();
+        assert!(ans.assignments.iter().all(|x| x.source == Source::Master));
+        // c still goes to a.
+        let ans = p.locate(Instant::now(), c, &file(), &all(8)).unwrap();
+        assert!(matches!(ans.assignments[0].source, Source::Peer { peer, .. } if peer == a));
+        p.ban(a);
+        p.peer_up(a, vec![]);
+        assert!(!p.is_live(&a));
+    }
+
+    #[test]
+    fn nearby_holders_are_preferred() {
+        let mut p = setup(8);
+        let (far, near, me) = (peer(), peer(), peer());
+        for x in [far, near, me] {
+            p.peer_up(x, vec![]);
+        }
+        p.set_region(near, "eu".into());
+        p.set_region(me, "eu".into());
+        p.set_region(far, "us".into());
+        p.have(&file(), far, &all(8));
+        p.have(&file(), near, &all(8));
+        // Load the near one a little; it is still preferred.
+        let ans = p.locate(Instant::now(), me, &file(), &all(8)).unwrap();
+        assert!(matches!(ans.assignments[0].source, Source::Peer { peer, .. } if peer == near));
+    }
+
+    #[test]
+    fn master_pieces_shrink_under_load() {
+        let mut p = Policy::new(PolicyConfig {
+            max_master_piece: 32,
+            min_master_piece: 2,
+            master_load_half: 32,
+            ..PolicyConfig::default()
+        });
+        p.add_file(file(), "f".into(), 1 << 20, Blocks::full(1024));
+        let now = Instant::now();
+        let mut sizes = Vec::new();
+        for _ in 0..6 {
+            let x = peer();
+            p.peer_up(x, vec![]);
+            let ans = p.locate(now, x, &file(), &all(1024)).unwrap();
+            sizes.push(ans.assignments[0].range.len());
+        }
+        assert_eq!(sizes[0], 32);
+        assert!(sizes.windows(2).all(|w| w[1] <= w[0]), "{sizes:?}");
+        assert!(*sizes.last().unwrap() < 16, "{sizes:?}");
+    }
+}

@@ -1,0 +1,138 @@
+//! The libp2p behaviour every shoal peer runs, master and node alike.
+//!
+//! Composing it here keeps the two sides speaking exactly the same protocols with the same
+//! caps. It is transport-agnostic: the binaries add TCP (or the memory transport in tests).
+
+// The NetworkBehaviour derive generates a `BehaviourEvent` enum whose variants carry no docs.
+#![allow(missing_docs)]
+
+use std::time::Duration;
+
+use libp2p::{
+    gossipsub, identify, identity::Keypair, kad, ping, request_response, swarm::NetworkBehaviour,
+    PeerId, StreamProtocol,
+};
+
+use crate::limits::{DIGEST_PROTOCOL, KAD_PROTOCOL, MASTER_PROTOCOL};
+use crate::wire::{DigestCodec, MasterCodec};
+
+/// Identify protocol version string of shoal.
+pub const IDENTIFY_PROTOCOL: &str = "/shoal/id/1";
+
+/// All protocols of a shoal peer.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// `/shoal/master/1`.
+    pub master: request_response::Behaviour<MasterCodec>,
+    /// `/shoal/digest/1`.
+    pub digest: request_response::Behaviour<DigestCodec>,
+    /// `/shoal/piece/1` streams.
+    pub stream: libp2p_stream::Behaviour,
+    /// The authority topic.
+    pub gossipsub: gossipsub::Behaviour,
+    /// `/shoal/kad/1`.
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// Addresses.
+    pub identify: identify::Behaviour,
+    /// Liveness.
+    pub ping: ping::Behaviour,
+}
+
+/// Whether this peer answers master requests (the master) or makes them (a node).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The master: serves `/shoal/master/1`, is a Kademlia server.
+    Master,
+    /// A node: asks the master, serves digests.
+    Node,
+}
+
+/// Why the behaviour could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the shoal behaviour: {0}")]
+pub struct BehaviourError(String);
+
+impl Behaviour {
+    /// Builds the behaviour for `key` in `role`.
+    pub fn new(key: &Keypair, role: Role) -> Result<Self, BehaviourError> {
+        let peer = key.public().to_peer_id();
+        let rr_cfg = request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(30))
+            .with_max_concurrent_streams(256);
+        let (master_support, digest_support) = match role {
+            Role::Master => (
+                request_response::ProtocolSupport::Inbound,
+                request_response::ProtocolSupport::Full,
+            ),
+            Role::Node => (
+                request_response::ProtocolSupport::Outbound,
+                request_response::ProtocolSupport::Full,
+            ),
+        };
+        let master = request_response::Behaviour::with_codec(
+            MasterCodec::default(),
+            [(MASTER_PROTOCOL, master_support)],
+            rr_cfg.clone(),
+        );
+        let digest = request_response::Behaviour::with_codec(
+            DigestCodec::default(),
+            [(DIGEST_PROTOCOL, digest_support)],
+            rr_cfg,
+        );
+        let gossip_cfg = gossipsub::ConfigBuilder::default()
+            .heartbeat_interval(Duration::from_millis(500))
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .max_transmit_size(crate::limits::MAX_AUTHORITY_EVENT * 2)
+            .build()
+            .map_err(|e| BehaviourError(e.to_string()))?;
+        let gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_cfg,
+        )
+        .map_err(|e| BehaviourError(e.to_string()))?;
+        let mut kad = kad::Behaviour::with_config(
+            peer,
+            kad::store::MemoryStore::new(peer),
+            kad::Config::new(KAD_PROTOCOL),
+        );
+        // Every shoal peer answers DHT queries: nodes are mirrors, and mirrors must be
+        // findable by PeerId when a redirect hint's addresses fail.
+        kad.set_mode(Some(kad::Mode::Server));
+        let identify = identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                .with_agent_version(format!("shoal/{}", env!("CARGO_PKG_VERSION"))),
+        );
+        let ping = ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(Duration::from_secs(5))
+                .with_timeout(Duration::from_secs(10)),
+        );
+        Ok(Self {
+            master,
+            digest,
+            stream: libp2p_stream::Behaviour::new(),
+            gossipsub,
+            kad,
+            identify,
+            ping,
+        })
+    }
+
+    /// The gossipsub topic of authority events.
+    pub fn authority_topic() -> gossipsub::IdentTopic {
+        gossipsub::IdentTopic::new(crate::limits::AUTHORITY_TOPIC)
+    }
+}
+
+/// The PeerId named by the `/p2p/...` suffix of an address, if any.
+pub fn peer_of(addr: &libp2p::Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+/// The piece protocol name, for `libp2p_stream::Control`.
+pub fn piece_protocol() -> StreamProtocol {
+    crate::limits::PIECE_PROTOCOL
+}
