@@ -12,7 +12,7 @@
 
 use std::{
     fs,
-    io::{self, Read},
+    io,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -94,18 +94,9 @@ pub fn load_or_create_key(path: &Path) -> Result<Keypair, RegistryError> {
 
 /// Hashes the file at `path` into a manifest body and digest list, streaming it.
 pub fn hash_file(path: &Path) -> Result<ManifestBuilder, RegistryError> {
-    let mut f = fs::File::open(path).map_err(io_err(path))?;
+    let f = fs::File::open(path).map_err(io_err(path))?;
     let size = f.metadata().map_err(io_err(path))?.len();
-    let mut b = ManifestBuilder::new(choose_block_size(size));
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            break;
-        }
-        b.update(&buf[..n]);
-    }
-    Ok(b)
+    ManifestBuilder::hash_reader(io::BufReader::new(f), choose_block_size(size)).map_err(io_err(path))
 }
 
 /// A file the master knows: its manifest and where its bytes are.

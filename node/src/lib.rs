@@ -1,1 +1,19 @@
-//! x
+//! # shoal-node
+//!
+//! A shoal peer: joins a swarm from the master's bootstrap address, fetches files following
+//! the master's assignments, verifies every block before it is written, serves what it holds
+//! to other nodes, and publishes files of its own.
+//!
+//! - [`scheduler`]: the pure download state machine;
+//! - [`store`]: the file on disk and the journal of verified blocks;
+//! - [`service`]: the swarm event loop, the [`Client`] handle and the piece server;
+//! - [`fetch`]: fetch, publish and seed, driving the scheduler through the client.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod fetch;
+pub mod scheduler;
+pub mod service;
+pub mod store;
+
+pub use fetch::{fetch, publish, seed, status, FetchOptions, FetchReport};
+pub use service::{start, Client, NodeConfig, NodeError};

@@ -471,6 +471,21 @@ impl ManifestBuilder {
         }
     }
 
+    /// Hashes everything `reader` yields (a whole file, streamed 1 MiB at a time).
+    pub fn hash_reader(mut reader: impl std::io::Read, block_size: u32) -> std::io::Result<Self> {
+        let mut b = Self::new(block_size);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => return Ok(b),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            b.update(&buf[..n]);
+        }
+    }
+
     /// Feeds the next bytes of the file.
     pub fn update(&mut self, mut data: &[u8]) {
         self.file.update(data);

@@ -1,0 +1,368 @@
+//! Fetching, publishing and seeding: the drivers that run the [`Scheduler`] against the
+//! network through a [`Client`].
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use shoal_protocol::{
+    limits::{MAX_DIGESTS_PER_RESPONSE, PIECE_PROTOCOL},
+    manifest::{choose_block_size, ManifestBuilder},
+    piece::{receive_blocks, ReceiveError},
+    wire::{DigestRequest, DigestResponse, FileStatus, MasterRequest, MasterResponse},
+    FileId, Manifest, VerifiedManifest,
+};
+use tokio::sync::mpsc;
+
+use crate::scheduler::{Action, Failure, Scheduler, SchedulerConfig, Transfer, TransferId};
+use crate::service::{Client, NodeError};
+use crate::store::PieceStore;
+
+/// A transfer that makes no progress for this long is abandoned.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Called with (bytes held, file size) as a download progresses.
+pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// What to fetch and how.
+#[derive(Clone)]
+pub struct FetchOptions {
+    /// The file.
+    pub file: FileId,
+    /// Where to write it.
+    pub out: PathBuf,
+    /// Scheduler tunables.
+    pub scheduler: SchedulerConfig,
+    /// Progress callback.
+    pub progress: Option<ProgressFn>,
+}
+
+impl FetchOptions {
+    /// Fetch `file` to `out` with default tunables.
+    pub fn new(file: FileId, out: impl Into<PathBuf>) -> Self {
+        Self {
+            file,
+            out: out.into(),
+            scheduler: SchedulerConfig::default(),
+            progress: None,
+        }
+    }
+}
+
+/// A summary of one fetch (what `shoal fetch --report` writes).
+#[derive(Clone, Debug, Serialize)]
+pub struct FetchReport {
+    /// The fetching node.
+    pub peer_id: String,
+    /// The file.
+    pub file: String,
+    /// Piece bytes received from the master.
+    pub bytes_from_master: u64,
+    /// Piece bytes received from other peers.
+    pub bytes_from_peers: u64,
+    /// Piece bytes this node served to others during the fetch.
+    pub bytes_uploaded: u64,
+    /// Blocks in the file.
+    pub blocks: u32,
+    /// Blocks already held when the fetch started (a resume).
+    pub blocks_resumed: u32,
+    /// Transfers that ended early and were retried.
+    pub retries: u64,
+    /// Wall-clock seconds.
+    pub elapsed_s: f64,
+}
+
+/// Gets the manifest of `file` from the master and checks it.
+pub async fn get_manifest(client: &Client, file: FileId) -> Result<VerifiedManifest, NodeError> {
+    let master = client.master();
+    let header = match client.digest_request(master, DigestRequest::Header { file }).await? {
+        DigestResponse::Header(h) => h,
+        DigestResponse::NotFound => return Err(NodeError::Refused(format!("the master does not know file {file}"))),
+        _ => return Err(NodeError::Unexpected),
+    };
+    header.verify_id(&file)?;
+    let blocks = header.body.geometry().blocks();
+    let mut digests = Vec::with_capacity(blocks as usize);
+    while (digests.len() as u32) < blocks {
+        let start = digests.len() as u32;
+        let req = DigestRequest::Digests { file, start, count: MAX_DIGESTS_PER_RESPONSE };
+        match client.digest_request(master, req).await? {
+            DigestResponse::Digests { start: s, digests: d } if s == start && !d.is_empty() => {
+                digests.extend(d)
+            }
+            _ => return Err(NodeError::Unexpected),
+        }
+    }
+    Ok(Manifest { header, digests }.verify(Some(&file))?)
+}
+
+struct TransferEnd {
+    id: TransferId,
+    delivered: u32,
+    failure: Option<Failure>,
+    from_master: bool,
+    bytes: u64,
+}
+
+enum Event {
+    Located(Result<MasterResponse, NodeError>),
+    Ended(TransferEnd),
+}
+
+/// Fetches a file: manifest, then blocks as the master assigns them, each verified before it
+/// is written; serves what it holds meanwhile; checks the whole file at the end.
+pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, NodeError> {
+    let started = Instant::now();
+    let manifest = Arc::new(get_manifest(client, opts.file).await?);
+    let journal = client.data_dir().join("journals").join(format!("{}.journal", opts.file));
+    let store = Arc::new(PieceStore::open(manifest.clone(), &opts.out, &journal)?);
+    client.share(store.clone());
+    let geometry = manifest.geometry();
+    let resumed = store.have();
+    let blocks_resumed = resumed.count();
+    let uploaded_before = client.bytes_uploaded();
+    let mut sched = Scheduler::new(resumed, opts.scheduler.clone());
+    let (tx, mut rx) = mpsc::channel::<Event>(64);
+    let (mut from_master, mut from_peers) = (0u64, 0u64);
+    let held = Arc::new(AtomicU64::new(geometry.range_bytes(geometry.all()) - missing_bytes(&store)));
+    tracing::info!(file = %opts.file, blocks = manifest.blocks(), resumed = blocks_resumed, "fetch started");
+
+    loop {
+        while let Some(action) = sched.poll(Instant::now()) {
+            match action {
+                Action::Locate { need } => {
+                    let (c, tx, file) = (client.clone(), tx.clone(), opts.file);
+                    tokio::spawn(async move {
+                        let r = c.master_request(MasterRequest::Locate { file, need }).await;
+                        let _ = tx.send(Event::Located(r)).await;
+                    });
+                }
+                Action::Start(t) => {
+                    let (c, tx, m, s, h, p) = (client.clone(), tx.clone(), manifest.clone(), store.clone(), held.clone(), opts.progress.clone());
+                    tokio::spawn(async move {
+                        let end = run_transfer(&c, &m, &s, t, &h, p).await;
+                        let _ = tx.send(Event::Ended(end)).await;
+                    });
+                }
+                Action::Have(ranges) => {
+                    // Journal before telling the master, so a crash never leaves the master
+                    // believing in blocks that are gone.
+                    if let Err(e) = store.flush() {
+                        return Err(e.into());
+                    }
+                    let (c, file) = (client.clone(), opts.file);
+                    tokio::spawn(async move {
+                        if let Err(e) = c.master_request(MasterRequest::Have { file, ranges }).await {
+                            tracing::debug!(error = %e, "have report failed");
+                        }
+                    });
+                }
+                Action::Report { peer, problem } => {
+                    tracing::info!(%peer, ?problem, "reporting a bad source");
+                    let (c, file) = (client.clone(), opts.file);
+                    tokio::spawn(async move {
+                        let _ = c.master_request(MasterRequest::Report { file, peer, problem }).await;
+                    });
+                }
+            }
+        }
+        if sched.is_complete() && sched.is_idle() {
+            break;
+        }
+        let timeout = sched.poll_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            Some(ev) = rx.recv() => match ev {
+                Event::Located(Ok(MasterResponse::Assignments { assignments, retry_after_ms })) => {
+                    sched.on_assignments(Instant::now(), assignments, Duration::from_millis(retry_after_ms.into()));
+                }
+                Event::Located(Ok(MasterResponse::Refused { reason })) => {
+                    return Err(NodeError::Refused(reason));
+                }
+                Event::Located(other) => {
+                    if let Err(e) = other { tracing::warn!(error = %e, "locate failed; retrying"); }
+                    sched.on_locate_failed(Instant::now());
+                }
+                Event::Ended(end) => {
+                    if end.from_master { from_master += end.bytes } else { from_peers += end.bytes }
+                    sched.on_transfer_end(end.id, end.delivered, end.failure);
+                }
+            },
+            _ = async { match timeout { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
+        }
+    }
+    store.flush()?;
+    if !store.check_whole_file()? {
+        return Err(NodeError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "every block verified but the whole-file SHA-256 differs (manifest inconsistent)",
+        )));
+    }
+    let _ = std::fs::remove_file(&journal);
+    let report = FetchReport {
+        peer_id: client.peer_id().to_string(),
+        file: opts.file.to_string(),
+        bytes_from_master: from_master,
+        bytes_from_peers: from_peers,
+        bytes_uploaded: client.bytes_uploaded() - uploaded_before,
+        blocks: manifest.blocks(),
+        blocks_resumed,
+        retries: sched.retries(),
+        elapsed_s: started.elapsed().as_secs_f64(),
+    };
+    tracing::info!(file = %opts.file, elapsed_s = report.elapsed_s, "fetch complete");
+    Ok(report)
+}
+
+fn missing_bytes(store: &PieceStore) -> u64 {
+    let g = store.manifest().geometry();
+    store.have().missing().iter().map(|r| g.range_bytes(*r)).sum()
+}
+
+async fn run_transfer(
+    client: &Client,
+    manifest: &VerifiedManifest,
+    store: &PieceStore,
+    t: Transfer,
+    held: &AtomicU64,
+    progress: Option<crate::fetch::ProgressFn>,
+) -> TransferEnd {
+    let peer = t.peer().unwrap_or(client.master());
+    let from_master = t.peer().is_none();
+    let g = manifest.geometry();
+    if !t.hint().is_empty() {
+        client.hint(peer, t.hint().to_vec()).await;
+    }
+    let delivered = AtomicU64::new(0);
+    let last_progress = std::sync::Mutex::new(Instant::now());
+    let total = g.size;
+    let work = async {
+        let mut control = client.control();
+        let mut stream = match tokio::time::timeout(STALL_TIMEOUT, control.open_stream(peer, PIECE_PROTOCOL)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "cannot open piece stream");
+                return Err(ReceiveError::Io(std::io::Error::other(e.to_string())));
+            }
+            Err(_) => return Err(ReceiveError::Io(std::io::ErrorKind::TimedOut.into())),
+        };
+        receive_blocks(&mut stream, manifest, t.range, |b, data| {
+            store.write_block(b, data)?;
+            delivered.fetch_add(1, Ordering::Relaxed);
+            *last_progress.lock().expect("progress lock") = Instant::now();
+            let now = held.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+            if let Some(p) = &progress {
+                p(now, total);
+            }
+            Ok(())
+        })
+        .await
+    };
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if last_progress.lock().expect("progress lock").elapsed() > STALL_TIMEOUT {
+                return;
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = work => r,
+        _ = watchdog => Err(ReceiveError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "stalled"))),
+    };
+    let n = delivered.load(Ordering::Relaxed) as u32;
+    let failure = match result {
+        Ok(()) => None,
+        Err(e) => {
+            tracing::debug!(%peer, range = ?t.range, error = %e, "transfer ended early");
+            Some(match e {
+                ReceiveError::Corrupt { block } => Failure::Corrupt { block },
+                ReceiveError::Refused(r) => Failure::Refused(r),
+                ReceiveError::Sink { .. } => Failure::Local,
+                ReceiveError::Io(_) | ReceiveError::BadRange(_) => {
+                    if !from_master {
+                        client.find_peer(peer).await;
+                    }
+                    Failure::Unreachable
+                }
+            })
+        }
+    };
+    TransferEnd {
+        id: t.id,
+        delivered: n,
+        failure,
+        from_master,
+        bytes: g.range_bytes(shoal_protocol::BlockRange::new(t.range.start, t.range.start + n)),
+    }
+}
+
+/// Publishes the file at `path`: signs its manifest with this node's key, announces it, serves
+/// it while the master pulls it, and returns once the master holds every block.
+pub async fn publish(client: &Client, key: &libp2p::identity::Keypair, path: &Path) -> Result<FileId, NodeError> {
+    let f = std::fs::File::open(path)?;
+    let size = f.metadata()?.len();
+    let builder = ManifestBuilder::hash_reader(std::io::BufReader::new(f), choose_block_size(size))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (body, digests) = builder.finish(name, key.public().encode_protobuf(), client.master(), now);
+    let header = body.sign(key)?;
+    let announce = MasterRequest::Announce { header, digests: digests.clone() };
+    let (file, signed) = match client.master_request(announce).await? {
+        MasterResponse::Announced { file, header } => (file, header),
+        MasterResponse::Refused { reason } => return Err(NodeError::Refused(reason)),
+        _ => return Err(NodeError::Unexpected),
+    };
+    let manifest = Arc::new(Manifest { header: signed, digests }.verify(Some(&file))?);
+    client.share(Arc::new(PieceStore::open_complete(manifest.clone(), path)?));
+    wait_until_master_holds(client, file, manifest.blocks()).await?;
+    Ok(file)
+}
+
+async fn wait_until_master_holds(client: &Client, file: FileId, blocks: u32) -> Result<(), NodeError> {
+    let mut last = (0, Instant::now());
+    loop {
+        let s = status(client, file).await?;
+        if s.master_blocks >= blocks {
+            return Ok(());
+        }
+        if s.master_blocks > last.0 {
+            last = (s.master_blocks, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(60) {
+            return Err(NodeError::Network(format!(
+                "the master stopped pulling at {}/{blocks} blocks",
+                s.master_blocks
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the master knows of `file`.
+pub async fn status(client: &Client, file: FileId) -> Result<FileStatus, NodeError> {
+    match client.master_request(MasterRequest::Status { file }).await? {
+        MasterResponse::Status(s) => Ok(s),
+        MasterResponse::Refused { reason } => Err(NodeError::Refused(reason)),
+        _ => Err(NodeError::Unexpected),
+    }
+}
+
+/// Serves a complete local copy of `file` at `path`, after checking every block.
+pub async fn seed(client: &Client, file: FileId, path: &Path) -> Result<(), NodeError> {
+    let manifest = Arc::new(get_manifest(client, file).await?);
+    let store = Arc::new(PieceStore::open_complete(manifest.clone(), path)?);
+    client.share(store);
+    match client
+        .master_request(MasterRequest::Have { file, ranges: vec![manifest.geometry().all()] })
+        .await?
+    {
+        MasterResponse::Ack => Ok(()),
+        MasterResponse::Refused { reason } => Err(NodeError::Refused(reason)),
+        _ => Err(NodeError::Unexpected),
+    }
+}

@@ -1,0 +1,535 @@
+//! The node's network shell: an [`EventLoop`] task that owns the swarm, and a cloneable
+//! [`Client`] that sends it commands over a bounded channel, each with a oneshot reply.
+//!
+//! It also runs the piece server: inbound `/shoal/piece/1` streams answered from the
+//! [`PieceStore`]s this node shares, within upload slots and an optional rate limit.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{
+    gossipsub, identify, noise, request_response,
+    swarm::SwarmEvent,
+    tcp, yamux, Multiaddr, PeerId, Swarm,
+};
+use shoal_protocol::{
+    behaviour::{peer_of, Behaviour, BehaviourEvent, Role},
+    limits::{MAX_DIGESTS_PER_RESPONSE, MAX_PIECE_FRAME, PIECE_PROTOCOL},
+    piece::{read_frame, refuse, send_blocks},
+    rate::RateLimiter,
+    wire::{
+        decode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
+        MasterResponse, PieceRequest, RefuseReason,
+    },
+    FileId,
+};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::store::PieceStore;
+
+/// How a node runs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Data directory: identity key and download journals.
+    pub data_dir: PathBuf,
+    /// The master's address, ending in `/p2p/<master PeerId>` (the trust anchor).
+    pub bootstrap: Multiaddr,
+    /// Where to listen for other nodes. Default `/ip4/0.0.0.0/tcp/0`.
+    pub listen: Vec<Multiaddr>,
+    /// Cap on piece upload, bytes per second. Default: none.
+    pub max_upload_rate: Option<u64>,
+    /// Piece streams served at once. Default 16.
+    pub upload_slots: usize,
+    /// Region label for nearby redirects. Default empty.
+    pub region: String,
+}
+
+impl NodeConfig {
+    /// Defaults for joining the swarm at `bootstrap`.
+    pub fn new(data_dir: impl Into<PathBuf>, bootstrap: Multiaddr) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            bootstrap,
+            listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr")],
+            max_upload_rate: None,
+            upload_slots: 16,
+            region: String::new(),
+        }
+    }
+
+    /// Listen on these addresses instead.
+    pub fn with_listen(mut self, listen: Vec<Multiaddr>) -> Self {
+        self.listen = listen;
+        self
+    }
+
+    /// Cap piece upload.
+    pub fn with_max_upload_rate(mut self, rate: Option<u64>) -> Self {
+        self.max_upload_rate = rate;
+        self
+    }
+
+    /// Set the region label.
+    pub fn with_region(mut self, region: String) -> Self {
+        self.region = region;
+        self
+    }
+}
+
+/// Why a node operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The bootstrap address has no `/p2p/` part.
+    #[error("bootstrap address {0} does not end in /p2p/<master PeerId>")]
+    NoMasterId(Multiaddr),
+    /// Network setup or a request failed.
+    #[error("network: {0}")]
+    Network(String),
+    /// The master refused.
+    #[error("master refused: {0}")]
+    Refused(String),
+    /// The master answered something unexpected.
+    #[error("unexpected answer from the master")]
+    Unexpected,
+    /// The node has stopped.
+    #[error("the node has stopped")]
+    Stopped,
+    /// Local storage failed.
+    #[error("storage: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// Local I/O failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A manifest failed its checks.
+    #[error("manifest: {0}")]
+    Manifest(#[from] shoal_protocol::ManifestError),
+    /// The data directory.
+    #[error("data dir: {0}")]
+    DataDir(String),
+}
+
+enum Command {
+    Master(MasterRequest, oneshot::Sender<Result<MasterResponse, NodeError>>),
+    Digest(PeerId, DigestRequest, oneshot::Sender<Result<DigestResponse, NodeError>>),
+    Hint(PeerId, Vec<Multiaddr>),
+    FindPeer(PeerId),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Files this node serves, shared with the piece server.
+pub type Shelf = Arc<Mutex<HashMap<FileId, Arc<PieceStore>>>>;
+
+/// A cloneable handle to a running node.
+#[derive(Clone)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
+    shelf: Shelf,
+    peer_id: PeerId,
+    master: PeerId,
+    uploaded: Arc<AtomicU64>,
+    banned: Arc<Mutex<HashSet<PeerId>>>,
+    data_dir: PathBuf,
+}
+
+impl Client {
+    /// This node's PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The master's PeerId.
+    pub fn master(&self) -> PeerId {
+        self.master
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// Piece bytes this node has served.
+    pub fn bytes_uploaded(&self) -> u64 {
+        self.uploaded.load(Ordering::Relaxed)
+    }
+
+    /// Whether the master has banned `peer`.
+    pub fn is_banned(&self, peer: &PeerId) -> bool {
+        self.banned.lock().expect("ban lock").contains(peer)
+    }
+
+    /// A stream control for opening piece streams.
+    pub fn control(&self) -> libp2p_stream::Control {
+        self.control.clone()
+    }
+
+    /// Sends `req` to the master and waits for its answer.
+    pub async fn master_request(&self, req: MasterRequest) -> Result<MasterResponse, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Master(req, tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Asks `peer` for manifest parts.
+    pub async fn digest_request(&self, peer: PeerId, req: DigestRequest) -> Result<DigestResponse, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Digest(peer, req, tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Makes the hinted addresses of `peer` known to the swarm before dialing it.
+    pub async fn hint(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let _ = self.commands.send(Command::Hint(peer, addrs)).await;
+    }
+
+    /// Starts a Kademlia lookup of `peer` (after its hinted addresses failed).
+    pub async fn find_peer(&self, peer: PeerId) {
+        let _ = self.commands.send(Command::FindPeer(peer)).await;
+    }
+
+    /// Serves `store` to other nodes from now on.
+    pub fn share(&self, store: Arc<PieceStore>) {
+        self.shelf
+            .lock()
+            .expect("shelf lock")
+            .insert(store.manifest().id(), store);
+    }
+
+    /// Tells the master this node leaves, then stops the node.
+    pub async fn shutdown(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.master_request(MasterRequest::Leave)).await;
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Starts a node: builds the swarm, listens, connects to the master, says hello. Returns a
+/// client once the master answered.
+pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
+    let master = peer_of(&cfg.bootstrap).ok_or_else(|| NodeError::NoMasterId(cfg.bootstrap.clone()))?;
+    let key = load_or_create_key(&cfg.data_dir.join("identity.key"))?;
+    let peer_id = key.public().to_peer_id();
+    let net = |e: &dyn std::fmt::Display| NodeError::Network(e.to_string());
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| net(&e))?
+        .with_behaviour(|k| {
+            Behaviour::new(k, Role::Node).map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+        })
+        .map_err(|e| net(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    for a in &cfg.listen {
+        swarm.listen_on(a.clone()).map_err(|e| net(&e))?;
+    }
+    let _ = swarm.behaviour_mut().gossipsub.subscribe(&Behaviour::authority_topic());
+    let master_addr: Multiaddr = cfg
+        .bootstrap
+        .iter()
+        .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+        .collect();
+    swarm.add_peer_address(master, master_addr.clone());
+    swarm.behaviour_mut().kad.add_address(&master, master_addr);
+    swarm.dial(cfg.bootstrap.clone()).map_err(|e| net(&e))?;
+
+    let control = swarm.behaviour().stream.new_control();
+    let shelf: Shelf = Arc::default();
+    let uploaded = Arc::new(AtomicU64::new(0));
+    let banned: Arc<Mutex<HashSet<PeerId>>> = Arc::default();
+    let incoming = control
+        .clone()
+        .accept(PIECE_PROTOCOL)
+        .map_err(|e| net(&e))?;
+    tokio::spawn(serve_pieces(
+        incoming,
+        shelf.clone(),
+        Arc::new(Semaphore::new(cfg.upload_slots.max(1))),
+        cfg.max_upload_rate.map(|r| Arc::new(Mutex::new(RateLimiter::new(r)))),
+        uploaded.clone(),
+        banned.clone(),
+    ));
+
+    let (tx, rx) = mpsc::channel(256);
+    let lp = EventLoop {
+        swarm,
+        master,
+        pending_master: HashMap::new(),
+        pending_digest: HashMap::new(),
+        shelf: shelf.clone(),
+        banned: banned.clone(),
+    };
+    tokio::spawn(lp.run(rx));
+    let client = Client {
+        commands: tx,
+        control,
+        shelf,
+        peer_id,
+        master,
+        uploaded,
+        banned,
+        data_dir: cfg.data_dir.clone(),
+    };
+    // The first request doubles as the connection check.
+    match tokio::time::timeout(
+        Duration::from_secs(15),
+        client.master_request(MasterRequest::Hello { region: cfg.region.clone() }),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(client),
+        Ok(Err(e)) => Err(NodeError::Network(format!("cannot reach the master at {}: {e}", cfg.bootstrap))),
+        Err(_) => Err(NodeError::Network(format!("no answer from the master at {} within 15 s", cfg.bootstrap))),
+    }
+}
+
+/// Loads the keypair at `path`, creating it on first use.
+pub fn load_or_create_key(path: &std::path::Path) -> Result<libp2p::identity::Keypair, NodeError> {
+    use libp2p::identity::Keypair;
+    let dd = |e: &dyn std::fmt::Display| NodeError::DataDir(format!("{}: {e}", path.display()));
+    match std::fs::read(path) {
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| dd(&e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Keypair::generate_ed25519();
+            let bytes = key.to_protobuf_encoding().map_err(|e| dd(&e))?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| dd(&e))?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| dd(&e))?;
+            Ok(key)
+        }
+        Err(e) => Err(dd(&e)),
+    }
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    master: PeerId,
+    pending_master: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<MasterResponse, NodeError>>>,
+    pending_digest: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<DigestResponse, NodeError>>>,
+    shelf: Shelf,
+    banned: Arc<Mutex<HashSet<PeerId>>>,
+}
+
+impl EventLoop {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_event(event),
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Shutdown(tx)) => { let _ = tx.send(()); return; }
+                    Some(cmd) => self.on_command(cmd),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Master(req, tx) => {
+                let id = self.swarm.behaviour_mut().master.send_request(&self.master, req);
+                self.pending_master.insert(id, tx);
+            }
+            Command::Digest(peer, req, tx) => {
+                let id = self.swarm.behaviour_mut().digest.send_request(&peer, req);
+                self.pending_digest.insert(id, tx);
+            }
+            Command::Hint(peer, addrs) => {
+                for a in addrs {
+                    self.swarm.add_peer_address(peer, a.clone());
+                    self.swarm.behaviour_mut().kad.add_address(&peer, a);
+                }
+            }
+            Command::FindPeer(peer) => {
+                self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Master(ev)) => match ev {
+                request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                } => {
+                    if let Some(tx) = self.pending_master.remove(&request_id) {
+                        let _ = tx.send(Ok(response));
+                    }
+                }
+                request_response::Event::OutboundFailure { request_id, error, .. } => {
+                    if let Some(tx) = self.pending_master.remove(&request_id) {
+                        let _ = tx.send(Err(NodeError::Network(error.to_string())));
+                    }
+                }
+                _ => {}
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Digest(ev)) => match ev {
+                request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                } => {
+                    if let Some(tx) = self.pending_digest.remove(&request_id) {
+                        let _ = tx.send(Ok(response));
+                    }
+                }
+                request_response::Event::Message {
+                    message: request_response::Message::Request { request, channel, .. },
+                    ..
+                } => {
+                    let resp = answer_digest(&self.shelf, request);
+                    let _ = self.swarm.behaviour_mut().digest.send_response(channel, resp);
+                }
+                request_response::Event::OutboundFailure { request_id, error, .. } => {
+                    if let Some(tx) = self.pending_digest.remove(&request_id) {
+                        let _ = tx.send(Err(NodeError::Network(error.to_string())));
+                    }
+                }
+                _ => {}
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
+                // Strict validation checked the signature; only the master's word counts.
+                if message.source != Some(self.master) {
+                    return;
+                }
+                match decode_authority(&message.data) {
+                    Ok(AuthorityEvent::PeerBanned { peer }) => {
+                        tracing::info!(%peer, "peer banned by the master");
+                        self.banned.lock().expect("ban lock").insert(peer);
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                    }
+                    Ok(event) => tracing::debug!(?event, "authority event"),
+                    Err(e) => tracing::debug!(error = %e, "undecodable authority event"),
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                if peer_id != self.master {
+                    return;
+                }
+                tracing::debug!(observed = %info.observed_addr, "master sees us");
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                if self.banned.lock().expect("ban lock").contains(&peer_id) {
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                }
+            }
+            SwarmEvent::NewListenAddr { address, .. } => tracing::debug!(%address, "listening"),
+            other => tracing::trace!(?other, "swarm event"),
+        }
+    }
+}
+
+fn answer_digest(shelf: &Shelf, req: DigestRequest) -> DigestResponse {
+    let shelf = shelf.lock().expect("shelf lock");
+    match req {
+        DigestRequest::Header { file } => match shelf.get(&file) {
+            Some(s) => DigestResponse::Header(s.manifest().header().clone()),
+            None => DigestResponse::NotFound,
+        },
+        DigestRequest::Digests { file, start, count } => match shelf.get(&file) {
+            Some(s) => {
+                let all = s.manifest().digests();
+                let start = (start as usize).min(all.len());
+                let end = start
+                    .saturating_add(count.min(MAX_DIGESTS_PER_RESPONSE) as usize)
+                    .min(all.len());
+                DigestResponse::Digests { start: start as u32, digests: all[start..end].to_vec() }
+            }
+            None => DigestResponse::NotFound,
+        },
+    }
+}
+
+async fn serve_pieces(
+    mut incoming: libp2p_stream::IncomingStreams,
+    shelf: Shelf,
+    slots: Arc<Semaphore>,
+    limiter: Option<Arc<Mutex<RateLimiter>>>,
+    uploaded: Arc<AtomicU64>,
+    banned: Arc<Mutex<HashSet<PeerId>>>,
+) {
+    while let Some((peer, mut stream)) = incoming.next().await {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // All slots busy: say so quickly (bounded by the refusal timeout) so the
+            // requester asks the master for another source.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let _ = read_frame::<_, PieceRequest>(&mut stream, MAX_PIECE_FRAME).await;
+                let _ = refuse(&mut stream, RefuseReason::Busy).await;
+            })
+            .await;
+            continue;
+        };
+        let (shelf, limiter, uploaded, banned) = (shelf.clone(), limiter.clone(), uploaded.clone(), banned.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = serve_one(&mut stream, peer, &shelf, limiter, &uploaded, &banned).await {
+                tracing::debug!(%peer, error = %e, "piece stream ended");
+            }
+        });
+    }
+}
+
+async fn serve_one(
+    stream: &mut libp2p::Stream,
+    peer: PeerId,
+    shelf: &Shelf,
+    limiter: Option<Arc<Mutex<RateLimiter>>>,
+    uploaded: &AtomicU64,
+    banned: &Mutex<HashSet<PeerId>>,
+) -> std::io::Result<()> {
+    let req: PieceRequest = tokio::time::timeout(Duration::from_secs(10), read_frame(stream, MAX_PIECE_FRAME))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
+    if banned.lock().expect("ban lock").contains(&peer) {
+        return refuse(stream, RefuseReason::Banned).await;
+    }
+    let store = shelf.lock().expect("shelf lock").get(&req.file).cloned();
+    let Some(store) = store else {
+        return refuse(stream, RefuseReason::UnknownFile).await;
+    };
+    if req.range.is_empty() || !store.holds(req.range) {
+        return refuse(stream, RefuseReason::NotHeld).await;
+    }
+    send_blocks(
+        stream,
+        store.manifest().geometry(),
+        req.range,
+        |b, buf| store.read_block(b, buf),
+        |n| {
+            uploaded.fetch_add(n as u64, Ordering::Relaxed);
+            let wait = limiter
+                .as_ref()
+                .map(|l| l.lock().expect("limiter lock").reserve(Instant::now(), n));
+            async move {
+                if let Some(w) = wait.filter(|w| !w.is_zero()) {
+                    tokio::time::sleep(w).await;
+                }
+            }
+        },
+    )
+    .await?;
+    stream.close().await
+}

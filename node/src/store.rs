@@ -1,0 +1,320 @@
+//! The node's piece store: the output file preallocated on disk, blocks written at their
+//! offsets only after their digest checked out, and a journal of verified blocks.
+//!
+//! Crash safety: a block's index enters the journal only after the data file was synced
+//! with the block in it. A kill at any moment therefore leaves every journaled block
+//! verified on disk; a block that was being written is not in the journal and is fetched
+//! again. The journal is a sequence of little-endian `u32` indices; a torn last entry and
+//! indices out of range are ignored on reopening.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Read, Write},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use shoal_protocol::{block::Blocks, VerifiedManifest};
+
+/// Bytes written between syncs of the data file (and journal appends).
+const SYNC_EVERY: u64 = 32 * 1024 * 1024;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct StoreError {
+    path: PathBuf,
+    source: io::Error,
+}
+
+fn err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug)]
+struct Progress {
+    have: Blocks,
+    unsynced: Vec<u32>,
+    unsynced_bytes: u64,
+}
+
+/// One file being fetched or served.
+#[derive(Debug)]
+pub struct PieceStore {
+    manifest: Arc<VerifiedManifest>,
+    path: PathBuf,
+    data: File,
+    journal: Option<(PathBuf, Mutex<File>)>,
+    progress: Mutex<Progress>,
+}
+
+impl PieceStore {
+    /// Opens (or creates) the output file at `out` and the journal at `journal`, resuming
+    /// from the blocks the journal lists.
+    pub fn open(
+        manifest: Arc<VerifiedManifest>,
+        out: &Path,
+        journal: &Path,
+    ) -> Result<Self, StoreError> {
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(err(dir))?;
+        }
+        if let Some(dir) = journal.parent() {
+            fs::create_dir_all(dir).map_err(err(dir))?;
+        }
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(out)
+            .map_err(err(out))?;
+        let mut have = Blocks::new(manifest.blocks());
+        let size = manifest.body().size;
+        let existing = data.metadata().map_err(err(out))?.len();
+        if existing != size {
+            // A different length means nothing of it can be trusted as this file.
+            data.set_len(size).map_err(err(out))?;
+            let _ = fs::remove_file(journal);
+        }
+        match File::open(journal) {
+            Ok(mut j) => {
+                let mut bytes = Vec::new();
+                j.read_to_end(&mut bytes).map_err(err(journal))?;
+                for chunk in bytes.chunks_exact(4) {
+                    let b = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                    have.insert(b);
+                }
+                if bytes.len() % 4 != 0 {
+                    // Drop a torn last entry so later appends stay aligned.
+                    let j = OpenOptions::new().write(true).open(journal).map_err(err(journal))?;
+                    j.set_len((bytes.len() - bytes.len() % 4) as u64).map_err(err(journal))?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(journal)(e)),
+        }
+        let j = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(journal)
+            .map_err(err(journal))?;
+        Ok(Self {
+            manifest,
+            path: out.to_path_buf(),
+            data,
+            journal: Some((journal.to_path_buf(), Mutex::new(j))),
+            progress: Mutex::new(Progress {
+                have,
+                unsynced: Vec::new(),
+                unsynced_bytes: 0,
+            }),
+        })
+    }
+
+    /// Opens a complete local copy for serving, checking every block against the manifest
+    /// first. Returns the indices of bad blocks as an error message if any fail.
+    pub fn open_complete(manifest: Arc<VerifiedManifest>, path: &Path) -> Result<Self, StoreError> {
+        let data = File::open(path).map_err(err(path))?;
+        let bad = verify_blocks(&manifest, &data).map_err(err(path))?;
+        if !bad.is_empty() {
+            return Err(err(path)(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} blocks fail their digest, first {:?}", bad.len(), &bad[..bad.len().min(8)]),
+            )));
+        }
+        let blocks = manifest.blocks();
+        Ok(Self {
+            manifest,
+            path: path.to_path_buf(),
+            data,
+            journal: None,
+            progress: Mutex::new(Progress {
+                have: Blocks::full(blocks),
+                unsynced: Vec::new(),
+                unsynced_bytes: 0,
+            }),
+        })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Arc<VerifiedManifest> {
+        &self.manifest
+    }
+
+    /// The data file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A snapshot of the blocks held.
+    pub fn have(&self) -> Blocks {
+        self.progress.lock().expect("store lock").have.clone()
+    }
+
+    /// Whether every block of `range` is held.
+    pub fn holds(&self, range: shoal_protocol::BlockRange) -> bool {
+        self.progress.lock().expect("store lock").have.contains_range(range)
+    }
+
+    /// Writes a block whose digest the caller checked. It is served at once and journaled
+    /// after the next sync.
+    pub fn write_block(&self, block: u32, data: &[u8]) -> io::Result<()> {
+        if !self.manifest.check_block(block, data) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "block does not match its digest"));
+        }
+        self.data
+            .write_all_at(data, self.manifest.geometry().offset(block))?;
+        let must_sync = {
+            let mut p = self.progress.lock().expect("store lock");
+            if p.have.insert(block) {
+                p.unsynced.push(block);
+                p.unsynced_bytes += data.len() as u64;
+            }
+            p.unsynced_bytes >= SYNC_EVERY
+        };
+        if must_sync {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Reads block `block` into `buf` (exactly its length).
+    pub fn read_block(&self, block: u32, buf: &mut [u8]) -> io::Result<()> {
+        self.data
+            .read_exact_at(buf, self.manifest.geometry().offset(block))
+    }
+
+    /// Syncs the data file and journals every block written before the sync.
+    pub fn flush(&self) -> io::Result<()> {
+        let Some((_, journal)) = &self.journal else {
+            return Ok(());
+        };
+        let pending = {
+            let mut p = self.progress.lock().expect("store lock");
+            p.unsynced_bytes = 0;
+            std::mem::take(&mut p.unsynced)
+        };
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.data.sync_data()?;
+        let bytes: Vec<u8> = pending.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let mut j = journal.lock().expect("journal lock");
+        j.write_all(&bytes)?;
+        Ok(())
+    }
+
+    /// Checks the whole-file SHA-256 against the manifest.
+    pub fn check_whole_file(&self) -> io::Result<bool> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let size = self.manifest.body().size;
+        let mut off = 0u64;
+        while off < size {
+            let n = ((size - off) as usize).min(buf.len());
+            self.data.read_exact_at(&mut buf[..n], off)?;
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        Ok(<[u8; 32]>::from(h.finalize()) == self.manifest.body().file_sha256)
+    }
+}
+
+/// Checks every block of `data` against `manifest`; returns the bad blocks.
+pub fn verify_blocks(manifest: &VerifiedManifest, data: &File) -> io::Result<Vec<u32>> {
+    let g = manifest.geometry();
+    if data.metadata()?.len() != g.size {
+        return Ok((0..manifest.blocks()).collect());
+    }
+    let mut buf = vec![0u8; g.block_size as usize];
+    let mut bad = Vec::new();
+    for b in 0..manifest.blocks() {
+        let slice = &mut buf[..g.block_len(b)];
+        data.read_exact_at(slice, g.offset(b))?;
+        if !manifest.check_block(b, slice) {
+            bad.push(b);
+        }
+    }
+    Ok(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::identity::Keypair;
+    use shoal_protocol::manifest::ManifestBuilder;
+    use shoal_protocol::Manifest;
+
+    fn manifest(data: &[u8]) -> Arc<VerifiedManifest> {
+        let k = Keypair::generate_ed25519();
+        let mut b = ManifestBuilder::new(4096);
+        b.update(data);
+        let (body, digests) = b.finish("t".into(), k.public().encode_protobuf(), k.public().to_peer_id(), 0);
+        let header = body.sign(&k).unwrap().countersign(&k).unwrap();
+        Arc::new(Manifest { header, digests }.verify(None).unwrap())
+    }
+
+    #[test]
+    fn journaled_blocks_survive_reopen_and_unsynced_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+        let m = manifest(&data);
+        let (out, journal) = (dir.path().join("out"), dir.path().join("j"));
+        let s = PieceStore::open(m.clone(), &out, &journal).unwrap();
+        s.write_block(0, &data[..4096]).unwrap();
+        s.write_block(1, &data[4096..8192]).unwrap();
+        s.flush().unwrap();
+        s.write_block(2, &data[8192..12288]).unwrap();
+        assert!(s.holds(shoal_protocol::BlockRange::new(0, 3)));
+        // Refuses a block that is not what the manifest says.
+        assert!(s.write_block(3, &data[..4096]).is_err());
+        drop(s); // a crash: block 2 was never synced nor journaled
+        let s = PieceStore::open(m.clone(), &out, &journal).unwrap();
+        assert_eq!(s.have().ranges(), vec![shoal_protocol::BlockRange::new(0, 2)]);
+        for (b, chunk) in data.chunks(4096).enumerate().skip(2) {
+            s.write_block(b as u32, chunk).unwrap();
+        }
+        s.flush().unwrap();
+        assert!(s.have().is_full());
+        assert!(s.check_whole_file().unwrap());
+        assert_eq!(fs::read(&out).unwrap(), data);
+    }
+
+    #[test]
+    fn a_torn_journal_entry_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![9u8; 10_000];
+        let m = manifest(&data);
+        let (out, journal) = (dir.path().join("out"), dir.path().join("j"));
+        let s = PieceStore::open(m.clone(), &out, &journal).unwrap();
+        s.write_block(0, &data[..4096]).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let mut j = OpenOptions::new().append(true).open(&journal).unwrap();
+        j.write_all(&[1, 0]).unwrap(); // half an entry
+        j.write_all(&999u32.to_le_bytes()).unwrap(); // out of range
+        drop(j);
+        let s = PieceStore::open(m, &out, &journal).unwrap();
+        assert_eq!(s.have().count(), 1);
+    }
+
+    #[test]
+    fn a_complete_copy_is_checked_block_by_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = vec![3u8; 10_000];
+        let m = manifest(&data);
+        let p = dir.path().join("copy");
+        fs::write(&p, &data).unwrap();
+        assert!(PieceStore::open_complete(m.clone(), &p).unwrap().have().is_full());
+        data[5000] ^= 1;
+        fs::write(&p, &data).unwrap();
+        let e = PieceStore::open_complete(m, &p).unwrap_err();
+        assert!(e.to_string().contains("[1]"), "{e}");
+    }
+}
