@@ -1,1 +1,102 @@
-//! x
+//! Helpers for cross-crate tests and examples: in-process clusters on loopback TCP.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use libp2p::Multiaddr;
+use shoal_master::{Master, MasterConfig, PolicyConfig};
+use shoal_node::{Client, FetchOptions, FetchReport, NodeConfig};
+use shoal_protocol::FileId;
+
+/// Loopback listen address with an OS-chosen port.
+pub fn loopback() -> Multiaddr {
+    "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr")
+}
+
+/// Writes `size` bytes of deterministic pseudo-random data to `path`.
+pub fn write_random_file(path: &Path, size: usize, seed: u64) -> std::io::Result<()> {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; size];
+    rng.fill_bytes(&mut data);
+    std::fs::write(path, data)
+}
+
+/// Starts a master listening on loopback in `dir`.
+pub async fn start_master(dir: &Path, upload_rate: Option<u64>) -> anyhow::Result<Master> {
+    let cfg = MasterConfig::new(dir)
+        .with_listen(vec![loopback()])
+        .with_max_upload_rate(upload_rate)
+        .with_policy(PolicyConfig::default());
+    Master::start(cfg).await.context("starting master")
+}
+
+/// Starts a node on loopback with its data in `dir`.
+pub async fn start_node(dir: &Path, bootstrap: &Multiaddr, upload_rate: Option<u64>) -> anyhow::Result<Client> {
+    let cfg = NodeConfig::new(dir, bootstrap.clone())
+        .with_listen(vec![loopback()])
+        .with_max_upload_rate(upload_rate);
+    shoal_node::start(cfg).await.context("starting node")
+}
+
+/// Publishes `path` from a fresh publisher node; returns the file id once the master holds it.
+pub async fn publish(dir: &Path, bootstrap: &Multiaddr, path: &Path) -> anyhow::Result<(Client, FileId)> {
+    let node = start_node(dir, bootstrap, None).await?;
+    let key = shoal_node::service::load_or_create_key(&dir.join("identity.key"))?;
+    let id = tokio::time::timeout(Duration::from_secs(120), shoal_node::publish(&node, &key, path))
+        .await
+        .context("publish timed out")??;
+    Ok((node, id))
+}
+
+/// One fetched node's outcome.
+pub struct Fetched {
+    /// The node, still running (it keeps serving).
+    pub client: Client,
+    /// Where the file went.
+    pub out: PathBuf,
+    /// The fetch report.
+    pub report: FetchReport,
+}
+
+/// Starts `n` nodes under `root` and has them all fetch `file` at once; each must finish
+/// within `limit`.
+pub async fn fetch_all(
+    root: &Path,
+    bootstrap: &Multiaddr,
+    file: FileId,
+    n: usize,
+    upload_rate: Option<u64>,
+    limit: Duration,
+) -> anyhow::Result<Vec<Fetched>> {
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let dir = root.join(format!("node{i}"));
+        clients.push((start_node(&dir, bootstrap, upload_rate).await?, dir));
+    }
+    let mut tasks = Vec::new();
+    for (client, dir) in clients {
+        tasks.push(tokio::spawn(async move {
+            let out = dir.join("out.bin");
+            let report = tokio::time::timeout(limit, shoal_node::fetch(&client, FetchOptions::new(file, &out)))
+                .await
+                .with_context(|| format!("node {} did not finish within {limit:?}", client.peer_id()))??;
+            anyhow::Ok(Fetched { client, out, report })
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await??);
+    }
+    Ok(out)
+}
+
+/// Median and maximum of `xs`.
+pub fn median_max(mut xs: Vec<f64>) -> (f64, f64) {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    if xs.is_empty() {
+        return (0.0, 0.0);
+    }
+    (xs[xs.len() / 2], xs[xs.len() - 1])
+}
