@@ -1,0 +1,1 @@
+//! Runnable shoal examples live beside this file; see `quickstart.rs`.
