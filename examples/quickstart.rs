@@ -34,9 +34,20 @@ async fn main() -> anyhow::Result<()> {
     println!("published {file}");
     let before = master.metrics().piece_bytes_sent.get();
 
-    println!("{NODES} nodes fetching at once (master upload capped at {} MiB/s)", MASTER_RATE >> 20);
+    println!(
+        "{NODES} nodes fetching at once (master upload capped at {} MiB/s)",
+        MASTER_RATE >> 20
+    );
     let started = Instant::now();
-    let fetched = fetch_all(&tmp, &bootstrap, file, NODES, None, Duration::from_secs(600)).await?;
+    let fetched = fetch_all(
+        &tmp,
+        &bootstrap,
+        file,
+        NODES,
+        None,
+        Duration::from_secs(600),
+    )
+    .await?;
     let wall = started.elapsed().as_secs_f64();
 
     let want = std::fs::read(&src)?;
@@ -57,15 +68,30 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("| measure                          | value |");
     println!("|----------------------------------|-------|");
-    println!("| nodes done                       | {}/{NODES} |", fetched.len());
-    println!("| all verified (exact bytes)       | {} |", if verified == NODES { "yes" } else { "NO" });
-    println!("| origin egress ratio              | {:.3} |", master_bytes as f64 / SIZE as f64);
-    println!("| share of bytes served by peers   | {:.1}% |", 100.0 * from_peers as f64 / (from_peers + from_master).max(1) as f64);
+    println!(
+        "| nodes done                       | {}/{NODES} |",
+        fetched.len()
+    );
+    println!(
+        "| all verified (exact bytes)       | {} |",
+        if verified == NODES { "yes" } else { "NO" }
+    );
+    println!(
+        "| origin egress ratio              | {:.3} |",
+        master_bytes as f64 / SIZE as f64
+    );
+    println!(
+        "| share of bytes served by peers   | {:.1}% |",
+        100.0 * from_peers as f64 / (from_peers + from_master).max(1) as f64
+    );
     println!("| median completion                | {median:.2} s |");
     println!("| slowest completion               | {slowest:.2} s |");
     println!("| all done (wall)                  | {wall:.2} s |");
     println!("| fluid lower bound T_min          | {t_min:.2} s |");
-    println!("| redirects issued by the master   | {} |", master.metrics().redirects.get());
+    println!(
+        "| redirects issued by the master   | {} |",
+        master.metrics().redirects.get()
+    );
     for f in fetched {
         f.client.shutdown().await;
     }

@@ -15,7 +15,12 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
     /// Data directory: identity key (the PeerId survives restarts), manifests, files.
-    #[arg(long, global = true, default_value = "shoal-master-data", env = "SHOAL_MASTER_DATA")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "shoal-master-data",
+        env = "SHOAL_MASTER_DATA"
+    )]
     data_dir: PathBuf,
     /// Address to listen on; repeat for several.
     #[arg(long, default_value = "/ip4/0.0.0.0/tcp/4001")]

@@ -284,8 +284,8 @@ impl Policy {
 
     fn master_piece(&self) -> u32 {
         let cfg = &self.cfg;
-        let scaled = u64::from(cfg.max_master_piece) * u64::from(cfg.master_load_half)
-            / (u64::from(cfg.master_load_half) + u64::from(self.master_load));
+        let scaled = (u64::from(cfg.max_master_piece) * u64::from(cfg.master_load_half))
+            .div_ceil(u64::from(cfg.master_load_half) + u64::from(self.master_load));
         (scaled as u32).clamp(cfg.min_master_piece, cfg.max_master_piece)
     }
 
@@ -332,21 +332,34 @@ impl Policy {
                 if mine.as_ref().is_some_and(|m| m.contains(b)) {
                     continue;
                 }
-                let best = f
-                    .holders
-                    .iter()
-                    .filter(|(p, held)| {
-                        **p != requester
-                            && held.contains(b)
-                            && !avoid.contains(*p)
-                            && self.peers.get(*p).is_some_and(|s| s.live)
-                    })
-                    .map(|(p, _)| {
-                        let s = &self.peers[p];
-                        let load = loads.get(p).copied().unwrap_or(s.load);
-                        (s.region != my_region || my_region.is_empty(), load, *p)
-                    })
-                    .min();
+                let eligible = |p: &PeerId, held: &Blocks| {
+                    *p != requester
+                        && held.contains(b)
+                        && !avoid.contains(p)
+                        // A holder is only worth a redirect when the requester can dial
+                        // it: live, and with addresses to hint.
+                        && self.peers.get(p).is_some_and(|s| s.live && !s.addrs.is_empty())
+                };
+                // Keep extending the current run from the same holder: pieces stay whole.
+                let continuing = match runs.last() {
+                    Some((run, Some(h))) if run.end == b && run.len() < cfg.max_peer_piece => f
+                        .holders
+                        .get(h)
+                        .filter(|held| eligible(h, held))
+                        .map(|_| (false, 0, *h)),
+                    _ => None,
+                };
+                let best = continuing.or_else(|| {
+                    f.holders
+                        .iter()
+                        .filter(|(p, held)| eligible(p, held))
+                        .map(|(p, _)| {
+                            let s = &self.peers[p];
+                            let load = loads.get(p).copied().unwrap_or(s.load);
+                            (s.region != my_region || my_region.is_empty(), load, *p)
+                        })
+                        .min()
+                });
                 let source = if let Some((_, _, holder)) = best {
                     Some(holder)
                 } else if f.master_has.contains(b)
@@ -490,6 +503,10 @@ mod tests {
         Keypair::generate_ed25519().public().to_peer_id()
     }
 
+    fn addr() -> Multiaddr {
+        "/ip4/127.0.0.1/tcp/4002".parse().unwrap()
+    }
+
     fn file() -> FileId {
         FileId([1; 32])
     }
@@ -503,7 +520,12 @@ mod tests {
             max_blocks_per_answer: 16,
             ..PolicyConfig::default()
         });
-        p.add_file(file(), "f".into(), u64::from(blocks) * 1024, Blocks::full(blocks));
+        p.add_file(
+            file(),
+            "f".into(),
+            u64::from(blocks) * 1024,
+            Blocks::full(blocks),
+        );
         p
     }
 
@@ -555,7 +577,10 @@ mod tests {
             ans.assignments,
             vec![Assignment {
                 range: BlockRange::new(0, 4),
-                source: Source::Peer { peer: a, addrs: vec![addr] }
+                source: Source::Peer {
+                    peer: a,
+                    addrs: vec![addr]
+                }
             }]
         );
     }
@@ -565,19 +590,26 @@ mod tests {
         let mut p = setup(16);
         let (a, b, c, d) = (peer(), peer(), peer(), peer());
         for x in [a, b, c, d] {
-            p.peer_up(x, vec![]);
+            p.peer_up(x, vec![addr()]);
         }
         p.have(&file(), a, &all(16));
         p.have(&file(), b, &all(16));
         let now = Instant::now();
         let first = p.locate(now, c, &file(), &[BlockRange::new(0, 8)]).unwrap();
-        let Source::Peer { peer: first_holder, .. } = first.assignments[0].source.clone() else {
+        let Source::Peer {
+            peer: first_holder, ..
+        } = first.assignments[0].source.clone()
+        else {
             panic!("expected a redirect")
         };
         assert_eq!(p.load(&first_holder), 8);
         // d is sent to the other holder, which carries no load.
         let second = p.locate(now, d, &file(), &[BlockRange::new(0, 8)]).unwrap();
-        let Source::Peer { peer: second_holder, .. } = second.assignments[0].source.clone() else {
+        let Source::Peer {
+            peer: second_holder,
+            ..
+        } = second.assignments[0].source.clone()
+        else {
             panic!("expected a redirect")
         };
         assert_ne!(first_holder, second_holder);
@@ -607,7 +639,7 @@ mod tests {
     fn dead_peers_leave_the_mirror_list_and_are_not_assigned() {
         let mut p = setup(8);
         let (a, b) = (peer(), peer());
-        p.peer_up(a, vec![]);
+        p.peer_up(a, vec![addr()]);
         p.peer_up(b, vec![]);
         p.have(&file(), a, &all(8));
         assert!(p.peer_down(&a));
@@ -621,7 +653,7 @@ mod tests {
         let mut p = setup(8);
         let (a, b, c) = (peer(), peer(), peer());
         for x in [a, b, c] {
-            p.peer_up(x, vec![]);
+            p.peer_up(x, vec![addr()]);
         }
         p.have(&file(), a, &all(8));
         p.avoid(b, a);
@@ -636,11 +668,22 @@ mod tests {
     }
 
     #[test]
+    fn holders_without_known_addresses_are_not_redirect_targets() {
+        let mut p = setup(8);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![]);
+        p.peer_up(b, vec![addr()]);
+        p.have(&file(), a, &all(8));
+        let ans = p.locate(Instant::now(), b, &file(), &all(8)).unwrap();
+        assert!(ans.assignments.iter().all(|x| x.source == Source::Master));
+    }
+
+    #[test]
     fn nearby_holders_are_preferred() {
         let mut p = setup(8);
         let (far, near, me) = (peer(), peer(), peer());
         for x in [far, near, me] {
-            p.peer_up(x, vec![]);
+            p.peer_up(x, vec![addr()]);
         }
         p.set_region(near, "eu".into());
         p.set_region(me, "eu".into());
@@ -665,7 +708,7 @@ mod tests {
         let mut sizes = Vec::new();
         for _ in 0..6 {
             let x = peer();
-            p.peer_up(x, vec![]);
+            p.peer_up(x, vec![addr()]);
             let ans = p.locate(now, x, &file(), &all(1024)).unwrap();
             sizes.push(ans.assignments[0].range.len());
         }

@@ -11,8 +11,7 @@
 //! version, never half of one.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -78,10 +77,12 @@ pub fn load_or_create_key(path: &Path) -> Result<Keypair, RegistryError> {
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let key = Keypair::generate_ed25519();
-            let bytes = key.to_protobuf_encoding().map_err(|e| RegistryError::Damaged {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+            let bytes = key
+                .to_protobuf_encoding()
+                .map_err(|e| RegistryError::Damaged {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
             if let Some(dir) = path.parent() {
                 fs::create_dir_all(dir).map_err(io_err(dir))?;
             }
@@ -96,7 +97,8 @@ pub fn load_or_create_key(path: &Path) -> Result<Keypair, RegistryError> {
 pub fn hash_file(path: &Path) -> Result<ManifestBuilder, RegistryError> {
     let f = fs::File::open(path).map_err(io_err(path))?;
     let size = f.metadata().map_err(io_err(path))?.len();
-    ManifestBuilder::hash_reader(io::BufReader::new(f), choose_block_size(size)).map_err(io_err(path))
+    ManifestBuilder::hash_reader(io::BufReader::new(f), choose_block_size(size))
+        .map_err(io_err(path))
 }
 
 /// A file the master knows: its manifest and where its bytes are.

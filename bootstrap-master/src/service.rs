@@ -111,14 +111,26 @@ pub enum MasterError {
 }
 
 enum Command {
-    Status(FileId, oneshot::Sender<Option<shoal_protocol::wire::FileStatus>>),
+    Status(
+        FileId,
+        oneshot::Sender<Option<shoal_protocol::wire::FileStatus>>,
+    ),
     Shutdown(oneshot::Sender<()>),
 }
 
 enum Internal {
-    Served { file: FileId, bytes: u64 },
-    Pulled { file: FileId, range: BlockRange },
-    PullFinished { file: FileId, result: Result<(), String> },
+    Served {
+        file: FileId,
+        bytes: u64,
+    },
+    Pulled {
+        file: FileId,
+        range: BlockRange,
+    },
+    PullFinished {
+        file: FileId,
+        result: Result<(), String>,
+    },
 }
 
 /// Files the master can serve, shared with the piece tasks.
@@ -189,7 +201,10 @@ impl Master {
             }
         }
         let addr_file: String = addrs.iter().map(|a| format!("{a}\n")).collect();
-        crate::registry::write_atomic(&registry.dir().join("bootstrap.addr"), addr_file.as_bytes())?;
+        crate::registry::write_atomic(
+            &registry.dir().join("bootstrap.addr"),
+            addr_file.as_bytes(),
+        )?;
 
         let metrics = Metrics::new();
         let metrics_addr = match cfg.metrics_addr {
@@ -326,8 +341,18 @@ impl EventLoop {
         self.shelf.lock().expect("shelf lock").files.len() as i64
     }
 
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut internal: mpsc::Receiver<Internal>) {
-        let mut incoming = match self.swarm.behaviour().stream.new_control().accept(PIECE_PROTOCOL) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut internal: mpsc::Receiver<Internal>,
+    ) {
+        let mut incoming = match self
+            .swarm
+            .behaviour()
+            .stream
+            .new_control()
+            .accept(PIECE_PROTOCOL)
+        {
             Ok(i) => i,
             Err(e) => {
                 tracing::error!(error = %e, "cannot accept piece streams");
@@ -365,17 +390,27 @@ impl EventLoop {
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
                 if self.policy.is_banned(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
                 tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "peer connected");
                 self.policy.peer_up(peer_id, Vec::new());
-                self.metrics.peers.set(self.swarm.connected_peers().count() as i64);
+                self.metrics
+                    .peers
+                    .set(self.swarm.connected_peers().count() as i64);
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                self.metrics.peers.set(self.swarm.connected_peers().count() as i64);
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.metrics
+                    .peers
+                    .set(self.swarm.connected_peers().count() as i64);
                 if self.policy.peer_down(&peer_id) {
                     tracing::info!(%peer_id, "mirror gone");
                     self.publish(AuthorityEvent::MirrorRemoved { peer: peer_id });
@@ -384,38 +419,68 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
                 let addrs: Vec<Multiaddr> = info
                     .listen_addrs
                     .into_iter()
-                    .filter(|a| !a.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())))
+                    .filter(|a| {
+                        !a.iter()
+                            .any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified()))
+                    })
                     .collect();
                 for a in &addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, a.clone());
                 }
                 self.policy.peer_up(peer_id, addrs);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Master(request_response::Event::Message {
                 peer,
-                message: request_response::Message::Request { request, channel, .. },
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
                 ..
             })) => {
                 let response = self.on_master_request(peer, request);
-                if self.swarm.behaviour_mut().master.send_response(channel, response).is_err() {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .master
+                    .send_response(channel, response)
+                    .is_err()
+                {
                     tracing::debug!(%peer, "master response dropped: peer gone");
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Digest(request_response::Event::Message {
                 peer,
-                message: request_response::Message::Request { request, channel, .. },
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
                 ..
             })) => {
                 let response = self.on_digest_request(request);
-                if self.swarm.behaviour_mut().digest.send_response(channel, response).is_err() {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .digest
+                    .send_response(channel, response)
+                    .is_err()
+                {
                     tracing::debug!(%peer, "digest response dropped: peer gone");
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                ..
+            })) => {
                 // The master is the authority; it acts on nobody's gossip.
             }
             other => tracing::trace!(?other, "swarm event"),
@@ -424,7 +489,9 @@ impl EventLoop {
 
     fn on_master_request(&mut self, peer: PeerId, request: MasterRequest) -> MasterResponse {
         if self.policy.is_banned(&peer) {
-            return MasterResponse::Refused { reason: "banned".into() };
+            return MasterResponse::Refused {
+                reason: "banned".into(),
+            };
         }
         match request {
             MasterRequest::Announce { header, digests } => self.on_announce(peer, header, digests),
@@ -443,15 +510,22 @@ impl EventLoop {
                             retry_after_ms: answer.retry_after.as_millis() as u32,
                         }
                     }
-                    Err(e) => MasterResponse::Refused { reason: e.to_string() },
+                    Err(e) => MasterResponse::Refused {
+                        reason: e.to_string(),
+                    },
                 }
             }
             MasterRequest::Have { file, ranges } => {
-                let ranges: Vec<BlockRange> = ranges.into_iter().take(MAX_RANGES_PER_MESSAGE).collect();
+                let ranges: Vec<BlockRange> =
+                    ranges.into_iter().take(MAX_RANGES_PER_MESSAGE).collect();
                 self.policy.have(&file, peer, &ranges);
                 MasterResponse::Ack
             }
-            MasterRequest::Report { file, peer: culprit, problem } => {
+            MasterRequest::Report {
+                file,
+                peer: culprit,
+                problem,
+            } => {
                 tracing::info!(reporter = %peer, %culprit, file = %file, ?problem, "report");
                 self.policy.avoid(peer, culprit);
                 if matches!(problem, Problem::Unreachable) && !self.swarm.is_connected(&culprit) {
@@ -464,10 +538,13 @@ impl EventLoop {
             }
             MasterRequest::Status { file } => match self.policy.status(&file) {
                 Some(s) => MasterResponse::Status(s),
-                None => MasterResponse::Refused { reason: format!("unknown file {file}") },
+                None => MasterResponse::Refused {
+                    reason: format!("unknown file {file}"),
+                },
             },
             MasterRequest::Hello { region } => {
-                self.policy.set_region(peer, region.chars().take(64).collect());
+                self.policy
+                    .set_region(peer, region.chars().take(64).collect());
                 MasterResponse::Ack
             }
             MasterRequest::Leave => {
@@ -491,7 +568,9 @@ impl EventLoop {
         }
         match header.body.publisher() {
             Ok(p) if p == publisher => {}
-            _ => return refused("the announcing peer is not the publisher the header names".into()),
+            _ => {
+                return refused("the announcing peer is not the publisher the header names".into())
+            }
         }
         if let Err(e) = check_digest_list(&header.body, &digests) {
             return refused(e.to_string());
@@ -500,7 +579,12 @@ impl EventLoop {
             Ok(s) => s,
             Err(e) => return refused(e.to_string()),
         };
-        let manifest = match (Manifest { header: signed.clone(), digests }).verify(None) {
+        let manifest = match (Manifest {
+            header: signed.clone(),
+            digests,
+        })
+        .verify(None)
+        {
             Ok(m) => Arc::new(m),
             Err(e) => return refused(e.to_string()),
         };
@@ -512,7 +596,11 @@ impl EventLoop {
             }
             let path = self.registry.data_path(&id);
             tracing::info!(file = %id, name = %manifest.body().name, %publisher, "file announced");
-            self.register(manifest.clone(), path.clone(), Blocks::new(manifest.blocks()));
+            self.register(
+                manifest.clone(),
+                path.clone(),
+                Blocks::new(manifest.blocks()),
+            );
             self.publish(AuthorityEvent::FileAnnounced {
                 file: id,
                 name: manifest.body().name.clone(),
@@ -526,9 +614,18 @@ impl EventLoop {
             self.pulling.insert(id, publisher);
             let control = self.swarm.behaviour().stream.new_control();
             let path = self.registry.data_path(&id);
-            tokio::spawn(pull(control, publisher, manifest, path, self.internal_tx.clone()));
+            tokio::spawn(pull(
+                control,
+                publisher,
+                manifest,
+                path,
+                self.internal_tx.clone(),
+            ));
         }
-        MasterResponse::Announced { file: id, header: signed }
+        MasterResponse::Announced {
+            file: id,
+            header: signed,
+        }
     }
 
     fn on_digest_request(&self, request: DigestRequest) -> DigestResponse {
@@ -542,8 +639,13 @@ impl EventLoop {
                 Some(e) => {
                     let all = e.manifest.digests();
                     let start = (start as usize).min(all.len());
-                    let end = start.saturating_add(count.min(MAX_DIGESTS_PER_RESPONSE) as usize).min(all.len());
-                    DigestResponse::Digests { start: start as u32, digests: all[start..end].to_vec() }
+                    let end = start
+                        .saturating_add(count.min(MAX_DIGESTS_PER_RESPONSE) as usize)
+                        .min(all.len());
+                    DigestResponse::Digests {
+                        start: start as u32,
+                        digests: all[start..end].to_vec(),
+                    }
                 }
                 None => DigestResponse::NotFound,
             },
@@ -568,7 +670,9 @@ impl EventLoop {
                         Ok(()) => tracing::info!(file = %file, "master holds the whole file"),
                         Err(e) => tracing::error!(file = %file, error = %e, "cannot mark complete"),
                     },
-                    Err(e) => tracing::warn!(file = %file, error = %e, "pull from publisher failed; waiting for a new announce"),
+                    Err(e) => {
+                        tracing::warn!(file = %file, error = %e, "pull from publisher failed; waiting for a new announce")
+                    }
                 }
             }
         }
@@ -616,7 +720,9 @@ async fn serve_piece(
         let shelf = shelf.lock().expect("shelf lock");
         match shelf.files.get(&req.file) {
             None => Err(RefuseReason::UnknownFile),
-            Some(e) if !e.have.contains_range(req.range) || req.range.is_empty() => Err(RefuseReason::NotHeld),
+            Some(e) if !e.have.contains_range(req.range) || req.range.is_empty() => {
+                Err(RefuseReason::NotHeld)
+            }
             Some(e) => Ok((e.manifest.geometry(), e.path.clone())),
         }
     };
@@ -667,7 +773,8 @@ async fn pull(
             .write(true)
             .open(&path)
             .map_err(|e| e.to_string())?;
-        out.set_len(manifest.body().size).map_err(|e| e.to_string())?;
+        out.set_len(manifest.body().size)
+            .map_err(|e| e.to_string())?;
         let geometry = manifest.geometry();
         let total = manifest.blocks();
         let mut start = 0;

@@ -81,9 +81,16 @@ pub struct FetchReport {
 /// Gets the manifest of `file` from the master and checks it.
 pub async fn get_manifest(client: &Client, file: FileId) -> Result<VerifiedManifest, NodeError> {
     let master = client.master();
-    let header = match client.digest_request(master, DigestRequest::Header { file }).await? {
+    let header = match client
+        .digest_request(master, DigestRequest::Header { file })
+        .await?
+    {
         DigestResponse::Header(h) => h,
-        DigestResponse::NotFound => return Err(NodeError::Refused(format!("the master does not know file {file}"))),
+        DigestResponse::NotFound => {
+            return Err(NodeError::Refused(format!(
+                "the master does not know file {file}"
+            )))
+        }
         _ => return Err(NodeError::Unexpected),
     };
     header.verify_id(&file)?;
@@ -91,11 +98,16 @@ pub async fn get_manifest(client: &Client, file: FileId) -> Result<VerifiedManif
     let mut digests = Vec::with_capacity(blocks as usize);
     while (digests.len() as u32) < blocks {
         let start = digests.len() as u32;
-        let req = DigestRequest::Digests { file, start, count: MAX_DIGESTS_PER_RESPONSE };
+        let req = DigestRequest::Digests {
+            file,
+            start,
+            count: MAX_DIGESTS_PER_RESPONSE,
+        };
         match client.digest_request(master, req).await? {
-            DigestResponse::Digests { start: s, digests: d } if s == start && !d.is_empty() => {
-                digests.extend(d)
-            }
+            DigestResponse::Digests {
+                start: s,
+                digests: d,
+            } if s == start && !d.is_empty() => digests.extend(d),
             _ => return Err(NodeError::Unexpected),
         }
     }
@@ -120,7 +132,10 @@ enum Event {
 pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, NodeError> {
     let started = Instant::now();
     let manifest = Arc::new(get_manifest(client, opts.file).await?);
-    let journal = client.data_dir().join("journals").join(format!("{}.journal", opts.file));
+    let journal = client
+        .data_dir()
+        .join("journals")
+        .join(format!("{}.journal", opts.file));
     let store = Arc::new(PieceStore::open(manifest.clone(), &opts.out, &journal)?);
     client.share(store.clone());
     let geometry = manifest.geometry();
@@ -130,7 +145,9 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
     let mut sched = Scheduler::new(resumed, opts.scheduler.clone());
     let (tx, mut rx) = mpsc::channel::<Event>(64);
     let (mut from_master, mut from_peers) = (0u64, 0u64);
-    let held = Arc::new(AtomicU64::new(geometry.range_bytes(geometry.all()) - missing_bytes(&store)));
+    let held = Arc::new(AtomicU64::new(
+        geometry.range_bytes(geometry.all()) - missing_bytes(&store),
+    ));
     tracing::info!(file = %opts.file, blocks = manifest.blocks(), resumed = blocks_resumed, "fetch started");
 
     loop {
@@ -144,7 +161,14 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                     });
                 }
                 Action::Start(t) => {
-                    let (c, tx, m, s, h, p) = (client.clone(), tx.clone(), manifest.clone(), store.clone(), held.clone(), opts.progress.clone());
+                    let (c, tx, m, s, h, p) = (
+                        client.clone(),
+                        tx.clone(),
+                        manifest.clone(),
+                        store.clone(),
+                        held.clone(),
+                        opts.progress.clone(),
+                    );
                     tokio::spawn(async move {
                         let end = run_transfer(&c, &m, &s, t, &h, p).await;
                         let _ = tx.send(Event::Ended(end)).await;
@@ -158,7 +182,8 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                     }
                     let (c, file) = (client.clone(), opts.file);
                     tokio::spawn(async move {
-                        if let Err(e) = c.master_request(MasterRequest::Have { file, ranges }).await {
+                        if let Err(e) = c.master_request(MasterRequest::Have { file, ranges }).await
+                        {
                             tracing::debug!(error = %e, "have report failed");
                         }
                     });
@@ -167,7 +192,13 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                     tracing::info!(%peer, ?problem, "reporting a bad source");
                     let (c, file) = (client.clone(), opts.file);
                     tokio::spawn(async move {
-                        let _ = c.master_request(MasterRequest::Report { file, peer, problem }).await;
+                        let _ = c
+                            .master_request(MasterRequest::Report {
+                                file,
+                                peer,
+                                problem,
+                            })
+                            .await;
                     });
                 }
             }
@@ -221,7 +252,12 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
 
 fn missing_bytes(store: &PieceStore) -> u64 {
     let g = store.manifest().geometry();
-    store.have().missing().iter().map(|r| g.range_bytes(*r)).sum()
+    store
+        .have()
+        .missing()
+        .iter()
+        .map(|r| g.range_bytes(*r))
+        .sum()
 }
 
 async fn run_transfer(
@@ -243,14 +279,17 @@ async fn run_transfer(
     let total = g.size;
     let work = async {
         let mut control = client.control();
-        let mut stream = match tokio::time::timeout(STALL_TIMEOUT, control.open_stream(peer, PIECE_PROTOCOL)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "cannot open piece stream");
-                return Err(ReceiveError::Io(std::io::Error::other(e.to_string())));
-            }
-            Err(_) => return Err(ReceiveError::Io(std::io::ErrorKind::TimedOut.into())),
-        };
+        let mut stream =
+            match tokio::time::timeout(STALL_TIMEOUT, control.open_stream(peer, PIECE_PROTOCOL))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "cannot open piece stream");
+                    return Err(ReceiveError::Io(std::io::Error::other(e.to_string())));
+                }
+                Err(_) => return Err(ReceiveError::Io(std::io::ErrorKind::TimedOut.into())),
+            };
         receive_blocks(&mut stream, manifest, t.range, |b, data| {
             store.write_block(b, data)?;
             delivered.fetch_add(1, Ordering::Relaxed);
@@ -298,33 +337,60 @@ async fn run_transfer(
         delivered: n,
         failure,
         from_master,
-        bytes: g.range_bytes(shoal_protocol::BlockRange::new(t.range.start, t.range.start + n)),
+        bytes: g.range_bytes(shoal_protocol::BlockRange::new(
+            t.range.start,
+            t.range.start + n,
+        )),
     }
 }
 
 /// Publishes the file at `path`: signs its manifest with this node's key, announces it, serves
 /// it while the master pulls it, and returns once the master holds every block.
-pub async fn publish(client: &Client, key: &libp2p::identity::Keypair, path: &Path) -> Result<FileId, NodeError> {
+pub async fn publish(
+    client: &Client,
+    key: &libp2p::identity::Keypair,
+    path: &Path,
+) -> Result<FileId, NodeError> {
     let f = std::fs::File::open(path)?;
     let size = f.metadata()?.len();
-    let builder = ManifestBuilder::hash_reader(std::io::BufReader::new(f), choose_block_size(size))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (body, digests) = builder.finish(name, key.public().encode_protobuf(), client.master(), now);
+    let builder =
+        ManifestBuilder::hash_reader(std::io::BufReader::new(f), choose_block_size(size))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (body, digests) =
+        builder.finish(name, key.public().encode_protobuf(), client.master(), now);
     let header = body.sign(key)?;
-    let announce = MasterRequest::Announce { header, digests: digests.clone() };
+    let announce = MasterRequest::Announce {
+        header,
+        digests: digests.clone(),
+    };
     let (file, signed) = match client.master_request(announce).await? {
         MasterResponse::Announced { file, header } => (file, header),
         MasterResponse::Refused { reason } => return Err(NodeError::Refused(reason)),
         _ => return Err(NodeError::Unexpected),
     };
-    let manifest = Arc::new(Manifest { header: signed, digests }.verify(Some(&file))?);
+    let manifest = Arc::new(
+        Manifest {
+            header: signed,
+            digests,
+        }
+        .verify(Some(&file))?,
+    );
     client.share(Arc::new(PieceStore::open_complete(manifest.clone(), path)?));
     wait_until_master_holds(client, file, manifest.blocks()).await?;
     Ok(file)
 }
 
-async fn wait_until_master_holds(client: &Client, file: FileId, blocks: u32) -> Result<(), NodeError> {
+async fn wait_until_master_holds(
+    client: &Client,
+    file: FileId,
+    blocks: u32,
+) -> Result<(), NodeError> {
     let mut last = (0, Instant::now());
     loop {
         let s = status(client, file).await?;
@@ -345,7 +411,10 @@ async fn wait_until_master_holds(client: &Client, file: FileId, blocks: u32) -> 
 
 /// What the master knows of `file`.
 pub async fn status(client: &Client, file: FileId) -> Result<FileStatus, NodeError> {
-    match client.master_request(MasterRequest::Status { file }).await? {
+    match client
+        .master_request(MasterRequest::Status { file })
+        .await?
+    {
         MasterResponse::Status(s) => Ok(s),
         MasterResponse::Refused { reason } => Err(NodeError::Refused(reason)),
         _ => Err(NodeError::Unexpected),
@@ -358,7 +427,10 @@ pub async fn seed(client: &Client, file: FileId, path: &Path) -> Result<(), Node
     let store = Arc::new(PieceStore::open_complete(manifest.clone(), path)?);
     client.share(store);
     match client
-        .master_request(MasterRequest::Have { file, ranges: vec![manifest.geometry().all()] })
+        .master_request(MasterRequest::Have {
+            file,
+            ranges: vec![manifest.geometry().all()],
+        })
         .await?
     {
         MasterResponse::Ack => Ok(()),

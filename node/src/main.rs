@@ -101,15 +101,15 @@ async fn join(c: &Common) -> anyhow::Result<shoal_node::Client> {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
         Cmd::Publish { file, common } => {
             let client = join(&common).await?;
-            let key = shoal_node::service::load_or_create_key(&common.data_dir.join("identity.key"))?;
+            let key =
+                shoal_node::service::load_or_create_key(&common.data_dir.join("identity.key"))?;
             eprintln!("publishing {} as {}", file.display(), client.peer_id());
             let id = shoal_node::publish(&client, &key, &file)
                 .await
@@ -118,7 +118,14 @@ async fn main() -> anyhow::Result<()> {
             client.shutdown().await;
             println!("{id}");
         }
-        Cmd::Fetch { file_id, out, seed_time, report, parallel, common } => {
+        Cmd::Fetch {
+            file_id,
+            out,
+            seed_time,
+            report,
+            parallel,
+            common,
+        } => {
             let client = join(&common).await?;
             let mut opts = FetchOptions::new(file_id, &out);
             opts.scheduler.max_transfers = parallel.max(1);
@@ -170,7 +177,11 @@ async fn main() -> anyhow::Result<()> {
             }
             client.shutdown().await;
         }
-        Cmd::Seed { path, file_id, common } => {
+        Cmd::Seed {
+            path,
+            file_id,
+            common,
+        } => {
             let client = join(&common).await?;
             shoal_node::seed(&client, file_id, &path)
                 .await
@@ -179,7 +190,11 @@ async fn main() -> anyhow::Result<()> {
             shutdown_signal().await;
             client.shutdown().await;
         }
-        Cmd::Status { file_id, json, common } => {
+        Cmd::Status {
+            file_id,
+            json,
+            common,
+        } => {
             let client = join(&common).await?;
             let s = shoal_node::status(&client, file_id).await?;
             client.shutdown().await;
@@ -200,10 +215,16 @@ async fn main() -> anyhow::Result<()> {
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{} ({} bytes, {} blocks; master holds {})", s.name, s.size, s.blocks, s.master_blocks);
+                println!(
+                    "{} ({} bytes, {} blocks; master holds {})",
+                    s.name, s.size, s.blocks, s.master_blocks
+                );
                 println!("mirrors: {}", s.mirrors.len());
                 for m in &s.mirrors {
-                    println!("  {} region={:?} blocks={} live={}", m.peer, m.region, m.blocks, m.live);
+                    println!(
+                        "  {} region={:?} blocks={} live={}",
+                        m.peer, m.region, m.blocks, m.live
+                    );
                 }
                 println!("blocks only the master holds: {}", s.master_only_blocks);
                 println!("piece bytes sent by the master: {}", s.bytes_from_master);
@@ -214,7 +235,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };

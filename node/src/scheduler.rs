@@ -183,14 +183,18 @@ impl Scheduler {
             return Some(Action::Have(ranges));
         }
         while self.transfers.len() < self.cfg.max_transfers {
-            let Some(a) = self.queue.pop_front() else { break };
+            let Some(a) = self.queue.pop_front() else {
+                break;
+            };
             // Only the blocks still needed, as the first contiguous run of them; the rest of
             // the assignment stays queued.
             let wanted = |b: u32| !self.have.contains(b) && !self.in_flight.contains(b);
             let Some(start) = a.range.iter().find(|b| wanted(*b)) else {
                 continue;
             };
-            let end = (start..a.range.end).find(|b| !wanted(*b)).unwrap_or(a.range.end);
+            let end = (start..a.range.end)
+                .find(|b| !wanted(*b))
+                .unwrap_or(a.range.end);
             if end < a.range.end {
                 self.queue.push_front(Assignment {
                     range: BlockRange::new(end, a.range.end),
@@ -232,7 +236,12 @@ impl Scheduler {
     }
 
     /// The master answered a Locate.
-    pub fn on_assignments(&mut self, now: Instant, assignments: Vec<Assignment>, retry_after: Duration) {
+    pub fn on_assignments(
+        &mut self,
+        now: Instant,
+        assignments: Vec<Assignment>,
+        retry_after: Duration,
+    ) {
         self.locating = false;
         if assignments.is_empty() {
             self.next_locate = Some(now + retry_after.max(Duration::from_millis(10)));
@@ -274,7 +283,8 @@ impl Scheduler {
                 Failure::Corrupt { block } => Some(Problem::Corrupt {
                     blocks: vec![BlockRange::new(block, block + 1)],
                 }),
-                Failure::Unreachable | Failure::Refused(RefuseReason::NotHeld | RefuseReason::UnknownFile) => {
+                Failure::Unreachable
+                | Failure::Refused(RefuseReason::NotHeld | RefuseReason::UnknownFile) => {
                     Some(Problem::Unreachable)
                 }
                 Failure::Refused(_) | Failure::Local => None,
@@ -307,23 +317,48 @@ mod tests {
     fn asks_the_master_then_runs_transfers_and_reports_have() {
         let now = Instant::now();
         let mut s = Scheduler::new(Blocks::new(10), SchedulerConfig::default());
-        assert_eq!(drain(&mut s, now), vec![Action::Locate { need: vec![BlockRange::new(0, 10)] }]);
+        assert_eq!(
+            drain(&mut s, now),
+            vec![Action::Locate {
+                need: vec![BlockRange::new(0, 10)]
+            }]
+        );
         // While a Locate is outstanding, nothing else happens.
         assert!(drain(&mut s, now).is_empty());
         let p = peer();
-        s.on_assignments(now, vec![
-            assign(BlockRange::new(0, 4), Source::Master),
-            assign(BlockRange::new(4, 10), Source::Peer { peer: p, addrs: vec![] }),
-        ], Duration::ZERO);
+        s.on_assignments(
+            now,
+            vec![
+                assign(BlockRange::new(0, 4), Source::Master),
+                assign(
+                    BlockRange::new(4, 10),
+                    Source::Peer {
+                        peer: p,
+                        addrs: vec![],
+                    },
+                ),
+            ],
+            Duration::ZERO,
+        );
         let actions = drain(&mut s, now);
-        assert!(matches!(&actions[0], Action::Start(t) if t.range == BlockRange::new(0, 4) && t.source == Source::Master));
-        assert!(matches!(&actions[1], Action::Start(t) if t.range == BlockRange::new(4, 10) && t.peer() == Some(p)));
+        assert!(
+            matches!(&actions[0], Action::Start(t) if t.range == BlockRange::new(0, 4) && t.source == Source::Master)
+        );
+        assert!(
+            matches!(&actions[1], Action::Start(t) if t.range == BlockRange::new(4, 10) && t.peer() == Some(p))
+        );
         // With everything in flight there is nothing to ask for.
         assert_eq!(actions.len(), 2);
         s.on_transfer_end(0, 4, None);
-        assert_eq!(drain(&mut s, now), vec![Action::Have(vec![BlockRange::new(0, 4)])]);
+        assert_eq!(
+            drain(&mut s, now),
+            vec![Action::Have(vec![BlockRange::new(0, 4)])]
+        );
         s.on_transfer_end(1, 6, None);
-        assert_eq!(drain(&mut s, now), vec![Action::Have(vec![BlockRange::new(4, 10)])]);
+        assert_eq!(
+            drain(&mut s, now),
+            vec![Action::Have(vec![BlockRange::new(4, 10)])]
+        );
         assert!(s.is_complete());
         assert!(s.is_idle());
     }
@@ -337,7 +372,10 @@ mod tests {
         assert!(drain(&mut s, now).is_empty());
         assert_eq!(s.poll_timeout(), Some(now + Duration::from_millis(200)));
         assert!(drain(&mut s, now + Duration::from_millis(199)).is_empty());
-        assert!(matches!(s.poll(now + Duration::from_millis(200)), Some(Action::Locate { .. })));
+        assert!(matches!(
+            s.poll(now + Duration::from_millis(200)),
+            Some(Action::Locate { .. })
+        ));
     }
 
     #[test]
@@ -346,13 +384,34 @@ mod tests {
         let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
         drain(&mut s, now);
         let p = peer();
-        s.on_assignments(now, vec![assign(BlockRange::new(0, 8), Source::Peer { peer: p, addrs: vec![] })], Duration::ZERO);
+        s.on_assignments(
+            now,
+            vec![assign(
+                BlockRange::new(0, 8),
+                Source::Peer {
+                    peer: p,
+                    addrs: vec![],
+                },
+            )],
+            Duration::ZERO,
+        );
         drain(&mut s, now);
         s.on_transfer_end(0, 3, Some(Failure::Unreachable));
         let actions = drain(&mut s, now);
-        assert_eq!(actions[0], Action::Report { peer: p, problem: Problem::Unreachable });
+        assert_eq!(
+            actions[0],
+            Action::Report {
+                peer: p,
+                problem: Problem::Unreachable
+            }
+        );
         assert_eq!(actions[1], Action::Have(vec![BlockRange::new(0, 3)]));
-        assert_eq!(actions[2], Action::Locate { need: vec![BlockRange::new(3, 8)] });
+        assert_eq!(
+            actions[2],
+            Action::Locate {
+                need: vec![BlockRange::new(3, 8)]
+            }
+        );
         assert_eq!(s.retries(), 1);
     }
 
@@ -362,10 +421,28 @@ mod tests {
         let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
         drain(&mut s, now);
         let p = peer();
-        s.on_assignments(now, vec![assign(BlockRange::new(2, 6), Source::Peer { peer: p, addrs: vec![] })], Duration::ZERO);
+        s.on_assignments(
+            now,
+            vec![assign(
+                BlockRange::new(2, 6),
+                Source::Peer {
+                    peer: p,
+                    addrs: vec![],
+                },
+            )],
+            Duration::ZERO,
+        );
         drain(&mut s, now);
         s.on_transfer_end(0, 1, Some(Failure::Corrupt { block: 3 }));
-        assert_eq!(s.poll(now), Some(Action::Report { peer: p, problem: Problem::Corrupt { blocks: vec![BlockRange::new(3, 4)] } }));
+        assert_eq!(
+            s.poll(now),
+            Some(Action::Report {
+                peer: p,
+                problem: Problem::Corrupt {
+                    blocks: vec![BlockRange::new(3, 4)]
+                }
+            })
+        );
         assert!(!s.have().contains(3));
     }
 
@@ -374,15 +451,30 @@ mod tests {
         let now = Instant::now();
         let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
         drain(&mut s, now);
-        s.on_assignments(now, vec![
-            assign(BlockRange::new(0, 4), Source::Peer { peer: peer(), addrs: vec![] }),
-            assign(BlockRange::new(4, 8), Source::Master),
-        ], Duration::ZERO);
+        s.on_assignments(
+            now,
+            vec![
+                assign(
+                    BlockRange::new(0, 4),
+                    Source::Peer {
+                        peer: peer(),
+                        addrs: vec![],
+                    },
+                ),
+                assign(BlockRange::new(4, 8), Source::Master),
+            ],
+            Duration::ZERO,
+        );
         drain(&mut s, now);
         s.on_transfer_end(0, 0, Some(Failure::Refused(RefuseReason::Busy)));
         s.on_transfer_end(1, 0, Some(Failure::Unreachable));
         let actions = drain(&mut s, now);
-        assert_eq!(actions, vec![Action::Locate { need: vec![BlockRange::new(0, 8)] }]);
+        assert_eq!(
+            actions,
+            vec![Action::Locate {
+                need: vec![BlockRange::new(0, 8)]
+            }]
+        );
     }
 
     #[test]
@@ -391,25 +483,49 @@ mod tests {
         let mut have = Blocks::new(6);
         have.insert_range(BlockRange::new(0, 3));
         let mut s = Scheduler::new(have, SchedulerConfig::default());
-        assert_eq!(drain(&mut s, now), vec![
-            Action::Have(vec![BlockRange::new(0, 3)]),
-            Action::Locate { need: vec![BlockRange::new(3, 6)] },
-        ]);
+        assert_eq!(
+            drain(&mut s, now),
+            vec![
+                Action::Have(vec![BlockRange::new(0, 3)]),
+                Action::Locate {
+                    need: vec![BlockRange::new(3, 6)]
+                },
+            ]
+        );
         // An assignment overlapping held blocks only starts the missing part.
-        s.on_assignments(now, vec![assign(BlockRange::new(0, 6), Source::Master)], Duration::ZERO);
+        s.on_assignments(
+            now,
+            vec![assign(BlockRange::new(0, 6), Source::Master)],
+            Duration::ZERO,
+        );
         assert!(matches!(s.poll(now), Some(Action::Start(t)) if t.range == BlockRange::new(3, 6)));
     }
 
     #[test]
     fn transfers_are_capped() {
         let now = Instant::now();
-        let cfg = SchedulerConfig { max_transfers: 2, ..SchedulerConfig::default() };
+        let cfg = SchedulerConfig {
+            max_transfers: 2,
+            ..SchedulerConfig::default()
+        };
         let mut s = Scheduler::new(Blocks::new(10), cfg);
         drain(&mut s, now);
-        s.on_assignments(now, (0..5).map(|i| assign(BlockRange::new(i * 2, i * 2 + 2), Source::Master)).collect(), Duration::ZERO);
+        s.on_assignments(
+            now,
+            (0..5)
+                .map(|i| assign(BlockRange::new(i * 2, i * 2 + 2), Source::Master))
+                .collect(),
+            Duration::ZERO,
+        );
         assert_eq!(drain(&mut s, now).len(), 2);
         s.on_transfer_end(0, 2, None);
         let actions = drain(&mut s, now);
-        assert_eq!(actions.iter().filter(|a| matches!(a, Action::Start(_))).count(), 1);
+        assert_eq!(
+            actions
+                .iter()
+                .filter(|a| matches!(a, Action::Start(_)))
+                .count(),
+            1
+        );
     }
 }

@@ -16,9 +16,8 @@ use std::{
 
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{
-    gossipsub, identify, noise, request_response,
-    swarm::SwarmEvent,
-    tcp, yamux, Multiaddr, PeerId, Swarm,
+    gossipsub, identify, noise, request_response, swarm::SwarmEvent, tcp, yamux, Multiaddr, PeerId,
+    Swarm,
 };
 use shoal_protocol::{
     behaviour::{peer_of, Behaviour, BehaviourEvent, Role},
@@ -117,8 +116,15 @@ pub enum NodeError {
 }
 
 enum Command {
-    Master(MasterRequest, oneshot::Sender<Result<MasterResponse, NodeError>>),
-    Digest(PeerId, DigestRequest, oneshot::Sender<Result<DigestResponse, NodeError>>),
+    Master(
+        MasterRequest,
+        oneshot::Sender<Result<MasterResponse, NodeError>>,
+    ),
+    Digest(
+        PeerId,
+        DigestRequest,
+        oneshot::Sender<Result<DigestResponse, NodeError>>,
+    ),
     Hint(PeerId, Vec<Multiaddr>),
     FindPeer(PeerId),
     Shutdown(oneshot::Sender<()>),
@@ -182,7 +188,11 @@ impl Client {
     }
 
     /// Asks `peer` for manifest parts.
-    pub async fn digest_request(&self, peer: PeerId, req: DigestRequest) -> Result<DigestResponse, NodeError> {
+    pub async fn digest_request(
+        &self,
+        peer: PeerId,
+        req: DigestRequest,
+    ) -> Result<DigestResponse, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Digest(peer, req, tx))
@@ -211,7 +221,11 @@ impl Client {
 
     /// Tells the master this node leaves, then stops the node.
     pub async fn shutdown(&self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.master_request(MasterRequest::Leave)).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.master_request(MasterRequest::Leave),
+        )
+        .await;
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
@@ -222,7 +236,8 @@ impl Client {
 /// Starts a node: builds the swarm, listens, connects to the master, says hello. Returns a
 /// client once the master answered.
 pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
-    let master = peer_of(&cfg.bootstrap).ok_or_else(|| NodeError::NoMasterId(cfg.bootstrap.clone()))?;
+    let master =
+        peer_of(&cfg.bootstrap).ok_or_else(|| NodeError::NoMasterId(cfg.bootstrap.clone()))?;
     let key = load_or_create_key(&cfg.data_dir.join("identity.key"))?;
     let peer_id = key.public().to_peer_id();
     let net = |e: &dyn std::fmt::Display| NodeError::Network(e.to_string());
@@ -243,7 +258,10 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     for a in &cfg.listen {
         swarm.listen_on(a.clone()).map_err(|e| net(&e))?;
     }
-    let _ = swarm.behaviour_mut().gossipsub.subscribe(&Behaviour::authority_topic());
+    let _ = swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&Behaviour::authority_topic());
     let master_addr: Multiaddr = cfg
         .bootstrap
         .iter()
@@ -265,7 +283,8 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         incoming,
         shelf.clone(),
         Arc::new(Semaphore::new(cfg.upload_slots.max(1))),
-        cfg.max_upload_rate.map(|r| Arc::new(Mutex::new(RateLimiter::new(r)))),
+        cfg.max_upload_rate
+            .map(|r| Arc::new(Mutex::new(RateLimiter::new(r)))),
         uploaded.clone(),
         banned.clone(),
     ));
@@ -293,13 +312,21 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     // The first request doubles as the connection check.
     match tokio::time::timeout(
         Duration::from_secs(15),
-        client.master_request(MasterRequest::Hello { region: cfg.region.clone() }),
+        client.master_request(MasterRequest::Hello {
+            region: cfg.region.clone(),
+        }),
     )
     .await
     {
         Ok(Ok(_)) => Ok(client),
-        Ok(Err(e)) => Err(NodeError::Network(format!("cannot reach the master at {}: {e}", cfg.bootstrap))),
-        Err(_) => Err(NodeError::Network(format!("no answer from the master at {} within 15 s", cfg.bootstrap))),
+        Ok(Err(e)) => Err(NodeError::Network(format!(
+            "cannot reach the master at {}: {e}",
+            cfg.bootstrap
+        ))),
+        Err(_) => Err(NodeError::Network(format!(
+            "no answer from the master at {} within 15 s",
+            cfg.bootstrap
+        ))),
     }
 }
 
@@ -316,7 +343,9 @@ pub fn load_or_create_key(path: &std::path::Path) -> Result<libp2p::identity::Ke
                 std::fs::create_dir_all(dir).map_err(|e| dd(&e))?;
             }
             let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| dd(&e))?;
+            std::fs::write(&tmp, bytes)
+                .and_then(|_| std::fs::rename(&tmp, path))
+                .map_err(|e| dd(&e))?;
             Ok(key)
         }
         Err(e) => Err(dd(&e)),
@@ -326,8 +355,14 @@ pub fn load_or_create_key(path: &std::path::Path) -> Result<libp2p::identity::Ke
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     master: PeerId,
-    pending_master: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<MasterResponse, NodeError>>>,
-    pending_digest: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<DigestResponse, NodeError>>>,
+    pending_master: HashMap<
+        request_response::OutboundRequestId,
+        oneshot::Sender<Result<MasterResponse, NodeError>>,
+    >,
+    pending_digest: HashMap<
+        request_response::OutboundRequestId,
+        oneshot::Sender<Result<DigestResponse, NodeError>>,
+    >,
     shelf: Shelf,
     banned: Arc<Mutex<HashSet<PeerId>>>,
 }
@@ -349,7 +384,11 @@ impl EventLoop {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Master(req, tx) => {
-                let id = self.swarm.behaviour_mut().master.send_request(&self.master, req);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .master
+                    .send_request(&self.master, req);
                 self.pending_master.insert(id, tx);
             }
             Command::Digest(peer, req, tx) => {
@@ -373,14 +412,20 @@ impl EventLoop {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Master(ev)) => match ev {
                 request_response::Event::Message {
-                    message: request_response::Message::Response { request_id, response },
+                    message:
+                        request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
                     ..
                 } => {
                     if let Some(tx) = self.pending_master.remove(&request_id) {
                         let _ = tx.send(Ok(response));
                     }
                 }
-                request_response::Event::OutboundFailure { request_id, error, .. } => {
+                request_response::Event::OutboundFailure {
+                    request_id, error, ..
+                } => {
                     if let Some(tx) = self.pending_master.remove(&request_id) {
                         let _ = tx.send(Err(NodeError::Network(error.to_string())));
                     }
@@ -389,7 +434,11 @@ impl EventLoop {
             },
             SwarmEvent::Behaviour(BehaviourEvent::Digest(ev)) => match ev {
                 request_response::Event::Message {
-                    message: request_response::Message::Response { request_id, response },
+                    message:
+                        request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
                     ..
                 } => {
                     if let Some(tx) = self.pending_digest.remove(&request_id) {
@@ -397,20 +446,32 @@ impl EventLoop {
                     }
                 }
                 request_response::Event::Message {
-                    message: request_response::Message::Request { request, channel, .. },
+                    message:
+                        request_response::Message::Request {
+                            request, channel, ..
+                        },
                     ..
                 } => {
                     let resp = answer_digest(&self.shelf, request);
-                    let _ = self.swarm.behaviour_mut().digest.send_response(channel, resp);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .digest
+                        .send_response(channel, resp);
                 }
-                request_response::Event::OutboundFailure { request_id, error, .. } => {
+                request_response::Event::OutboundFailure {
+                    request_id, error, ..
+                } => {
                     if let Some(tx) = self.pending_digest.remove(&request_id) {
                         let _ = tx.send(Err(NodeError::Network(error.to_string())));
                     }
                 }
                 _ => {}
             },
-            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                message,
+                ..
+            })) => {
                 // Strict validation checked the signature; only the master's word counts.
                 if message.source != Some(self.master) {
                     return;
@@ -425,7 +486,11 @@ impl EventLoop {
                     Err(e) => tracing::debug!(error = %e, "undecodable authority event"),
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
                 if peer_id != self.master {
                     return;
                 }
@@ -456,7 +521,10 @@ fn answer_digest(shelf: &Shelf, req: DigestRequest) -> DigestResponse {
                 let end = start
                     .saturating_add(count.min(MAX_DIGESTS_PER_RESPONSE) as usize)
                     .min(all.len());
-                DigestResponse::Digests { start: start as u32, digests: all[start..end].to_vec() }
+                DigestResponse::Digests {
+                    start: start as u32,
+                    digests: all[start..end].to_vec(),
+                }
             }
             None => DigestResponse::NotFound,
         },
@@ -482,10 +550,16 @@ async fn serve_pieces(
             .await;
             continue;
         };
-        let (shelf, limiter, uploaded, banned) = (shelf.clone(), limiter.clone(), uploaded.clone(), banned.clone());
+        let (shelf, limiter, uploaded, banned) = (
+            shelf.clone(),
+            limiter.clone(),
+            uploaded.clone(),
+            banned.clone(),
+        );
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_one(&mut stream, peer, &shelf, limiter, &uploaded, &banned).await {
+            if let Err(e) = serve_one(&mut stream, peer, &shelf, limiter, &uploaded, &banned).await
+            {
                 tracing::debug!(%peer, error = %e, "piece stream ended");
             }
         });
@@ -500,9 +574,10 @@ async fn serve_one(
     uploaded: &AtomicU64,
     banned: &Mutex<HashSet<PeerId>>,
 ) -> std::io::Result<()> {
-    let req: PieceRequest = tokio::time::timeout(Duration::from_secs(10), read_frame(stream, MAX_PIECE_FRAME))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
+    let req: PieceRequest =
+        tokio::time::timeout(Duration::from_secs(10), read_frame(stream, MAX_PIECE_FRAME))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
     if banned.lock().expect("ban lock").contains(&peer) {
         return refuse(stream, RefuseReason::Banned).await;
     }

@@ -91,8 +91,12 @@ impl PieceStore {
                 }
                 if bytes.len() % 4 != 0 {
                     // Drop a torn last entry so later appends stay aligned.
-                    let j = OpenOptions::new().write(true).open(journal).map_err(err(journal))?;
-                    j.set_len((bytes.len() - bytes.len() % 4) as u64).map_err(err(journal))?;
+                    let j = OpenOptions::new()
+                        .write(true)
+                        .open(journal)
+                        .map_err(err(journal))?;
+                    j.set_len((bytes.len() - bytes.len() % 4) as u64)
+                        .map_err(err(journal))?;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -124,7 +128,11 @@ impl PieceStore {
         if !bad.is_empty() {
             return Err(err(path)(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{} blocks fail their digest, first {:?}", bad.len(), &bad[..bad.len().min(8)]),
+                format!(
+                    "{} blocks fail their digest, first {:?}",
+                    bad.len(),
+                    &bad[..bad.len().min(8)]
+                ),
             )));
         }
         let blocks = manifest.blocks();
@@ -158,14 +166,21 @@ impl PieceStore {
 
     /// Whether every block of `range` is held.
     pub fn holds(&self, range: shoal_protocol::BlockRange) -> bool {
-        self.progress.lock().expect("store lock").have.contains_range(range)
+        self.progress
+            .lock()
+            .expect("store lock")
+            .have
+            .contains_range(range)
     }
 
     /// Writes a block whose digest the caller checked. It is served at once and journaled
     /// after the next sync.
     pub fn write_block(&self, block: u32, data: &[u8]) -> io::Result<()> {
         if !self.manifest.check_block(block, data) {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "block does not match its digest"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "block does not match its digest",
+            ));
         }
         self.data
             .write_all_at(data, self.manifest.geometry().offset(block))?;
@@ -255,7 +270,12 @@ mod tests {
         let k = Keypair::generate_ed25519();
         let mut b = ManifestBuilder::new(4096);
         b.update(data);
-        let (body, digests) = b.finish("t".into(), k.public().encode_protobuf(), k.public().to_peer_id(), 0);
+        let (body, digests) = b.finish(
+            "t".into(),
+            k.public().encode_protobuf(),
+            k.public().to_peer_id(),
+            0,
+        );
         let header = body.sign(&k).unwrap().countersign(&k).unwrap();
         Arc::new(Manifest { header, digests }.verify(None).unwrap())
     }
@@ -276,7 +296,10 @@ mod tests {
         assert!(s.write_block(3, &data[..4096]).is_err());
         drop(s); // a crash: block 2 was never synced nor journaled
         let s = PieceStore::open(m.clone(), &out, &journal).unwrap();
-        assert_eq!(s.have().ranges(), vec![shoal_protocol::BlockRange::new(0, 2)]);
+        assert_eq!(
+            s.have().ranges(),
+            vec![shoal_protocol::BlockRange::new(0, 2)]
+        );
         for (b, chunk) in data.chunks(4096).enumerate().skip(2) {
             s.write_block(b as u32, chunk).unwrap();
         }
@@ -311,7 +334,10 @@ mod tests {
         let m = manifest(&data);
         let p = dir.path().join("copy");
         fs::write(&p, &data).unwrap();
-        assert!(PieceStore::open_complete(m.clone(), &p).unwrap().have().is_full());
+        assert!(PieceStore::open_complete(m.clone(), &p)
+            .unwrap()
+            .have()
+            .is_full());
         data[5000] ^= 1;
         fs::write(&p, &data).unwrap();
         let e = PieceStore::open_complete(m, &p).unwrap_err();

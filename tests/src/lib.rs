@@ -33,7 +33,11 @@ pub async fn start_master(dir: &Path, upload_rate: Option<u64>) -> anyhow::Resul
 }
 
 /// Starts a node on loopback with its data in `dir`.
-pub async fn start_node(dir: &Path, bootstrap: &Multiaddr, upload_rate: Option<u64>) -> anyhow::Result<Client> {
+pub async fn start_node(
+    dir: &Path,
+    bootstrap: &Multiaddr,
+    upload_rate: Option<u64>,
+) -> anyhow::Result<Client> {
     let cfg = NodeConfig::new(dir, bootstrap.clone())
         .with_listen(vec![loopback()])
         .with_max_upload_rate(upload_rate);
@@ -41,12 +45,19 @@ pub async fn start_node(dir: &Path, bootstrap: &Multiaddr, upload_rate: Option<u
 }
 
 /// Publishes `path` from a fresh publisher node; returns the file id once the master holds it.
-pub async fn publish(dir: &Path, bootstrap: &Multiaddr, path: &Path) -> anyhow::Result<(Client, FileId)> {
+pub async fn publish(
+    dir: &Path,
+    bootstrap: &Multiaddr,
+    path: &Path,
+) -> anyhow::Result<(Client, FileId)> {
     let node = start_node(dir, bootstrap, None).await?;
     let key = shoal_node::service::load_or_create_key(&dir.join("identity.key"))?;
-    let id = tokio::time::timeout(Duration::from_secs(120), shoal_node::publish(&node, &key, path))
-        .await
-        .context("publish timed out")??;
+    let id = tokio::time::timeout(
+        Duration::from_secs(120),
+        shoal_node::publish(&node, &key, path),
+    )
+    .await
+    .context("publish timed out")??;
     Ok((node, id))
 }
 
@@ -79,10 +90,19 @@ pub async fn fetch_all(
     for (client, dir) in clients {
         tasks.push(tokio::spawn(async move {
             let out = dir.join("out.bin");
-            let report = tokio::time::timeout(limit, shoal_node::fetch(&client, FetchOptions::new(file, &out)))
-                .await
-                .with_context(|| format!("node {} did not finish within {limit:?}", client.peer_id()))??;
-            anyhow::Ok(Fetched { client, out, report })
+            let report = tokio::time::timeout(
+                limit,
+                shoal_node::fetch(&client, FetchOptions::new(file, &out)),
+            )
+            .await
+            .with_context(|| {
+                format!("node {} did not finish within {limit:?}", client.peer_id())
+            })??;
+            anyhow::Ok(Fetched {
+                client,
+                out,
+                report,
+            })
         }));
     }
     let mut out = Vec::new();

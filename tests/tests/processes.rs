@@ -54,7 +54,11 @@ fn wait_for_file(path: &Path, limit: Duration) -> anyhow::Result<String> {
     }
 }
 
-fn wait_with_limit(child: &mut Child, limit: Duration, what: &str) -> anyhow::Result<std::process::ExitStatus> {
+fn wait_with_limit(
+    child: &mut Child,
+    limit: Duration,
+    what: &str,
+) -> anyhow::Result<std::process::ExitStatus> {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
@@ -79,30 +83,59 @@ fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
         Command::new(bins.join("shoal-master"))
             .args(["--data-dir"])
             .arg(&master_dir)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--max-upload-rate", "4000000"])
+            .args([
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--max-upload-rate",
+                "4000000",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
     );
     let addr = wait_for_file(&master_dir.join("bootstrap.addr"), Duration::from_secs(20))?;
-    let bootstrap = addr.lines().next().context("empty bootstrap.addr")?.to_string();
+    let bootstrap = addr
+        .lines()
+        .next()
+        .context("empty bootstrap.addr")?
+        .to_string();
 
     let publish = Command::new(bins.join("shoal"))
         .args(["publish"])
         .arg(&src)
-        .args(["--bootstrap", &bootstrap, "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .args([
+            "--bootstrap",
+            &bootstrap,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--data-dir",
+        ])
         .arg(tmp.path().join("publisher"))
         .stderr(Stdio::inherit())
         .output()?;
     assert!(publish.status.success(), "publish failed");
     let stdout = String::from_utf8(publish.stdout)?;
-    let file_id = stdout.lines().last().context("publish printed nothing")?.trim().to_string();
+    let file_id = stdout
+        .lines()
+        .last()
+        .context("publish printed nothing")?
+        .trim()
+        .to_string();
 
     let mut fetchers = Vec::new();
     for i in 0..6 {
         let dir = tmp.path().join(format!("node{i}"));
         let child = Command::new(bins.join("shoal"))
-            .args(["fetch", &file_id, "--bootstrap", &bootstrap, "--listen", "/ip4/127.0.0.1/tcp/0", "--seed-time", "3"])
+            .args([
+                "fetch",
+                &file_id,
+                "--bootstrap",
+                &bootstrap,
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--seed-time",
+                "3",
+            ])
             .arg("--data-dir")
             .arg(&dir)
             .arg("--out")
@@ -118,10 +151,27 @@ fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
     let mut from_peers = 0;
     for (mut p, dir) in fetchers {
         let status = wait_with_limit(&mut p.0, Duration::from_secs(120), "shoal fetch")?;
-        assert!(status.success(), "fetch in {} failed: {status}", dir.display());
-        assert!(std::fs::read(dir.join("out.bin"))? == want, "{} differs from the source", dir.display());
-        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("report.json"))?)?;
-        for key in ["peer_id", "bytes_from_master", "bytes_from_peers", "bytes_uploaded", "blocks", "retries", "elapsed_s"] {
+        assert!(
+            status.success(),
+            "fetch in {} failed: {status}",
+            dir.display()
+        );
+        assert!(
+            std::fs::read(dir.join("out.bin"))? == want,
+            "{} differs from the source",
+            dir.display()
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("report.json"))?)?;
+        for key in [
+            "peer_id",
+            "bytes_from_master",
+            "bytes_from_peers",
+            "bytes_uploaded",
+            "blocks",
+            "retries",
+            "elapsed_s",
+        ] {
             assert!(report.get(key).is_some(), "report lacks {key}");
         }
         from_peers += report["bytes_from_peers"].as_u64().unwrap_or(0);
