@@ -537,7 +537,7 @@ impl EventLoop {
                 MasterResponse::Ack
             }
             MasterRequest::Status { file } => match self.policy.status(&file) {
-                Some(s) => MasterResponse::Status(s),
+                Some(s) => MasterResponse::Status(Box::new(s)),
                 None => MasterResponse::Refused {
                     reason: format!("unknown file {file}"),
                 },
@@ -624,7 +624,7 @@ impl EventLoop {
         }
         MasterResponse::Announced {
             file: id,
-            header: signed,
+            header: Box::new(signed),
         }
     }
 
@@ -632,7 +632,7 @@ impl EventLoop {
         let shelf = self.shelf.lock().expect("shelf lock");
         match request {
             DigestRequest::Header { file } => match shelf.files.get(&file) {
-                Some(e) => DigestResponse::Header(e.manifest.header().clone()),
+                Some(e) => DigestResponse::Header(Box::new(e.manifest.header().clone())),
                 None => DigestResponse::NotFound,
             },
             DigestRequest::Digests { file, start, count } => match shelf.files.get(&file) {

@@ -85,7 +85,7 @@ pub async fn get_manifest(client: &Client, file: FileId) -> Result<VerifiedManif
         .digest_request(master, DigestRequest::Header { file })
         .await?
     {
-        DigestResponse::Header(h) => h,
+        DigestResponse::Header(h) => *h,
         DigestResponse::NotFound => {
             return Err(NodeError::Refused(format!(
                 "the master does not know file {file}"
@@ -376,7 +376,7 @@ pub async fn publish(
     };
     let manifest = Arc::new(
         Manifest {
-            header: signed,
+            header: *signed,
             digests,
         }
         .verify(Some(&file))?,
@@ -415,7 +415,7 @@ pub async fn status(client: &Client, file: FileId) -> Result<FileStatus, NodeErr
         .master_request(MasterRequest::Status { file })
         .await?
     {
-        MasterResponse::Status(s) => Ok(s),
+        MasterResponse::Status(s) => Ok(*s),
         MasterResponse::Refused { reason } => Err(NodeError::Refused(reason)),
         _ => Err(NodeError::Unexpected),
     }

@@ -511,7 +511,7 @@ fn answer_digest(shelf: &Shelf, req: DigestRequest) -> DigestResponse {
     let shelf = shelf.lock().expect("shelf lock");
     match req {
         DigestRequest::Header { file } => match shelf.get(&file) {
-            Some(s) => DigestResponse::Header(s.manifest().header().clone()),
+            Some(s) => DigestResponse::Header(Box::new(s.manifest().header().clone())),
             None => DigestResponse::NotFound,
         },
         DigestRequest::Digests { file, start, count } => match shelf.get(&file) {

@@ -158,9 +158,9 @@ pub enum ManifestError {
     #[error("countersigned by {signer}, but the header names master {named}")]
     WrongMaster {
         /// Whose key signed.
-        signer: PeerId,
+        signer: Box<PeerId>,
         /// Who the header names.
-        named: PeerId,
+        named: Box<PeerId>,
     },
     /// The header does not hash to the expected id.
     #[error("header hashes to {actual}, expected {expected}")]
@@ -286,8 +286,8 @@ impl PublisherHeader {
         let signer = master.public().to_peer_id();
         if signer != self.body.master {
             return Err(ManifestError::WrongMaster {
-                signer,
-                named: self.body.master,
+                signer: Box::new(signer),
+                named: Box::new(self.body.master),
             });
         }
         let msg = signed_bytes(
@@ -327,8 +327,8 @@ impl SignedHeader {
         let signer = key.to_peer_id();
         if signer != self.body.master {
             return Err(ManifestError::WrongMaster {
-                signer,
-                named: self.body.master,
+                signer: Box::new(signer),
+                named: Box::new(self.body.master),
             });
         }
         let msg = signed_bytes(

@@ -146,7 +146,7 @@ pub enum MasterResponse {
         /// The file id.
         file: FileId,
         /// The countersigned header.
-        header: SignedHeader,
+        header: Box<SignedHeader>,
     },
     /// Where to get blocks. An empty list with `retry_after_ms` means "ask again later".
     Assignments {
@@ -158,7 +158,7 @@ pub enum MasterResponse {
     /// Accepted.
     Ack,
     /// A status report.
-    Status(FileStatus),
+    Status(Box<FileStatus>),
     /// Refused, with a reason for humans.
     Refused {
         /// Why.
@@ -189,7 +189,7 @@ pub enum DigestRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DigestResponse {
     /// The header.
-    Header(SignedHeader),
+    Header(Box<SignedHeader>),
     /// Digests starting at `start`.
     Digests {
         /// First block.
