@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# End-to-end benchmark, in one run on this machine, loopback only:
+#   1. one `shoal fetch` of a SIZE_MIB file from a `shoal-master` (TCP + noise + yamux,
+#      every block verified, written to disk);
+#   2. `curl` fetching the same file from nginx (plain HTTP) on loopback.
+# For both: throughput, CPU seconds per GiB (user+sys of the client and the server), and peak
+# RSS of the shoal node and master. Usage: bench/e2e.sh [SIZE_MIB]   (default 1024)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE_MIB=${1:-1024}
+WORK=$(mktemp -d /tmp/shoal-bench.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null; rm -rf "$WORK"' EXIT
+
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  echo "installing nginx (Debian package) for the HTTP baseline" >&2
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx curl >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+cargo build --release -q -p shoal-node -p shoal-master
+BIN=target/release
+
+head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$WORK/file.bin"
+BYTES=$(stat -c %s "$WORK/file.bin")
+
+cpu_of() { # pid -> user+sys seconds from /proc (clock ticks)
+  awk -v t="$(getconf CLK_TCK)" '{print ($14+$15)/t}' "/proc/$1/stat"
+}
+
+# --- shoal ---
+/usr/bin/env time -f "%U %S %M" -o "$WORK/master.time" \
+  "$BIN/shoal-master" --data-dir "$WORK/m" --listen /ip4/127.0.0.1/tcp/0 >/dev/null 2>"$WORK/master.log" &
+for _ in $(seq 200); do [ -s "$WORK/m/bootstrap.addr" ] && break; sleep 0.05; done
+ADDR=$(head -1 "$WORK/m/bootstrap.addr")
+ID=$("$BIN/shoal-master" add "$WORK/file.bin" --data-dir "$WORK/m" 2>/dev/null | tail -1)
+sleep 2.5 # the running master rescans its registry every 2 s
+MPID=$(pgrep -f "^$BIN/shoal-master --data-dir $WORK/m" | head -1)
+M0=$(cpu_of "$MPID")
+START=$(date +%s.%N)
+/usr/bin/env time -f "%U %S %M" -o "$WORK/node.time" \
+  "$BIN/shoal" fetch "$ID" --bootstrap "$ADDR" --listen /ip4/127.0.0.1/tcp/0 \
+  --data-dir "$WORK/n" --out "$WORK/out.bin" --seed-time 0 2>/dev/null
+END=$(date +%s.%N)
+M1=$(cpu_of "$MPID")
+cmp -s "$WORK/file.bin" "$WORK/out.bin" || { echo "shoal output differs!" >&2; exit 1; }
+read NU NS NRSS < "$WORK/node.time"
+kill -INT "$MPID"; for _ in $(seq 100); do kill -0 "$MPID" 2>/dev/null || break; sleep 0.05; done
+MRSS=$(awk '{print $3}' "$WORK/master.time" 2>/dev/null || echo "?")
+SHOAL_S=$(echo "$END - $START" | bc -l)
+
+# --- nginx + curl ---
+mkdir -p "$WORK/www" && ln "$WORK/file.bin" "$WORK/www/file.bin"
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.err;
+events { worker_connections 64; }
+http {
+  access_log off; sendfile on; tcp_nopush on;
+  client_body_temp_path $WORK; proxy_temp_path $WORK; fastcgi_temp_path $WORK; uwsgi_temp_path $WORK; scgi_temp_path $WORK;
+  server { listen 127.0.0.1:18080; root $WORK/www; }
+}
+CONF
+"$NGINX" -c "$WORK/nginx.conf"
+sleep 0.5
+NPID=$(cat "$WORK/nginx.pid"); WPID=$(pgrep -P "$NPID" | head -1)
+W0=$(cpu_of "$WPID")
+START=$(date +%s.%N)
+/usr/bin/env time -f "%U %S %M" -o "$WORK/curl.time" curl -s -o "$WORK/curl.bin" http://127.0.0.1:18080/file.bin
+END=$(date +%s.%N)
+W1=$(cpu_of "$WPID")
+read CU CS CRSS < "$WORK/curl.time"
+HTTP_S=$(echo "$END - $START" | bc -l)
+cmp -s "$WORK/file.bin" "$WORK/curl.bin" || { echo "curl output differs!" >&2; exit 1; }
+
+GIB=$(echo "$BYTES / 1073741824" | bc -l)
+printf "\nfile: %d MiB, loopback, %s\n\n" "$SIZE_MIB" "$(date -u +%F)"
+printf "| transfer | MB/s | client CPU-s/GiB | server CPU-s/GiB | client peak RSS |\n|---|---|---|---|---|\n"
+printf "| shoal fetch (noise+yamux, verified, to disk) | %.0f | %.2f | %.2f | %d MiB (master %s KiB) |\n" \
+  "$(echo "$BYTES / $SHOAL_S / 1000000" | bc -l)" "$(echo "($NU + $NS) / $GIB" | bc -l)" \
+  "$(echo "($M1 - $M0) / $GIB" | bc -l)" "$((NRSS / 1024))" "$MRSS"
+printf "| curl from nginx (plain HTTP, to disk) | %.0f | %.2f | %.2f | %d MiB |\n" \
+  "$(echo "$BYTES / $HTTP_S / 1000000" | bc -l)" "$(echo "($CU + $CS) / $GIB" | bc -l)" \
+  "$(echo "($W1 - $W0) / $GIB" | bc -l)" "$((CRSS / 1024))"
