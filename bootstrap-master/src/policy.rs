@@ -30,6 +30,8 @@ pub struct PolicyConfig {
     pub max_master_piece: u32,
     /// Smallest piece the master serves itself, in blocks (under heavy load).
     pub min_master_piece: u32,
+    /// Most master pieces in one answer (when idle; one under load).
+    pub max_master_pieces: u32,
     /// Master load (blocks in flight) at which the master piece has halved.
     pub master_load_half: u32,
     /// Largest redirected piece, in blocks.
@@ -48,6 +50,7 @@ impl Default for PolicyConfig {
         Self {
             max_master_piece: 32,
             min_master_piece: 4,
+            max_master_pieces: 4,
             master_load_half: 256,
             max_peer_piece: 64,
             max_blocks_per_answer: 512,
@@ -282,11 +285,20 @@ impl Policy {
         }
     }
 
+    /// Scales `max` down as the master's load grows: `max * half / (half + load)`.
+    fn under_load(&self, max: u32) -> u32 {
+        let half = u64::from(self.cfg.master_load_half);
+        ((u64::from(max) * half).div_ceil(half + u64::from(self.master_load))) as u32
+    }
+
     fn master_piece(&self) -> u32 {
-        let cfg = &self.cfg;
-        let scaled = (u64::from(cfg.max_master_piece) * u64::from(cfg.master_load_half))
-            .div_ceil(u64::from(cfg.master_load_half) + u64::from(self.master_load));
-        (scaled as u32).clamp(cfg.min_master_piece, cfg.max_master_piece)
+        self.under_load(self.cfg.max_master_piece)
+            .clamp(self.cfg.min_master_piece, self.cfg.max_master_piece)
+    }
+
+    /// Blocks the master hands out in one answer: several pieces when idle, one when busy.
+    fn master_budget(&self) -> u32 {
+        self.master_piece() * self.under_load(self.cfg.max_master_pieces).max(1)
     }
 
     /// Answers a Locate from `requester` for the blocks `need` of `file`.
@@ -299,6 +311,7 @@ impl Policy {
     ) -> Result<LocateAnswer, PolicyError> {
         self.expire(now);
         let master_piece = self.master_piece();
+        let master_budget = self.master_budget();
         let cfg = self.cfg.clone();
         let f = self
             .files
@@ -322,7 +335,6 @@ impl Policy {
         let mut runs: Vec<(BlockRange, Option<PeerId>)> = Vec::new();
         let mut budget = cfg.max_blocks_per_answer;
         let mut master_given = 0u32;
-        let mut master_run_open = true;
 
         'outer: for r in need {
             for b in BlockRange::new(r.start, r.end.min(f.blocks)).iter() {
@@ -364,16 +376,12 @@ impl Policy {
                     Some(holder)
                 } else if f.master_has.contains(b)
                     && f.handouts.get(&b).is_none_or(|(to, _)| *to == requester)
-                    && master_given < master_piece
-                    && master_run_open
+                    && master_given < master_budget
                 {
                     None
                 } else {
-                    // Its first copy is on the way elsewhere (or the master's piece for this
-                    // answer is used up): a master run ends here so pieces stay contiguous.
-                    if master_given > 0 {
-                        master_run_open = false;
-                    }
+                    // Its first copy is on the way elsewhere, or the master's share of this
+                    // answer is used up.
                     continue;
                 };
                 // Retract any older assignment of this block to this requester.
@@ -515,6 +523,7 @@ mod tests {
         let mut p = Policy::new(PolicyConfig {
             max_master_piece: 4,
             min_master_piece: 1,
+            max_master_pieces: 1,
             master_load_half: 1000,
             max_peer_piece: 8,
             max_blocks_per_answer: 16,
@@ -696,10 +705,34 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_master_hands_out_several_pieces_at_once() {
+        let mut p = Policy::new(PolicyConfig {
+            max_master_piece: 4,
+            max_master_pieces: 3,
+            master_load_half: 1000,
+            ..PolicyConfig::default()
+        });
+        p.add_file(file(), "f".into(), 64 * 1024, Blocks::full(64));
+        let a = peer();
+        p.peer_up(a, vec![addr()]);
+        let ans = p.locate(Instant::now(), a, &file(), &all(64)).unwrap();
+        let ranges: Vec<BlockRange> = ans.assignments.iter().map(|x| x.range).collect();
+        assert_eq!(
+            ranges,
+            vec![
+                BlockRange::new(0, 4),
+                BlockRange::new(4, 8),
+                BlockRange::new(8, 12)
+            ]
+        );
+    }
+
+    #[test]
     fn master_pieces_shrink_under_load() {
         let mut p = Policy::new(PolicyConfig {
             max_master_piece: 32,
             min_master_piece: 2,
+            max_master_pieces: 1,
             master_load_half: 32,
             ..PolicyConfig::default()
         });

@@ -175,11 +175,9 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                     });
                 }
                 Action::Have(ranges) => {
-                    // Journal before telling the master, so a crash never leaves the master
-                    // believing in blocks that are gone.
-                    if let Err(e) = store.flush() {
-                        return Err(e.into());
-                    }
+                    // No sync first: the blocks are served from the page cache at once, and
+                    // if this process dies its connection drops and the master forgets it
+                    // anyway; the journal (synced every 32 MiB) is only for resuming.
                     let (c, file) = (client.clone(), opts.file);
                     tokio::spawn(async move {
                         if let Err(e) = c.master_request(MasterRequest::Have { file, ranges }).await
