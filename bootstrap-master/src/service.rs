@@ -478,6 +478,16 @@ impl EventLoop {
                     tracing::debug!(%peer, "digest response dropped: peer gone");
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
+                peer,
+                result: Err(error),
+                ..
+            })) => {
+                // A peer whose pings fail is not live: drop the connection; its mirrors go
+                // with it (ConnectionClosed).
+                tracing::info!(%peer, %error, "ping failed; disconnecting");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 ..
             })) => {
@@ -515,7 +525,12 @@ impl EventLoop {
                     },
                 }
             }
-            MasterRequest::Have { file, ranges } => {
+            MasterRequest::Have {
+                file,
+                ranges,
+                peer_bytes,
+            } => {
+                self.policy.count_bytes(&file, 0, peer_bytes);
                 let ranges: Vec<BlockRange> =
                     ranges.into_iter().take(MAX_RANGES_PER_MESSAGE).collect();
                 self.policy.have(&file, peer, &ranges);
@@ -531,6 +546,7 @@ impl EventLoop {
                 if matches!(problem, Problem::Unreachable) && !self.swarm.is_connected(&culprit) {
                     // The master cannot see it either: it is gone from every mirror list.
                     if self.policy.peer_down(&culprit) {
+                        tracing::info!(%culprit, "mirror unreachable for the master too; removed");
                         self.publish(AuthorityEvent::MirrorRemoved { peer: culprit });
                     }
                 }
@@ -549,6 +565,7 @@ impl EventLoop {
             }
             MasterRequest::Leave => {
                 if self.policy.peer_down(&peer) {
+                    tracing::info!(%peer, "mirror left");
                     self.publish(AuthorityEvent::MirrorRemoved { peer });
                 }
                 MasterResponse::Ack

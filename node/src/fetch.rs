@@ -144,7 +144,7 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
     let uploaded_before = client.bytes_uploaded();
     let mut sched = Scheduler::new(resumed, opts.scheduler.clone());
     let (tx, mut rx) = mpsc::channel::<Event>(64);
-    let (mut from_master, mut from_peers) = (0u64, 0u64);
+    let (mut from_master, mut from_peers, mut unreported_peer_bytes) = (0u64, 0u64, 0u64);
     let held = Arc::new(AtomicU64::new(
         geometry.range_bytes(geometry.all()) - missing_bytes(&store),
     ));
@@ -177,10 +177,17 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                 Action::Have(ranges) => {
                     // No sync first: the blocks are served from the page cache at once, and
                     // if this process dies its connection drops and the master forgets it
-                    // anyway; the journal (synced every 32 MiB) is only for resuming.
+                    // anyway; the journal (synced every 8 MiB) is only for resuming.
                     let (c, file) = (client.clone(), opts.file);
+                    let peer_bytes = std::mem::take(&mut unreported_peer_bytes);
                     tokio::spawn(async move {
-                        if let Err(e) = c.master_request(MasterRequest::Have { file, ranges }).await
+                        if let Err(e) = c
+                            .master_request(MasterRequest::Have {
+                                file,
+                                ranges,
+                                peer_bytes,
+                            })
+                            .await
                         {
                             tracing::debug!(error = %e, "have report failed");
                         }
@@ -218,7 +225,12 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                     sched.on_locate_failed(Instant::now());
                 }
                 Event::Ended(end) => {
-                    if end.from_master { from_master += end.bytes } else { from_peers += end.bytes }
+                    if end.from_master {
+                        from_master += end.bytes
+                    } else {
+                        from_peers += end.bytes;
+                        unreported_peer_bytes += end.bytes;
+                    }
                     sched.on_transfer_end(end.id, end.delivered, end.failure);
                 }
             },
@@ -426,6 +438,7 @@ pub async fn seed(client: &Client, file: FileId, path: &Path) -> Result<(), Node
     client.share(store);
     match client
         .master_request(MasterRequest::Have {
+            peer_bytes: 0,
             file,
             ranges: vec![manifest.geometry().all()],
         })

@@ -144,6 +144,7 @@ pub struct Client {
     uploaded: Arc<AtomicU64>,
     banned: Arc<Mutex<HashSet<PeerId>>>,
     data_dir: PathBuf,
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Client {
@@ -219,7 +220,15 @@ impl Client {
             .insert(store.manifest().id(), store);
     }
 
-    /// Tells the master this node leaves, then stops the node.
+    /// Stops the node at once, as a crash would: no Leave, connections simply drop.
+    pub fn kill(&self) {
+        for t in self.tasks.lock().expect("task lock").drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Tells the master this node leaves, then stops the node. (Dropping every clone of the
+    /// client stops the node too, without the goodbye.)
     pub async fn shutdown(&self) {
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
@@ -279,7 +288,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         .clone()
         .accept(PIECE_PROTOCOL)
         .map_err(|e| net(&e))?;
-    tokio::spawn(serve_pieces(
+    let server = tokio::spawn(serve_pieces(
         incoming,
         shelf.clone(),
         Arc::new(Semaphore::new(cfg.upload_slots.max(1))),
@@ -297,8 +306,10 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         pending_digest: HashMap::new(),
         shelf: shelf.clone(),
         banned: banned.clone(),
+        region: cfg.region.clone(),
+        master_connected_before: false,
     };
-    tokio::spawn(lp.run(rx));
+    let event_loop = tokio::spawn(lp.run(rx));
     let client = Client {
         commands: tx,
         control,
@@ -308,6 +319,10 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         uploaded,
         banned,
         data_dir: cfg.data_dir.clone(),
+        tasks: Arc::new(Mutex::new(vec![
+            server.abort_handle(),
+            event_loop.abort_handle(),
+        ])),
     };
     // The first request doubles as the connection check.
     match tokio::time::timeout(
@@ -365,9 +380,47 @@ struct EventLoop {
     >,
     shelf: Shelf,
     banned: Arc<Mutex<HashSet<PeerId>>>,
+    region: String,
+    master_connected_before: bool,
 }
 
 impl EventLoop {
+    /// The master came back (it restarted, or the connection was lost): say hello again and
+    /// re-announce every block this node holds, so its ownership table is whole again.
+    fn reannounce(&mut self) {
+        let b = self.swarm.behaviour_mut();
+        b.master.send_request(
+            &self.master,
+            MasterRequest::Hello {
+                region: self.region.clone(),
+            },
+        );
+        let stores: Vec<_> = self
+            .shelf
+            .lock()
+            .expect("shelf lock")
+            .values()
+            .cloned()
+            .collect();
+        for store in stores {
+            let ranges = store.have().ranges();
+            if ranges.is_empty() {
+                continue;
+            }
+            for chunk in ranges.chunks(shoal_protocol::limits::MAX_RANGES_PER_MESSAGE) {
+                self.swarm.behaviour_mut().master.send_request(
+                    &self.master,
+                    MasterRequest::Have {
+                        file: store.manifest().id(),
+                        ranges: chunk.to_vec(),
+                        peer_bytes: 0,
+                    },
+                );
+            }
+        }
+        tracing::info!("master reconnected; re-announced held blocks");
+    }
+
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         loop {
             tokio::select! {
@@ -495,6 +548,18 @@ impl EventLoop {
                     return;
                 }
                 tracing::debug!(observed = %info.observed_addr, "master sees us");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } if peer_id == self.master => {
+                if num_established.get() == 1 {
+                    if self.master_connected_before {
+                        self.reannounce();
+                    }
+                    self.master_connected_before = true;
+                }
             }
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                 if self.banned.lock().expect("ban lock").contains(&peer_id) {

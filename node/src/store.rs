@@ -18,7 +18,7 @@ use std::{
 use shoal_protocol::{block::Blocks, VerifiedManifest};
 
 /// Bytes written between syncs of the data file (and journal appends).
-const SYNC_EVERY: u64 = 32 * 1024 * 1024;
+const SYNC_EVERY: u64 = 8 * 1024 * 1024;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]

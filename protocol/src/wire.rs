@@ -41,6 +41,8 @@ pub enum MasterRequest {
         file: FileId,
         /// Newly held ranges.
         ranges: Vec<BlockRange>,
+        /// Piece bytes received from other peers since the last Have (for status).
+        peer_bytes: u64,
     },
     /// A node could not get blocks from an assigned peer.
     Report {
@@ -380,8 +382,13 @@ mod tests {
         prop_oneof![
             (file.clone(), proptest::collection::vec(arb_range(), 0..50))
                 .prop_map(|(file, need)| MasterRequest::Locate { file, need }),
-            (file.clone(), proptest::collection::vec(arb_range(), 0..50))
-                .prop_map(|(file, ranges)| MasterRequest::Have { file, ranges }),
+            (file.clone(), proptest::collection::vec(arb_range(), 0..50)).prop_map(
+                |(file, ranges)| MasterRequest::Have {
+                    file,
+                    ranges,
+                    peer_bytes: 3
+                }
+            ),
             (
                 file.clone(),
                 arb_peer(),

@@ -179,3 +179,179 @@ fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
     assert!(from_peers > 0, "no fetch process got anything from a peer");
     Ok(())
 }
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn spawn_master(bins: &Path, dir: &Path, port: u16, rate: u64) -> anyhow::Result<(Proc, String)> {
+    let _ = std::fs::remove_file(dir.join("bootstrap.addr"));
+    let p = Proc(
+        Command::new(bins.join("shoal-master"))
+            .arg("--data-dir")
+            .arg(dir)
+            .args([
+                "--listen",
+                &format!("/ip4/127.0.0.1/tcp/{port}"),
+                "--max-upload-rate",
+                &rate.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let addr = wait_for_file(&dir.join("bootstrap.addr"), Duration::from_secs(20))?;
+    Ok((
+        p,
+        addr.lines()
+            .next()
+            .context("empty bootstrap.addr")?
+            .to_string(),
+    ))
+}
+
+fn add_file(bins: &Path, master_dir: &Path, src: &Path) -> anyhow::Result<String> {
+    let out = Command::new(bins.join("shoal-master"))
+        .arg("add")
+        .arg(src)
+        .arg("--data-dir")
+        .arg(master_dir)
+        .stderr(Stdio::null())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "shoal-master add failed");
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+fn spawn_fetch(bins: &Path, file_id: &str, bootstrap: &str, dir: &Path) -> anyhow::Result<Proc> {
+    Ok(Proc(
+        Command::new(bins.join("shoal"))
+            .args([
+                "fetch",
+                file_id,
+                "--bootstrap",
+                bootstrap,
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--seed-time",
+                "0",
+            ])
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--out")
+            .arg(dir.join("out.bin"))
+            .arg("--report")
+            .arg(dir.join("report.json"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    ))
+}
+
+#[test]
+fn a_killed_fetch_resumes_without_refetching_verified_blocks() -> anyhow::Result<()> {
+    let bins = bin_dir()?;
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("source.bin");
+    shoal_tests::write_random_file(&src, 24 * 1024 * 1024, 21)?;
+    let master_dir = tmp.path().join("master");
+    let file_id = add_file(&bins, &master_dir, &src)?;
+    // 4 MB/s: the fetch takes about 6 s, long enough to kill it half way.
+    let (_master, bootstrap) = spawn_master(&bins, &master_dir, free_port()?, 4_000_000)?;
+    let node = tmp.path().join("node");
+    let mut first = spawn_fetch(&bins, &file_id, &bootstrap, &node)?;
+    let journal = node.join("journals").join(format!("{file_id}.journal"));
+    // Wait until the journal holds at least a third of the 384 blocks, then SIGKILL.
+    let start = Instant::now();
+    while std::fs::metadata(&journal).map_or(0, |m| m.len()) < 4 * 128 {
+        anyhow::ensure!(
+            first.0.try_wait()?.is_none(),
+            "the first fetch ended before it could be killed"
+        );
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "the journal never grew"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.0.kill()?; // SIGKILL
+    first.0.wait()?;
+    let journaled = std::fs::metadata(&journal)?.len() / 4;
+    assert!(journaled < 384, "the first fetch finished before the kill");
+
+    let mut second = spawn_fetch(&bins, &file_id, &bootstrap, &node)?;
+    let status = wait_with_limit(&mut second.0, Duration::from_secs(120), "the resumed fetch")?;
+    assert!(status.success(), "the resumed fetch failed: {status}");
+    assert!(
+        std::fs::read(node.join("out.bin"))? == std::fs::read(&src)?,
+        "resumed output differs"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.join("report.json"))?)?;
+    let resumed = report["blocks_resumed"]
+        .as_u64()
+        .context("blocks_resumed")?;
+    let fetched = report["bytes_from_master"].as_u64().unwrap_or(0)
+        + report["bytes_from_peers"].as_u64().unwrap_or(0);
+    assert!(
+        resumed >= journaled,
+        "resumed {resumed} blocks but {journaled} were journaled"
+    );
+    assert!(
+        fetched <= (384 - resumed) * 65536,
+        "fetched {fetched} bytes, more than the {} missing blocks",
+        384 - resumed
+    );
+    Ok(())
+}
+
+#[test]
+fn fetches_survive_a_master_crash_and_restart() -> anyhow::Result<()> {
+    let bins = bin_dir()?;
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("source.bin");
+    shoal_tests::write_random_file(&src, 16 * 1024 * 1024, 22)?;
+    let master_dir = tmp.path().join("master");
+    let file_id = add_file(&bins, &master_dir, &src)?;
+    let port = free_port()?;
+    let (mut master, bootstrap) = spawn_master(&bins, &master_dir, port, 4_000_000)?;
+    let before = std::fs::read_to_string(master_dir.join("bootstrap.addr"))?;
+    let mut fetchers = Vec::new();
+    for i in 0..3 {
+        let dir = tmp.path().join(format!("node{i}"));
+        fetchers.push((spawn_fetch(&bins, &file_id, &bootstrap, &dir)?, dir));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    master.0.kill()?; // SIGKILL, mid-transfer
+    master.0.wait()?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let (_master, again) = spawn_master(&bins, &master_dir, port, 8_000_000)?;
+    assert_eq!(
+        again, bootstrap,
+        "the restarted master has another address or PeerId"
+    );
+    assert_eq!(
+        std::fs::read_to_string(master_dir.join("bootstrap.addr"))?,
+        before
+    );
+    let want = std::fs::read(&src)?;
+    for (mut p, dir) in fetchers {
+        let status = wait_with_limit(
+            &mut p.0,
+            Duration::from_secs(120),
+            "a fetch across the master restart",
+        )?;
+        assert!(
+            status.success(),
+            "fetch in {} failed: {status}",
+            dir.display()
+        );
+        assert!(
+            std::fs::read(dir.join("out.bin"))? == want,
+            "{} differs",
+            dir.display()
+        );
+    }
+    Ok(())
+}

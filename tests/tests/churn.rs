@@ -1,0 +1,91 @@
+//! Churn: master + 16 nodes fetch a 64 MiB file with rate-limited uploads; a third of the
+//! nodes are killed (no goodbye, connections just drop) at random moments mid-transfer.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::{seq::SliceRandom, Rng, SeedableRng};
+use shoal_node::FetchOptions;
+use shoal_tests::{publish, start_master, start_node, write_random_file};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survivors_finish_and_dead_mirrors_leave_within_five_seconds() -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("source.bin");
+    write_random_file(&src, 64 * 1024 * 1024, 11)?;
+    let master = start_master(&tmp.path().join("master"), Some(8 * 1024 * 1024)).await?;
+    let bootstrap = master.addrs()[0].clone();
+    let (publisher, file) = publish(&tmp.path().join("publisher"), &bootstrap, &src).await?;
+    publisher.shutdown().await;
+
+    let mut nodes = Vec::new();
+    for i in 0..16 {
+        let dir = tmp.path().join(format!("node{i}"));
+        let client = start_node(&dir, &bootstrap, Some(4 * 1024 * 1024)).await?;
+        let out = dir.join("out.bin");
+        let c = client.clone();
+        let task =
+            tokio::spawn(async move { shoal_node::fetch(&c, FetchOptions::new(file, &out)).await });
+        nodes.push((client, dir, task));
+    }
+
+    // A third of the nodes die at random moments in the first seconds of the transfer.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut order: Vec<usize> = (0..nodes.len()).collect();
+    order.shuffle(&mut rng);
+    let victims: Vec<usize> = order[..5].to_vec();
+    let mut moments: Vec<u64> = victims.iter().map(|_| rng.gen_range(500..6000)).collect();
+    moments.sort();
+    let started = Instant::now();
+    for (victim, at) in victims.iter().zip(&moments) {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(
+            started + Duration::from_millis(*at),
+        ))
+        .await;
+        let (client, _, task) = &nodes[*victim];
+        let dead = client.peer_id();
+        task.abort();
+        client.kill();
+        // Within 5 s the master no longer lists it as a mirror, so no assignment names it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = master.status(file).await.context("master lost the file")?;
+            if !status.mirrors.iter().any(|m| m.peer == dead) {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "dead node {dead} still a mirror 5 s after its kill"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let want = std::fs::read(&src)?;
+    // Dropping a node's last Client stops it: keep the survivors running to the end.
+    let mut keep = Vec::new();
+    for (i, (client, dir, task)) in nodes.into_iter().enumerate() {
+        if victims.contains(&i) {
+            continue;
+        }
+        let report = tokio::time::timeout(Duration::from_secs(180), task)
+            .await
+            .with_context(|| format!("survivor {} did not finish", client.peer_id()))???;
+        assert!(
+            std::fs::read(dir.join("out.bin"))? == want,
+            "survivor {i} has wrong bytes"
+        );
+        assert!(report.blocks > 0);
+        keep.push(client);
+    }
+    let status = master.status(file).await.context("status")?;
+    for m in &status.mirrors {
+        assert!(m.live, "status lists a mirror that is not live: {}", m.peer);
+    }
+    assert_eq!(status.mirrors.len(), 11, "mirrors: {:?}", status.mirrors);
+    Ok(())
+}
