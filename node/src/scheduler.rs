@@ -18,15 +18,19 @@ use shoal_protocol::wire::{Assignment, Problem, RefuseReason, Source};
 pub struct SchedulerConfig {
     /// Transfers in flight at once.
     pub max_transfers: usize,
-    /// Wait before asking the master again after its request failed.
+    /// Wait before asking the master again after its request failed; doubles with each
+    /// further failure up to `max_locate_backoff` (the master may be restarting).
     pub locate_backoff: Duration,
+    /// Cap of the locate back-off.
+    pub max_locate_backoff: Duration,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             max_transfers: 8,
-            locate_backoff: Duration::from_millis(500),
+            locate_backoff: Duration::from_millis(250),
+            max_locate_backoff: Duration::from_secs(5),
         }
     }
 }
@@ -114,6 +118,7 @@ pub struct Scheduler {
     unreported: Vec<BlockRange>,
     reports: VecDeque<(PeerId, Problem)>,
     retries: u64,
+    locate_failures: u32,
 }
 
 impl Scheduler {
@@ -134,6 +139,7 @@ impl Scheduler {
             unreported,
             reports: VecDeque::new(),
             retries: 0,
+            locate_failures: 0,
         }
     }
 
@@ -243,6 +249,7 @@ impl Scheduler {
         retry_after: Duration,
     ) {
         self.locating = false;
+        self.locate_failures = 0;
         if assignments.is_empty() {
             self.next_locate = Some(now + retry_after.max(Duration::from_millis(10)));
         } else {
@@ -254,7 +261,13 @@ impl Scheduler {
     /// The Locate request failed (master unreachable or refused).
     pub fn on_locate_failed(&mut self, now: Instant) {
         self.locating = false;
-        self.next_locate = Some(now + self.cfg.locate_backoff);
+        let backoff = self
+            .cfg
+            .locate_backoff
+            .saturating_mul(1 << self.locate_failures.min(16))
+            .min(self.cfg.max_locate_backoff);
+        self.locate_failures += 1;
+        self.next_locate = Some(now + backoff);
     }
 
     /// A transfer ended. `delivered` blocks from the start of its range were verified and
@@ -499,6 +512,33 @@ mod tests {
             Duration::ZERO,
         );
         assert!(matches!(s.poll(now), Some(Action::Start(t)) if t.range == BlockRange::new(3, 6)));
+    }
+
+    #[test]
+    fn an_absent_master_is_retried_with_growing_back_off() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Blocks::new(4), SchedulerConfig::default());
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            assert!(matches!(s.poll(now), Some(Action::Locate { .. })));
+            s.on_locate_failed(now);
+            let next = s.poll_timeout().unwrap();
+            waits.push(next - now);
+            assert!(s.poll(next - Duration::from_millis(1)).is_none());
+            now = next;
+        }
+        let ms: Vec<u128> = waits.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, vec![250, 500, 1000, 2000, 4000, 5000]);
+        // Once the master answers, the back-off starts over.
+        assert!(matches!(s.poll(now), Some(Action::Locate { .. })));
+        s.on_assignments(now, vec![], Duration::from_millis(100));
+        assert!(matches!(
+            s.poll(now + Duration::from_millis(100)),
+            Some(Action::Locate { .. })
+        ));
+        s.on_locate_failed(now);
+        assert_eq!(s.poll_timeout(), Some(now + Duration::from_millis(250)));
     }
 
     #[test]

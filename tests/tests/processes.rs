@@ -353,5 +353,25 @@ fn fetches_survive_a_master_crash_and_restart() -> anyhow::Result<()> {
             dir.display()
         );
     }
+    // Every fetcher has left: status shows no mirrors, and the master alone holds the file.
+    let out = Command::new(bins.join("shoal"))
+        .args([
+            "status",
+            &file_id,
+            "--json",
+            "--bootstrap",
+            &bootstrap,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .arg("--data-dir")
+        .arg(tmp.path().join("status"))
+        .stderr(Stdio::null())
+        .output()?;
+    assert!(out.status.success(), "shoal status failed");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(s["mirrors"].as_array().map(Vec::len), Some(0), "{s}");
+    assert_eq!(s["master_only_blocks"], 256, "{s}");
+    assert!(s["bytes_from_master"].as_u64().is_some() && s["bytes_from_peers"].as_u64().is_some());
     Ok(())
 }
