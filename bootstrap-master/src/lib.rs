@@ -10,8 +10,10 @@
 //! the swarm and moves messages and bytes.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod bans;
 pub mod metrics;
 pub mod policy;
+pub mod probe;
 pub mod registry;
 pub mod service;
 

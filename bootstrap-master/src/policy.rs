@@ -445,6 +445,14 @@ impl Policy {
         })
     }
 
+    /// The addresses the master knows for `peer`.
+    pub fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.peers
+            .get(peer)
+            .map(|p| p.addrs.clone())
+            .unwrap_or_default()
+    }
+
     /// Current load of `peer` as a source, in blocks.
     pub fn load(&self, peer: &PeerId) -> u32 {
         self.peers.get(peer).map_or(0, |p| p.load)

@@ -34,6 +34,7 @@ use shoal_protocol::{
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::bans::{BanBook, BanConfig, ProbeOutcome, Verdict};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyConfig};
 use crate::registry::{Registry, RegistryError};
@@ -130,6 +131,10 @@ enum Internal {
     PullFinished {
         file: FileId,
         result: Result<(), String>,
+    },
+    Probed {
+        suspect: PeerId,
+        outcome: ProbeOutcome,
     },
 }
 
@@ -230,9 +235,11 @@ impl Master {
             metrics: metrics.clone(),
             internal_tx: int_tx,
             pulling: HashMap::new(),
+            bans: BanBook::new(BanConfig::default()),
             cfg,
             swarm,
         };
+        lp.load_bans();
         lp.load_registry();
         let task = tokio::spawn(lp.run(cmd_rx, int_rx));
         Ok(Self {
@@ -299,9 +306,73 @@ struct EventLoop {
     metrics: Metrics,
     internal_tx: mpsc::Sender<Internal>,
     pulling: HashMap<FileId, PeerId>,
+    bans: BanBook,
 }
 
 impl EventLoop {
+    fn bans_path(&self) -> PathBuf {
+        self.registry.dir().join("bans")
+    }
+
+    /// Loads the ban list kept in the data dir (one PeerId a line; bad lines are skipped).
+    fn load_bans(&mut self) {
+        let Ok(text) = std::fs::read_to_string(self.bans_path()) else {
+            return;
+        };
+        for line in text.lines() {
+            match line.trim().parse::<PeerId>() {
+                Ok(p) => {
+                    self.bans.ban(p);
+                    self.policy.ban(p);
+                }
+                Err(_) if line.trim().is_empty() => {}
+                Err(e) => tracing::warn!(line, error = %e, "skipping a bad line of the ban list"),
+            }
+        }
+    }
+
+    /// Bans `peer` swarm-wide: out of every list, disconnected, refused from now on (the ban
+    /// list is persisted), and announced on the authority topic.
+    fn ban(&mut self, peer: PeerId) {
+        tracing::warn!(%peer, "banning peer swarm-wide");
+        self.bans.ban(peer);
+        self.policy.ban(peer);
+        self.metrics.bans.inc();
+        let mut list: Vec<String> = self.bans.banned().map(|p| p.to_string()).collect();
+        list.sort();
+        let text: String = list.iter().map(|p| format!("{p}\n")).collect();
+        if let Err(e) = crate::registry::write_atomic(&self.bans_path(), text.as_bytes()) {
+            tracing::error!(error = %e, "cannot persist the ban list");
+        }
+        let _ = self.swarm.disconnect_peer_id(peer);
+        self.publish(AuthorityEvent::PeerBanned { peer });
+    }
+
+    fn act(&mut self, verdict: Verdict, file: FileId) {
+        match verdict {
+            Verdict::Nothing => {}
+            Verdict::Ban(peer) => self.ban(peer),
+            Verdict::Probe { suspect, blocks } => {
+                let manifest = self
+                    .shelf
+                    .lock()
+                    .expect("shelf lock")
+                    .files
+                    .get(&file)
+                    .map(|e| e.manifest.clone());
+                let addrs = self.policy.addrs(&suspect);
+                let internal = self.internal_tx.clone();
+                tokio::spawn(async move {
+                    let outcome = match manifest {
+                        Some(m) => crate::probe::probe(suspect, addrs, m, blocks).await,
+                        None => ProbeOutcome::Inconclusive,
+                    };
+                    let _ = internal.send(Internal::Probed { suspect, outcome }).await;
+                });
+            }
+        }
+    }
+
     fn load_registry(&mut self) {
         let stored = match self.registry.load_all() {
             Ok(s) => s,
@@ -543,6 +614,13 @@ impl EventLoop {
             } => {
                 tracing::info!(reporter = %peer, %culprit, file = %file, ?problem, "report");
                 self.policy.avoid(peer, culprit);
+                if let Problem::Corrupt { blocks } = &problem {
+                    let first = blocks.first().map_or(BlockRange::new(0, 1), |r| {
+                        BlockRange::new(r.start, r.end.min(r.start.saturating_add(16)))
+                    });
+                    let verdict = self.bans.report(peer, culprit, first);
+                    self.act(verdict, file);
+                }
                 if matches!(problem, Problem::Unreachable) && !self.swarm.is_connected(&culprit) {
                     // The master cannot see it either: it is gone from every mirror list.
                     if self.policy.peer_down(&culprit) {
@@ -678,6 +756,12 @@ impl EventLoop {
                 }
                 if let Some(e) = self.shelf.lock().expect("shelf lock").files.get_mut(&file) {
                     e.have.insert_range(range);
+                }
+            }
+            Internal::Probed { suspect, outcome } => {
+                tracing::info!(%suspect, ?outcome, "probe finished");
+                if let Verdict::Ban(p) = self.bans.probe_result(suspect, outcome) {
+                    self.ban(p);
                 }
             }
             Internal::PullFinished { file, result } => {

@@ -20,6 +20,7 @@ use shoal_protocol::{
 };
 use tokio::sync::mpsc;
 
+use crate::chaos::ChaosMode;
 use crate::scheduler::{Action, Failure, Scheduler, SchedulerConfig, Transfer, TransferId};
 use crate::service::{Client, NodeError};
 use crate::store::PieceStore;
@@ -116,6 +117,8 @@ pub async fn get_manifest(client: &Client, file: FileId) -> Result<VerifiedManif
 
 struct TransferEnd {
     id: TransferId,
+    peer: Option<libp2p::PeerId>,
+    range: shoal_protocol::BlockRange,
     delivered: u32,
     failure: Option<Failure>,
     from_master: bool,
@@ -144,6 +147,14 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
     let uploaded_before = client.bytes_uploaded();
     let mut sched = Scheduler::new(resumed, opts.scheduler.clone());
     let (tx, mut rx) = mpsc::channel::<Event>(64);
+    if client.chaos() == Some(ChaosMode::LieHave) {
+        let lie = MasterRequest::Have {
+            file: opts.file,
+            ranges: vec![geometry.all()],
+            peer_bytes: 0,
+        };
+        let _ = client.master_request(lie).await;
+    }
     let (mut from_master, mut from_peers, mut unreported_peer_bytes) = (0u64, 0u64, 0u64);
     let held = Arc::new(AtomicU64::new(
         geometry.range_bytes(geometry.all()) - missing_bytes(&store),
@@ -230,6 +241,13 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                     } else {
                         from_peers += end.bytes;
                         unreported_peer_bytes += end.bytes;
+                    }
+                    if let (Some(ChaosMode::FalseAccuse), Some(peer), None) = (client.chaos(), end.peer, &end.failure) {
+                        let (c, file, range) = (client.clone(), opts.file, end.range);
+                        tokio::spawn(async move {
+                            let problem = shoal_protocol::wire::Problem::Corrupt { blocks: vec![range] };
+                            let _ = c.master_request(MasterRequest::Report { file, peer, problem }).await;
+                        });
                     }
                     sched.on_transfer_end(end.id, end.delivered, end.failure);
                 }
@@ -333,6 +351,14 @@ async fn run_transfer(
                 ReceiveError::Corrupt { block } => Failure::Corrupt { block },
                 ReceiveError::Refused(r) => Failure::Refused(r),
                 ReceiveError::Sink { .. } => Failure::Local,
+                // It said Ok, then closed the stream early: a truncated answer is bad data.
+                ReceiveError::Io(e)
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof && !from_master =>
+                {
+                    Failure::Corrupt {
+                        block: t.range.start + n,
+                    }
+                }
                 ReceiveError::Io(_) | ReceiveError::BadRange(_) => {
                     if !from_master {
                         client.find_peer(peer).await;
@@ -344,6 +370,8 @@ async fn run_transfer(
     };
     TransferEnd {
         id: t.id,
+        peer: t.peer(),
+        range: t.range,
         delivered: n,
         failure,
         from_master,

@@ -10,6 +10,7 @@
 //! - [`fetch`]: fetch, publish and seed, driving the scheduler through the client.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod chaos;
 pub mod fetch;
 pub mod scheduler;
 pub mod service;

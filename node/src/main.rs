@@ -35,6 +35,11 @@ struct Common {
     /// Region label; the master prefers redirecting to nodes of the same region.
     #[arg(long, default_value = "")]
     region: String,
+    /// Misbehave on purpose, for tests: corrupt, corrupt-some, corrupt-except-master,
+    /// truncate, wrong-block, stall, lie-have, false-accuse.
+    #[cfg(feature = "chaos")]
+    #[arg(long, value_name = "MODE")]
+    chaos: Option<shoal_node::chaos::ChaosMode>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -92,6 +97,8 @@ async fn join(c: &Common) -> anyhow::Result<shoal_node::Client> {
         .with_listen(c.listen.clone())
         .with_max_upload_rate(c.max_upload_rate)
         .with_region(c.region.clone());
+    #[cfg(feature = "chaos")]
+    let cfg = cfg.with_chaos(c.chaos);
     shoal_node::start(cfg)
         .await
         .with_context(|| format!("joining the swarm at {}", c.bootstrap))

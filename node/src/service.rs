@@ -22,16 +22,17 @@ use libp2p::{
 use shoal_protocol::{
     behaviour::{peer_of, Behaviour, BehaviourEvent, Role},
     limits::{MAX_DIGESTS_PER_RESPONSE, MAX_PIECE_FRAME, PIECE_PROTOCOL},
-    piece::{read_frame, refuse, send_blocks},
+    piece::{read_frame, refuse, send_blocks, write_frame},
     rate::RateLimiter,
     wire::{
         decode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
-        MasterResponse, PieceRequest, RefuseReason,
+        MasterResponse, PieceRequest, PieceResponse, RefuseReason,
     },
-    FileId,
+    BlockRange, FileId,
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::chaos::ChaosMode;
 use crate::store::PieceStore;
 
 /// How a node runs.
@@ -49,6 +50,8 @@ pub struct NodeConfig {
     pub upload_slots: usize,
     /// Region label for nearby redirects. Default empty.
     pub region: String,
+    /// Deliberate misbehaviour (settable only with the `chaos` feature).
+    chaos: Option<ChaosMode>,
 }
 
 impl NodeConfig {
@@ -61,6 +64,7 @@ impl NodeConfig {
             max_upload_rate: None,
             upload_slots: 16,
             region: String::new(),
+            chaos: None,
         }
     }
 
@@ -73,6 +77,13 @@ impl NodeConfig {
     /// Cap piece upload.
     pub fn with_max_upload_rate(mut self, rate: Option<u64>) -> Self {
         self.max_upload_rate = rate;
+        self
+    }
+
+    /// Misbehave on purpose (tests only).
+    #[cfg(feature = "chaos")]
+    pub fn with_chaos(mut self, mode: Option<ChaosMode>) -> Self {
+        self.chaos = mode;
         self
     }
 
@@ -145,6 +156,7 @@ pub struct Client {
     banned: Arc<Mutex<HashSet<PeerId>>>,
     data_dir: PathBuf,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    chaos: Option<ChaosMode>,
 }
 
 impl Client {
@@ -171,6 +183,11 @@ impl Client {
     /// Whether the master has banned `peer`.
     pub fn is_banned(&self, peer: &PeerId) -> bool {
         self.banned.lock().expect("ban lock").contains(peer)
+    }
+
+    /// The misbehaviour this node was started with, if any.
+    pub fn chaos(&self) -> Option<ChaosMode> {
+        self.chaos
     }
 
     /// A stream control for opening piece streams.
@@ -290,12 +307,15 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         .map_err(|e| net(&e))?;
     let server = tokio::spawn(serve_pieces(
         incoming,
-        shelf.clone(),
-        Arc::new(Semaphore::new(cfg.upload_slots.max(1))),
-        cfg.max_upload_rate
-            .map(|r| Arc::new(Mutex::new(RateLimiter::new(r)))),
-        uploaded.clone(),
-        banned.clone(),
+        Arc::new(Server {
+            shelf: shelf.clone(),
+            slots: Arc::new(Semaphore::new(cfg.upload_slots.max(1))),
+            limiter: cfg.max_upload_rate.map(|r| Mutex::new(RateLimiter::new(r))),
+            uploaded: uploaded.clone(),
+            banned: banned.clone(),
+            master,
+            chaos: cfg.chaos,
+        }),
     ));
 
     let (tx, rx) = mpsc::channel(256);
@@ -323,6 +343,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
             server.abort_handle(),
             event_loop.abort_handle(),
         ])),
+        chaos: cfg.chaos,
     };
     // The first request doubles as the connection check.
     match tokio::time::timeout(
@@ -596,16 +617,20 @@ fn answer_digest(shelf: &Shelf, req: DigestRequest) -> DigestResponse {
     }
 }
 
-async fn serve_pieces(
-    mut incoming: libp2p_stream::IncomingStreams,
+/// The piece server's shared state.
+struct Server {
     shelf: Shelf,
     slots: Arc<Semaphore>,
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
+    limiter: Option<Mutex<RateLimiter>>,
     uploaded: Arc<AtomicU64>,
     banned: Arc<Mutex<HashSet<PeerId>>>,
-) {
+    master: PeerId,
+    chaos: Option<ChaosMode>,
+}
+
+async fn serve_pieces(mut incoming: libp2p_stream::IncomingStreams, server: Arc<Server>) {
     while let Some((peer, mut stream)) = incoming.next().await {
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(permit) = server.slots.clone().try_acquire_owned() else {
             // All slots busy: say so quickly (bounded by the refusal timeout) so the
             // requester asks the master for another source.
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -615,61 +640,90 @@ async fn serve_pieces(
             .await;
             continue;
         };
-        let (shelf, limiter, uploaded, banned) = (
-            shelf.clone(),
-            limiter.clone(),
-            uploaded.clone(),
-            banned.clone(),
-        );
+        let server = server.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_one(&mut stream, peer, &shelf, limiter, &uploaded, &banned).await
-            {
+            if let Err(e) = server.serve_one(&mut stream, peer).await {
                 tracing::debug!(%peer, error = %e, "piece stream ended");
             }
         });
     }
 }
 
-async fn serve_one(
-    stream: &mut libp2p::Stream,
-    peer: PeerId,
-    shelf: &Shelf,
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
-    uploaded: &AtomicU64,
-    banned: &Mutex<HashSet<PeerId>>,
-) -> std::io::Result<()> {
-    let req: PieceRequest =
-        tokio::time::timeout(Duration::from_secs(10), read_frame(stream, MAX_PIECE_FRAME))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
-    if banned.lock().expect("ban lock").contains(&peer) {
-        return refuse(stream, RefuseReason::Banned).await;
-    }
-    let store = shelf.lock().expect("shelf lock").get(&req.file).cloned();
-    let Some(store) = store else {
-        return refuse(stream, RefuseReason::UnknownFile).await;
-    };
-    if req.range.is_empty() || !store.holds(req.range) {
-        return refuse(stream, RefuseReason::NotHeld).await;
-    }
-    send_blocks(
-        stream,
-        store.manifest().geometry(),
-        req.range,
-        |b, buf| store.read_block(b, buf),
-        |n| {
-            uploaded.fetch_add(n as u64, Ordering::Relaxed);
-            let wait = limiter
-                .as_ref()
-                .map(|l| l.lock().expect("limiter lock").reserve(Instant::now(), n));
-            async move {
-                if let Some(w) = wait.filter(|w| !w.is_zero()) {
-                    tokio::time::sleep(w).await;
-                }
+impl Server {
+    async fn serve_one(&self, stream: &mut libp2p::Stream, peer: PeerId) -> std::io::Result<()> {
+        let req: PieceRequest =
+            tokio::time::timeout(Duration::from_secs(10), read_frame(stream, MAX_PIECE_FRAME))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
+        if self.banned.lock().expect("ban lock").contains(&peer) {
+            return refuse(stream, RefuseReason::Banned).await;
+        }
+        let store = self
+            .shelf
+            .lock()
+            .expect("shelf lock")
+            .get(&req.file)
+            .cloned();
+        let Some(store) = store else {
+            return refuse(stream, RefuseReason::UnknownFile).await;
+        };
+        if req.range.is_empty() || !store.holds(req.range) {
+            return refuse(stream, RefuseReason::NotHeld).await;
+        }
+        let geometry = store.manifest().geometry();
+        let mut range = req.range;
+        match self.chaos {
+            Some(ChaosMode::Stall) => {
+                write_frame(stream, &PieceResponse::Ok, MAX_PIECE_FRAME).await?;
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                return Ok(());
             }
-        },
-    )
-    .await?;
-    stream.close().await
+            Some(ChaosMode::Truncate) => {
+                range = BlockRange::new(range.start, range.start + range.len() / 2);
+            }
+            _ => {}
+        }
+        let to_master = peer == self.master;
+        send_blocks(
+            stream,
+            geometry,
+            range,
+            |b, buf| {
+                match self.chaos {
+                    // Another block's bytes (block 0 is full-sized unless the file is one
+                    // block, in which case the block is damaged instead).
+                    Some(ChaosMode::WrongBlock)
+                        if b != 0 && buf.len() == geometry.block_size as usize =>
+                    {
+                        store.read_block(0, buf)?
+                    }
+                    Some(ChaosMode::WrongBlock) => {
+                        store.read_block(b, buf)?;
+                        buf[0] ^= 0xff;
+                    }
+                    _ => store.read_block(b, buf)?,
+                }
+                if self.chaos.is_some_and(|c| c.corrupts(b, to_master)) && !buf.is_empty() {
+                    let mid = buf.len() / 2;
+                    buf[mid] ^= 0x5a;
+                }
+                Ok(())
+            },
+            |n| {
+                self.uploaded.fetch_add(n as u64, Ordering::Relaxed);
+                let wait = self
+                    .limiter
+                    .as_ref()
+                    .map(|l| l.lock().expect("limiter lock").reserve(Instant::now(), n));
+                async move {
+                    if let Some(w) = wait.filter(|w| !w.is_zero()) {
+                        tokio::time::sleep(w).await;
+                    }
+                }
+            },
+        )
+        .await?;
+        stream.close().await
+    }
 }

@@ -44,6 +44,18 @@ pub async fn start_node(
     shoal_node::start(cfg).await.context("starting node")
 }
 
+/// Starts a node that misbehaves on purpose.
+pub async fn start_chaos_node(
+    dir: &Path,
+    bootstrap: &Multiaddr,
+    mode: shoal_node::chaos::ChaosMode,
+) -> anyhow::Result<Client> {
+    let cfg = NodeConfig::new(dir, bootstrap.clone())
+        .with_listen(vec![loopback()])
+        .with_chaos(Some(mode));
+    shoal_node::start(cfg).await.context("starting chaos node")
+}
+
 /// Publishes `path` from a fresh publisher node; returns the file id once the master holds it.
 pub async fn publish(
     dir: &Path,

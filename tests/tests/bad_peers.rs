@@ -1,0 +1,103 @@
+//! Bad peers: corrupting nodes are banned swarm-wide, a false accuser bans nobody, and every
+//! honest node still ends with the exact bytes.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use shoal_node::{chaos::ChaosMode, FetchOptions};
+use shoal_tests::{publish, start_chaos_node, start_master, start_node, write_random_file};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupting_nodes_are_banned_and_honest_nodes_are_not() -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("source.bin");
+    let size = 24 * 1024 * 1024;
+    write_random_file(&src, size, 13)?;
+    let master = start_master(&tmp.path().join("master"), Some(8 * 1024 * 1024)).await?;
+    let bootstrap = master.addrs()[0].clone();
+    let (publisher, file) = publish(&tmp.path().join("publisher"), &bootstrap, &src).await?;
+    publisher.shutdown().await;
+    let sent_before = master.metrics().piece_bytes_sent.get();
+
+    let bad_modes = [
+        ChaosMode::Corrupt,
+        ChaosMode::CorruptSome,
+        ChaosMode::CorruptExceptMaster,
+        ChaosMode::Truncate,
+    ];
+    let mut bad = Vec::new();
+    let mut all = Vec::new();
+    for (i, mode) in bad_modes.iter().enumerate() {
+        let c = start_chaos_node(&tmp.path().join(format!("bad{i}")), &bootstrap, *mode).await?;
+        bad.push(c.peer_id());
+        all.push((c, tmp.path().join(format!("bad{i}")), false));
+    }
+    let liar =
+        start_chaos_node(&tmp.path().join("liar"), &bootstrap, ChaosMode::FalseAccuse).await?;
+    all.push((liar, tmp.path().join("liar"), false));
+    for i in 0..12 {
+        let dir = tmp.path().join(format!("honest{i}"));
+        all.push((start_node(&dir, &bootstrap, None).await?, dir, true));
+    }
+    let mut tasks = Vec::new();
+    for (client, dir, honest) in &all {
+        let (c, out) = (client.clone(), dir.join("out.bin"));
+        let task =
+            tokio::spawn(async move { shoal_node::fetch(&c, FetchOptions::new(file, &out)).await });
+        tasks.push((task, dir.clone(), *honest, client.peer_id()));
+    }
+    let want = std::fs::read(&src)?;
+    let mut honest_peers = Vec::new();
+    for (task, dir, honest, peer) in tasks {
+        if !honest {
+            // Bad nodes may be cut off before they finish; they only need to have served.
+            continue;
+        }
+        honest_peers.push(peer);
+        tokio::time::timeout(Duration::from_secs(180), task)
+            .await
+            .with_context(|| format!("honest node {peer} did not finish"))???;
+        assert!(
+            std::fs::read(dir.join("out.bin"))? == want,
+            "honest node {peer} wrote wrong bytes"
+        );
+    }
+    // Probes may still be finishing: give the verdicts a bounded moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = master.status(file).await.context("status")?;
+        let missing: Vec<_> = bad.iter().filter(|p| !status.banned.contains(p)).collect();
+        for p in &honest_peers {
+            assert!(!status.banned.contains(p), "honest node {p} was banned");
+        }
+        if missing.is_empty() {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "corrupting nodes not banned: {missing:?}; banned: {:?}",
+            status.banned
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = master.status(file).await.context("status")?;
+    assert!(
+        !status.banned.contains(&all[4].0.peer_id()),
+        "the false accuser itself is not a corrupter"
+    );
+    assert_eq!(master.metrics().bans.get(), 4);
+    let egress = (master.metrics().piece_bytes_sent.get() - sent_before) as f64 / size as f64;
+    assert!(egress <= 2.0, "master sent {egress:.2}x the file size");
+    // Honest nodes heard the bans on the authority topic.
+    let heard = all
+        .iter()
+        .filter(|(c, _, honest)| *honest && bad.iter().all(|b| c.is_banned(b)))
+        .count();
+    assert!(heard > 0, "no honest node heard the bans");
+    drop(all);
+    Ok(())
+}
