@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId};
+use libp2p::{identity::Keypair, noise, swarm::dial_opts::DialOpts, tcp, yamux, Multiaddr, PeerId};
 use shoal_protocol::{
     limits::PIECE_PROTOCOL,
     piece::{receive_blocks, ReceiveError},
@@ -48,8 +48,11 @@ pub async fn probe(
             return ProbeOutcome::Inconclusive;
         }
     };
-    for a in addrs {
-        swarm.add_peer_address(suspect, a);
+    // The stream behaviour knows no addresses of its own: dial with the known ones, and the
+    // stream opens once the connection is up.
+    if let Err(e) = swarm.dial(DialOpts::peer_id(suspect).addresses(addrs).build()) {
+        tracing::debug!(%suspect, error = %e, "probe dial failed");
+        return ProbeOutcome::Inconclusive;
     }
     let mut control = swarm.behaviour().new_control();
     let driver = tokio::spawn(async move {
@@ -73,6 +76,10 @@ pub async fn probe(
         Ok(Err(ReceiveError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             ProbeOutcome::Corrupt
         }
-        Ok(Err(_)) | Err(_) => ProbeOutcome::Inconclusive,
+        Ok(Err(e)) => {
+            tracing::debug!(%suspect, error = %e, "probe inconclusive");
+            ProbeOutcome::Inconclusive
+        }
+        Err(_) => ProbeOutcome::Inconclusive,
     }
 }
