@@ -54,7 +54,7 @@ impl ChaosMode {
     pub fn corrupts(&self, block: u32, to_master: bool) -> bool {
         match self {
             Self::Corrupt => true,
-            Self::CorruptSome => block % 3 == 0,
+            Self::CorruptSome => block.is_multiple_of(3),
             Self::CorruptExceptMaster => !to_master,
             _ => false,
         }
