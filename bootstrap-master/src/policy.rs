@@ -85,7 +85,8 @@ struct PeerState {
     /// Blocks assigned to this peer as a source and not yet confirmed by their requester.
     load: u32,
     /// Peers this one could not get data from: never sent there again.
-    avoid: HashSet<PeerId>,
+    /// Until when (`None`: for good).
+    avoid: HashMap<PeerId, Option<Instant>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -246,8 +247,20 @@ impl Policy {
     }
 
     /// `reporter` could not get data from `peer`: never send it there again.
-    pub fn avoid(&mut self, reporter: PeerId, peer: PeerId) {
-        self.peers.entry(reporter).or_default().avoid.insert(peer);
+    /// `until` bounds it (`None`: for good, as after corrupt data).
+    pub fn avoid(&mut self, reporter: PeerId, peer: PeerId, until: Option<Instant>) {
+        let entry = self
+            .peers
+            .entry(reporter)
+            .or_default()
+            .avoid
+            .entry(peer)
+            .or_insert(until);
+        // Never shorten an avoidance: "for good" stays for good.
+        *entry = match (*entry, until) {
+            (None, _) | (_, None) => None,
+            (Some(a), Some(b)) => Some(a.max(b)),
+        };
     }
 
     /// Bans `peer`: gone from every list, never assigned again.
@@ -347,7 +360,7 @@ impl Policy {
                 let eligible = |p: &PeerId, held: &Blocks| {
                     *p != requester
                         && held.contains(b)
-                        && !avoid.contains(p)
+                        && !avoid.get(p).is_some_and(|until| until.is_none_or(|u| u > now))
                         // A holder is only worth a redirect when the requester can dial
                         // it: live, and with addresses to hint.
                         && self.peers.get(p).is_some_and(|s| s.live && !s.addrs.is_empty())
@@ -673,7 +686,7 @@ mod tests {
             p.peer_up(x, vec![addr()]);
         }
         p.have(&file(), a, &all(8));
-        p.avoid(b, a);
+        p.avoid(b, a, None);
         let ans = p.locate(Instant::now(), b, &file(), &all(8)).unwrap();
         assert!(ans.assignments.iter().all(|x| x.source == Source::Master));
         // c still goes to a.
@@ -693,6 +706,29 @@ mod tests {
         p.have(&file(), a, &all(8));
         let ans = p.locate(Instant::now(), b, &file(), &all(8)).unwrap();
         assert!(ans.assignments.iter().all(|x| x.source == Source::Master));
+    }
+
+    #[test]
+    fn a_timed_avoidance_ends_in_virtual_time() {
+        let mut p = setup(8);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![addr()]);
+        p.peer_up(b, vec![addr()]);
+        p.have(&file(), a, &all(8));
+        let now = Instant::now();
+        p.avoid(b, a, Some(now + Duration::from_secs(2)));
+        let ans = p.locate(now, b, &file(), &all(1)).unwrap();
+        assert_eq!(ans.assignments[0].source, Source::Master);
+        let later = now + Duration::from_secs(2);
+        let ans = p.locate(later, b, &file(), &all(1)).unwrap();
+        assert!(matches!(ans.assignments[0].source, Source::Peer { peer, .. } if peer == a));
+        // A permanent avoidance is not shortened by a later timed one.
+        p.avoid(b, a, None);
+        p.avoid(b, a, Some(later));
+        let ans = p
+            .locate(later + Duration::from_secs(60), b, &file(), &all(1))
+            .unwrap();
+        assert_eq!(ans.assignments[0].source, Source::Master);
     }
 
     #[test]

@@ -613,7 +613,14 @@ impl EventLoop {
                 problem,
             } => {
                 tracing::info!(reporter = %peer, %culprit, file = %file, ?problem, "report");
-                self.policy.avoid(peer, culprit);
+                // Bad data: never again for this reporter. A dead or stalling peer: for a
+                // while. A busy one: for a moment.
+                let until = match problem {
+                    Problem::Corrupt { .. } => None,
+                    Problem::Unreachable => Some(Instant::now() + Duration::from_secs(30)),
+                    Problem::Busy => Some(Instant::now() + Duration::from_secs(2)),
+                };
+                self.policy.avoid(peer, culprit, until);
                 if let Problem::Corrupt { blocks } = &problem {
                     let first = blocks.first().map_or(BlockRange::new(0, 1), |r| {
                         BlockRange::new(r.start, r.end.min(r.start.saturating_add(16)))

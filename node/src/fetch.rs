@@ -205,7 +205,11 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                     });
                 }
                 Action::Report { peer, problem } => {
-                    tracing::info!(%peer, ?problem, "reporting a bad source");
+                    if problem == shoal_protocol::wire::Problem::Busy {
+                        tracing::debug!(%peer, "source busy");
+                    } else {
+                        tracing::info!(%peer, ?problem, "reporting a bad source");
+                    }
                     let (c, file) = (client.clone(), opts.file);
                     tokio::spawn(async move {
                         let _ = c

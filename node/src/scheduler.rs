@@ -300,6 +300,7 @@ impl Scheduler {
                 | Failure::Refused(RefuseReason::NotHeld | RefuseReason::UnknownFile) => {
                     Some(Problem::Unreachable)
                 }
+                Failure::Refused(RefuseReason::Busy) => Some(Problem::Busy),
                 Failure::Refused(_) | Failure::Local => None,
             };
             if let Some(problem) = problem {
@@ -460,17 +461,18 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_peer_is_not_reported_and_master_failures_never_are() {
+    fn a_busy_peer_is_reported_as_busy_and_master_failures_never_are() {
         let now = Instant::now();
         let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
         drain(&mut s, now);
+        let busy = peer();
         s.on_assignments(
             now,
             vec![
                 assign(
                     BlockRange::new(0, 4),
                     Source::Peer {
-                        peer: peer(),
+                        peer: busy,
                         addrs: vec![],
                     },
                 ),
@@ -481,12 +483,17 @@ mod tests {
         drain(&mut s, now);
         s.on_transfer_end(0, 0, Some(Failure::Refused(RefuseReason::Busy)));
         s.on_transfer_end(1, 0, Some(Failure::Unreachable));
-        let actions = drain(&mut s, now);
         assert_eq!(
-            actions,
-            vec![Action::Locate {
-                need: vec![BlockRange::new(0, 8)]
-            }]
+            drain(&mut s, now),
+            vec![
+                Action::Report {
+                    peer: busy,
+                    problem: Problem::Busy
+                },
+                Action::Locate {
+                    need: vec![BlockRange::new(0, 8)]
+                },
+            ]
         );
     }
 

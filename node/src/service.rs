@@ -136,7 +136,7 @@ enum Command {
         DigestRequest,
         oneshot::Sender<Result<DigestResponse, NodeError>>,
     ),
-    Hint(PeerId, Vec<Multiaddr>),
+    Hint(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
     FindPeer(PeerId),
     Shutdown(oneshot::Sender<()>),
 }
@@ -221,7 +221,16 @@ impl Client {
 
     /// Makes the hinted addresses of `peer` known to the swarm before dialing it.
     pub async fn hint(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        let _ = self.commands.send(Command::Hint(peer, addrs)).await;
+        let (tx, rx) = oneshot::channel();
+        // Wait for the ack: the stream dial that follows must find the addresses.
+        if self
+            .commands
+            .send(Command::Hint(peer, addrs, tx))
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
     }
 
     /// Starts a Kademlia lookup of `peer` (after its hinted addresses failed).
@@ -469,11 +478,12 @@ impl EventLoop {
                 let id = self.swarm.behaviour_mut().digest.send_request(&peer, req);
                 self.pending_digest.insert(id, tx);
             }
-            Command::Hint(peer, addrs) => {
+            Command::Hint(peer, addrs, ack) => {
                 for a in addrs {
                     self.swarm.add_peer_address(peer, a.clone());
                     self.swarm.behaviour_mut().kad.add_address(&peer, a);
                 }
+                let _ = ack.send(());
             }
             Command::FindPeer(peer) => {
                 self.swarm.behaviour_mut().kad.get_closest_peers(peer);

@@ -72,6 +72,8 @@ pub enum MasterRequest {
 pub enum Problem {
     /// The peer could not be reached, refused, stalled or reset the stream.
     Unreachable,
+    /// The peer refused because all its upload slots were busy (not a fault).
+    Busy,
     /// The peer served bytes that failed their digest.
     Corrupt {
         /// The blocks that failed.

@@ -101,3 +101,62 @@ async fn corrupting_nodes_are_banned_and_honest_nodes_are_not() -> anyhow::Resul
     drop(all);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalling_and_lying_nodes_slow_nobody_for_long() -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("source.bin");
+    write_random_file(&src, 16 * 1024 * 1024, 17)?;
+    let master = start_master(&tmp.path().join("master"), Some(8 * 1024 * 1024)).await?;
+    let bootstrap = master.addrs()[0].clone();
+    let (publisher, file) = publish(&tmp.path().join("publisher"), &bootstrap, &src).await?;
+    publisher.shutdown().await;
+
+    let mut nodes = Vec::new();
+    for (i, mode) in [ChaosMode::Stall, ChaosMode::LieHave].iter().enumerate() {
+        let dir = tmp.path().join(format!("bad{i}"));
+        nodes.push((start_chaos_node(&dir, &bootstrap, *mode).await?, dir, false));
+    }
+    for i in 0..6 {
+        let dir = tmp.path().join(format!("honest{i}"));
+        nodes.push((start_node(&dir, &bootstrap, None).await?, dir, true));
+    }
+    let mut tasks = Vec::new();
+    for (client, dir, honest) in &nodes {
+        if *honest && !tasks.is_empty() && !tasks.last().is_some_and(|t: &(_, _, bool, _)| t.2) {
+            // The bad nodes start first, so that they hold blocks others are sent to fetch.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        let (c, out) = (client.clone(), dir.join("out.bin"));
+        let task =
+            tokio::spawn(async move { shoal_node::fetch(&c, FetchOptions::new(file, &out)).await });
+        tasks.push((task, dir.clone(), *honest, client.peer_id()));
+    }
+    let want = std::fs::read(&src)?;
+    for (task, dir, honest, peer) in tasks {
+        if !honest {
+            task.abort();
+            continue;
+        }
+        // Without bad peers this takes about 2 s at the master's 8 MiB/s; a stalled transfer
+        // is abandoned after 10 s, and each node avoids a bad peer after one failure.
+        let report = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .with_context(|| format!("honest node {peer} was held up for over 60 s"))???;
+        assert!(
+            std::fs::read(dir.join("out.bin"))? == want,
+            "honest node {peer} wrote wrong bytes"
+        );
+        assert!(
+            report.elapsed_s < 45.0,
+            "honest node {peer} took {:.1} s",
+            report.elapsed_s
+        );
+    }
+    drop(nodes);
+    Ok(())
+}
