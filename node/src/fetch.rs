@@ -135,6 +135,11 @@ enum Event {
 pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, NodeError> {
     let started = Instant::now();
     let manifest = Arc::new(get_manifest(client, opts.file).await?);
+    // Kept for provenance: `shoal verify` checks a copy against it later, offline.
+    crate::provenance::save_manifest(
+        &manifest,
+        &crate::provenance::manifest_path(client.data_dir(), &opts.file),
+    )?;
     let journal = client
         .data_dir()
         .join("journals")

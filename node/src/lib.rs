@@ -12,6 +12,7 @@
 
 pub mod chaos;
 pub mod fetch;
+pub mod provenance;
 pub mod scheduler;
 pub mod service;
 pub mod store;

@@ -80,6 +80,25 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Show who published a file and which master countersigned it (signatures checked).
+    Inspect {
+        /// The file id.
+        file_id: FileId,
+        /// Also save the manifest here, for `shoal verify`.
+        #[arg(long)]
+        save_manifest: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Check a local copy block by block against a saved manifest (offline); names bad blocks.
+    /// `shoal fetch` keeps manifests in DATA_DIR/manifests/.
+    Verify {
+        /// The local copy.
+        path: PathBuf,
+        /// The manifest file.
+        #[arg(long)]
+        manifest: PathBuf,
+    },
     /// Show what the master knows of a file.
     Status {
         /// The file id.
@@ -196,6 +215,42 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("seeding {} (Ctrl-C to stop)", path.display());
             shutdown_signal().await;
             client.shutdown().await;
+        }
+        Cmd::Inspect {
+            file_id,
+            save_manifest,
+            common,
+        } => {
+            let client = join(&common).await?;
+            let m = shoal_node::fetch::get_manifest(&client, file_id).await;
+            client.shutdown().await;
+            let m = m.with_context(|| format!("getting the manifest of {file_id}"))?;
+            print!("{}", shoal_node::provenance::describe(&m));
+            if let Some(p) = save_manifest {
+                shoal_node::provenance::save_manifest(&m, &p)?;
+                eprintln!("manifest saved to {}", p.display());
+            }
+        }
+        Cmd::Verify { path, manifest } => {
+            let m = shoal_node::provenance::load_manifest(&manifest, None)
+                .with_context(|| format!("reading {}", manifest.display()))?;
+            print!("{}", shoal_node::provenance::describe(&m));
+            let bad = shoal_node::provenance::verify_copy(&m, &path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if bad.is_empty() {
+                println!("{}: all {} blocks verified", path.display(), m.blocks());
+            } else {
+                let shown: Vec<String> = bad.iter().take(32).map(u32::to_string).collect();
+                println!(
+                    "{}: {} of {} blocks fail their digest: {}{}",
+                    path.display(),
+                    bad.len(),
+                    m.blocks(),
+                    shown.join(", "),
+                    if bad.len() > 32 { ", ..." } else { "" }
+                );
+                std::process::exit(1);
+            }
         }
         Cmd::Status {
             file_id,

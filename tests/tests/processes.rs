@@ -177,6 +177,59 @@ fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
         from_peers += report["bytes_from_peers"].as_u64().unwrap_or(0);
     }
     assert!(from_peers > 0, "no fetch process got anything from a peer");
+
+    // Provenance: inspect names the publisher, verify checks copies offline.
+    let publisher_key = std::fs::read(tmp.path().join("publisher").join("identity.key"))?;
+    let publisher = libp2p::identity::Keypair::from_protobuf_encoding(&publisher_key)?
+        .public()
+        .to_peer_id();
+    let inspect = Command::new(bins.join("shoal"))
+        .args([
+            "inspect",
+            &file_id,
+            "--bootstrap",
+            &bootstrap,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .arg("--data-dir")
+        .arg(tmp.path().join("inspector"))
+        .stderr(Stdio::null())
+        .output()?;
+    assert!(inspect.status.success(), "shoal inspect failed");
+    let text = String::from_utf8(inspect.stdout)?;
+    assert!(
+        text.contains(&format!("published by:   {publisher}")),
+        "{text}"
+    );
+    let manifest = tmp
+        .path()
+        .join("node0")
+        .join("manifests")
+        .join(format!("{file_id}.manifest"));
+    let verify = |path: &Path| {
+        Command::new(bins.join("shoal"))
+            .arg("verify")
+            .arg(path)
+            .arg("--manifest")
+            .arg(&manifest)
+            .stderr(Stdio::null())
+            .output()
+    };
+    assert!(verify(&tmp.path().join("node0").join("out.bin"))?
+        .status
+        .success());
+    let mut bad = want.clone();
+    bad[65536 * 5 + 100] ^= 1;
+    let bad_path = tmp.path().join("bad.bin");
+    std::fs::write(&bad_path, bad)?;
+    let out = verify(&bad_path)?;
+    assert!(!out.status.success(), "verify accepted a damaged copy");
+    let text = String::from_utf8(out.stdout)?;
+    assert!(
+        text.contains("1 of 129 blocks fail their digest: 5"),
+        "{text}"
+    );
     Ok(())
 }
 
