@@ -343,8 +343,30 @@ impl Policy {
         let mine = f.holders.get(&requester).cloned();
         let deadline = now + cfg.assignment_timeout;
 
-        // Local view of loads, so this answer spreads its own assignments.
-        let mut loads: HashMap<PeerId, u32> = HashMap::new();
+        // The holders this requester may be sent to, checked once per answer rather than per
+        // block: (peer, its blocks, whether it is in another region, its load). The load is
+        // updated as this answer assigns, so the answer spreads its own assignments.
+        let mut candidates: Vec<(PeerId, &Blocks, bool, u32)> = f
+            .holders
+            .iter()
+            .filter(|(p, _)| {
+                **p != requester
+                    && !avoid.get(*p).is_some_and(|until| until.is_none_or(|u| u > now))
+                    // A holder is only worth a redirect when the requester can dial it: live,
+                    // and with addresses to hint.
+                    && self.peers.get(*p).is_some_and(|s| s.live && !s.addrs.is_empty())
+            })
+            .map(|(p, held)| {
+                let s = &self.peers[p];
+                (
+                    *p,
+                    held,
+                    s.region != my_region || my_region.is_empty(),
+                    s.load,
+                )
+            })
+            .collect();
+        candidates.sort_by_key(|c| c.0);
         let mut runs: Vec<(BlockRange, Option<PeerId>)> = Vec::new();
         let mut budget = cfg.max_blocks_per_answer;
         let mut master_given = 0u32;
@@ -357,36 +379,24 @@ impl Policy {
                 if mine.as_ref().is_some_and(|m| m.contains(b)) {
                     continue;
                 }
-                let eligible = |p: &PeerId, held: &Blocks| {
-                    *p != requester
-                        && held.contains(b)
-                        && !avoid.get(p).is_some_and(|until| until.is_none_or(|u| u > now))
-                        // A holder is only worth a redirect when the requester can dial
-                        // it: live, and with addresses to hint.
-                        && self.peers.get(p).is_some_and(|s| s.live && !s.addrs.is_empty())
-                };
                 // Keep extending the current run from the same holder: pieces stay whole.
                 let continuing = match runs.last() {
-                    Some((run, Some(h))) if run.end == b && run.len() < cfg.max_peer_piece => f
-                        .holders
-                        .get(h)
-                        .filter(|held| eligible(h, held))
-                        .map(|_| (false, 0, *h)),
+                    Some((run, Some(h))) if run.end == b && run.len() < cfg.max_peer_piece => {
+                        candidates.iter().position(|c| c.0 == *h && c.1.contains(b))
+                    }
                     _ => None,
                 };
                 let best = continuing.or_else(|| {
-                    f.holders
+                    candidates
                         .iter()
-                        .filter(|(p, held)| eligible(p, held))
-                        .map(|(p, _)| {
-                            let s = &self.peers[p];
-                            let load = loads.get(p).copied().unwrap_or(s.load);
-                            (s.region != my_region || my_region.is_empty(), load, *p)
-                        })
-                        .min()
+                        .enumerate()
+                        .filter(|(_, c)| c.1.contains(b))
+                        .min_by_key(|(_, c)| (c.2, c.3, c.0))
+                        .map(|(i, _)| i)
                 });
-                let source = if let Some((_, _, holder)) = best {
-                    Some(holder)
+                let source = if let Some(i) = best {
+                    candidates[i].3 += 1;
+                    Some(candidates[i].0)
                 } else if f.master_has.contains(b)
                     && f.handouts.get(&b).is_none_or(|(to, _)| *to == requester)
                     && master_given < master_budget
@@ -405,9 +415,7 @@ impl Policy {
                 pending.insert(b, Pending { source, deadline });
                 match source {
                     Some(p) => {
-                        let s = self.peers.entry(p).or_default();
-                        s.load += 1;
-                        loads.insert(p, s.load);
+                        self.peers.entry(p).or_default().load += 1;
                     }
                     None => {
                         self.master_load += 1;
