@@ -129,3 +129,42 @@ impl Metrics {
         Ok(bound)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn metrics_are_served_in_prometheus_text_with_the_documented_names() {
+        let m = Metrics::new();
+        m.piece_bytes_sent.inc_by(1234);
+        m.redirects.inc();
+        let addr = m
+            .spawn_server("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        sock.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            sock.read_to_string(&mut body),
+        )
+        .await
+        .expect("metrics answer within 5 s")
+        .unwrap();
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        for name in [
+            "shoal_master_piece_bytes_sent_total 1234",
+            "shoal_master_redirects_total 1",
+            "shoal_master_assignments_total 0",
+            "shoal_master_peers 0",
+            "shoal_master_bans_total 0",
+        ] {
+            assert!(body.contains(name), "missing {name:?} in:\n{body}");
+        }
+    }
+}

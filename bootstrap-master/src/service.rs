@@ -236,6 +236,7 @@ impl Master {
             internal_tx: int_tx,
             pulling: HashMap::new(),
             bans: BanBook::new(BanConfig::default()),
+            listen_addrs: addrs.clone(),
             cfg,
             swarm,
         };
@@ -307,9 +308,22 @@ struct EventLoop {
     internal_tx: mpsc::Sender<Internal>,
     pulling: HashMap<FileId, PeerId>,
     bans: BanBook,
+    /// Every address the master listens on (a `0.0.0.0` listener reports one per interface,
+    /// over time); `bootstrap.addr` is rewritten as they come and go.
+    listen_addrs: Vec<Multiaddr>,
 }
 
 impl EventLoop {
+    fn write_bootstrap_addrs(&self) {
+        let text: String = self.listen_addrs.iter().map(|a| format!("{a}\n")).collect();
+        if let Err(e) = crate::registry::write_atomic(
+            &self.registry.dir().join("bootstrap.addr"),
+            text.as_bytes(),
+        ) {
+            tracing::error!(error = %e, "cannot write bootstrap.addr");
+        }
+    }
+
     fn bans_path(&self) -> PathBuf {
         self.registry.dir().join("bans")
     }
@@ -488,7 +502,17 @@ impl EventLoop {
                 }
             }
             SwarmEvent::NewListenAddr { address, .. } => {
+                let address = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
                 tracing::info!(%address, "listening");
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                    self.write_bootstrap_addrs();
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                let address = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
+                self.listen_addrs.retain(|a| *a != address);
+                self.write_bootstrap_addrs();
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
