@@ -20,7 +20,8 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
     if !dir.join("shoal").exists() || !dir.join("shoal-master").exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--bins", "-p", "shoal-node", "-p", "shoal-master"])
+            // The whole workspace, so features resolve as under `cargo test --workspace`.
+            .args(["build", "--workspace", "--bins"])
             .status()?;
         if !status.success() {
             bail!("building the binaries failed");
