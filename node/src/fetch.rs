@@ -328,7 +328,7 @@ async fn run_transfer(
                 Err(_) => return Err(ReceiveError::Io(std::io::ErrorKind::TimedOut.into())),
             };
         receive_blocks(&mut stream, manifest, t.range, |b, data| {
-            store.write_block(b, data)?;
+            store.write_checked_block(b, data)?;
             delivered.fetch_add(1, Ordering::Relaxed);
             *last_progress.lock().expect("progress lock") = Instant::now();
             let now = held.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
