@@ -29,24 +29,33 @@ cpu_of() { # pid -> user+sys seconds from /proc (clock ticks)
 
 # --- shoal ---
 /usr/bin/env time -f "%U %S %M" -o "$WORK/master.time" \
-  "$BIN/shoal-master" --data-dir "$WORK/m" --listen /ip4/127.0.0.1/tcp/0 >/dev/null 2>"$WORK/master.log" &
-for _ in $(seq 200); do [ -s "$WORK/m/bootstrap.addr" ] && break; sleep 0.05; done
-ADDR=$(head -1 "$WORK/m/bootstrap.addr")
+  "$BIN/shoal-master" --data-dir "$WORK/m" --listen /ip4/127.0.0.1/tcp/0 --listen /ip4/127.0.0.1/udp/0/quic-v1 >/dev/null 2>"$WORK/master.log" &
+for _ in $(seq 200); do [ "$(wc -l < "$WORK/m/bootstrap.addr" 2>/dev/null || echo 0)" -ge 2 ] && break; sleep 0.05; done
+TCP_ADDR=$(grep /tcp/ "$WORK/m/bootstrap.addr" | head -1)
+QUIC_ADDR=$(grep /quic-v1/ "$WORK/m/bootstrap.addr" | head -1)
 ID=$("$BIN/shoal-master" add "$WORK/file.bin" --data-dir "$WORK/m" 2>/dev/null | tail -1)
 sleep 2.5 # the running master rescans its registry every 2 s
 MPID=$(pgrep -f "^$BIN/shoal-master --data-dir $WORK/m" | head -1)
-M0=$(cpu_of "$MPID")
-START=$(date +%s.%N)
-/usr/bin/env time -f "%U %S %M" -o "$WORK/node.time" \
-  "$BIN/shoal" fetch "$ID" --bootstrap "$ADDR" --listen /ip4/127.0.0.1/tcp/0 \
-  --data-dir "$WORK/n" --out "$WORK/out.bin" --seed-time 0 2>/dev/null
-END=$(date +%s.%N)
-M1=$(cpu_of "$MPID")
-cmp -s "$WORK/file.bin" "$WORK/out.bin" || { echo "shoal output differs!" >&2; exit 1; }
-read NU NS NRSS < "$WORK/node.time"
+# One fetch over each transport, into a fresh data dir and output each time.
+fetch_over() { # name addr -> "MB/s client-cpu-per-GiB server-cpu-per-GiB rss-KiB"
+  rm -rf "$WORK/n" "$WORK/out.bin"
+  local m0 m1 start end
+  m0=$(cpu_of "$MPID")
+  start=$(date +%s.%N)
+  /usr/bin/env time -f "%U %S %M" -o "$WORK/node.time" \
+    "$BIN/shoal" fetch "$ID" --bootstrap "$2" --listen /ip4/127.0.0.1/tcp/0 \
+    --data-dir "$WORK/n" --out "$WORK/out.bin" --seed-time 0 2>/dev/null
+  end=$(date +%s.%N)
+  m1=$(cpu_of "$MPID")
+  cmp -s "$WORK/file.bin" "$WORK/out.bin" || { echo "shoal ($1) output differs!" >&2; exit 1; }
+  read -r nu ns nrss < "$WORK/node.time"
+  echo "$(echo "$BYTES / ($end - $start) / 1000000" | bc -l) $(echo "($nu + $ns) / $GIB" | bc -l) $(echo "($m1 - $m0) / $GIB" | bc -l) $nrss"
+}
+GIB=$(echo "$BYTES / 1073741824" | bc -l)
+read -r T_MBS T_CCPU T_SCPU T_RSS <<< "$(fetch_over tcp "$TCP_ADDR")"
+read -r Q_MBS Q_CCPU Q_SCPU Q_RSS <<< "$(fetch_over quic "$QUIC_ADDR")"
 kill -INT "$MPID"; for _ in $(seq 100); do kill -0 "$MPID" 2>/dev/null || break; sleep 0.05; done
 MRSS=$(awk '{print $3}' "$WORK/master.time" 2>/dev/null || echo "?")
-SHOAL_S=$(echo "$END - $START" | bc -l)
 
 # --- nginx + curl ---
 mkdir -p "$WORK/www" && ln "$WORK/file.bin" "$WORK/www/file.bin"
@@ -73,12 +82,12 @@ read CU CS CRSS < "$WORK/curl.time"
 HTTP_S=$(echo "$END - $START" | bc -l)
 cmp -s "$WORK/file.bin" "$WORK/curl.bin" || { echo "curl output differs!" >&2; exit 1; }
 
-GIB=$(echo "$BYTES / 1073741824" | bc -l)
 printf "\nfile: %d MiB, loopback, %s\n\n" "$SIZE_MIB" "$(date -u +%F)"
 printf "| transfer | MB/s | client CPU-s/GiB | server CPU-s/GiB | client peak RSS |\n|---|---|---|---|---|\n"
-printf "| shoal fetch (noise+yamux, verified, to disk) | %.0f | %.2f | %.2f | %d MiB (master %s KiB) |\n" \
-  "$(echo "$BYTES / $SHOAL_S / 1000000" | bc -l)" "$(echo "($NU + $NS) / $GIB" | bc -l)" \
-  "$(echo "($M1 - $M0) / $GIB" | bc -l)" "$((NRSS / 1024))" "$MRSS"
+printf "| shoal fetch over TCP (noise+yamux, verified, to disk) | %.0f | %.2f | %.2f | %d MiB (master %s KiB) |\n" \
+  "$T_MBS" "$T_CCPU" "$T_SCPU" "$((T_RSS / 1024))" "$MRSS"
+printf "| shoal fetch over QUIC (verified, to disk) | %.0f | %.2f | %.2f | %d MiB |\n" \
+  "$Q_MBS" "$Q_CCPU" "$Q_SCPU" "$((Q_RSS / 1024))"
 printf "| curl from nginx (plain HTTP, to disk) | %.0f | %.2f | %.2f | %d MiB |\n" \
   "$(echo "$BYTES / $HTTP_S / 1000000" | bc -l)" "$(echo "($CU + $CS) / $GIB" | bc -l)" \
   "$(echo "($W1 - $W0) / $GIB" | bc -l)" "$((CRSS / 1024))"

@@ -23,7 +23,7 @@ struct Cli {
     )]
     data_dir: PathBuf,
     /// Address to listen on; repeat for several.
-    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/4001")]
+    #[arg(long, default_values = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"])]
     listen: Vec<Multiaddr>,
     /// Cap on the master's piece upload, in bytes per second.
     #[arg(long, value_name = "BYTES_PER_S")]

@@ -36,7 +36,8 @@ pub async fn probe(
             yamux::Config::default,
         )
         .and_then(|b| {
-            b.with_behaviour(|_| libp2p_stream::Behaviour::new())
+            b.with_quic()
+                .with_behaviour(|_| libp2p_stream::Behaviour::new())
                 .map_err(|e| noise::Error::Io(std::io::Error::other(e.to_string())))
         });
     let mut swarm = match swarm {

@@ -44,7 +44,8 @@ use crate::registry::{Registry, RegistryError};
 pub struct MasterConfig {
     /// Data directory (key, manifests, files).
     pub data_dir: PathBuf,
-    /// Addresses to listen on. Default `/ip4/0.0.0.0/tcp/4001`.
+    /// Addresses to listen on. Default `/ip4/0.0.0.0/tcp/4001` and
+    /// `/ip4/0.0.0.0/udp/4001/quic-v1`.
     pub listen: Vec<Multiaddr>,
     /// Cap on the master's piece upload, bytes per second. Default: none.
     pub max_upload_rate: Option<u64>,
@@ -63,7 +64,12 @@ impl MasterConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
-            listen: vec!["/ip4/0.0.0.0/tcp/4001".parse().expect("valid multiaddr")],
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4001".parse().expect("valid multiaddr"),
+                "/ip4/0.0.0.0/udp/4001/quic-v1"
+                    .parse()
+                    .expect("valid multiaddr"),
+            ],
             max_upload_rate: None,
             metrics_addr: None,
             upload_slots: 64,
@@ -175,6 +181,7 @@ impl Master {
                 yamux::Config::default,
             )
             .map_err(|e| net(&e))?
+            .with_quic()
             .with_behaviour(|k| {
                 Behaviour::new(k, Role::Master)
                     .map_err(Box::<dyn std::error::Error + Send + Sync>::from)

@@ -27,7 +27,7 @@ struct Common {
     #[arg(long, env = "SHOAL_DATA_DIR", default_value = "shoal-data")]
     data_dir: PathBuf,
     /// Address to listen on for other nodes; repeat for several.
-    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+    #[arg(long, default_values = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"])]
     listen: Vec<Multiaddr>,
     /// Cap on this node's piece upload, in bytes per second.
     #[arg(long, value_name = "BYTES_PER_S")]

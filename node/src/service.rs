@@ -42,7 +42,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// The master's address, ending in `/p2p/<master PeerId>` (the trust anchor).
     pub bootstrap: Multiaddr,
-    /// Where to listen for other nodes. Default `/ip4/0.0.0.0/tcp/0`.
+    /// Where to listen for other nodes. Default `/ip4/0.0.0.0/tcp/0` and
+    /// `/ip4/0.0.0.0/udp/0/quic-v1`.
     pub listen: Vec<Multiaddr>,
     /// Cap on piece upload, bytes per second. Default: none.
     pub max_upload_rate: Option<u64>,
@@ -60,7 +61,12 @@ impl NodeConfig {
         Self {
             data_dir: data_dir.into(),
             bootstrap,
-            listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr")],
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr"),
+                "/ip4/0.0.0.0/udp/0/quic-v1"
+                    .parse()
+                    .expect("valid multiaddr"),
+            ],
             max_upload_rate: None,
             upload_slots: 16,
             region: String::new(),
@@ -284,6 +290,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
             yamux::Config::default,
         )
         .map_err(|e| net(&e))?
+        .with_quic()
         .with_behaviour(|k| {
             Behaviour::new(k, Role::Node).map_err(Box::<dyn std::error::Error + Send + Sync>::from)
         })
