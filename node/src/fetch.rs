@@ -79,6 +79,15 @@ pub struct FetchReport {
     pub elapsed_s: f64,
 }
 
+/// Aborts a task when dropped (a failed fetch must not leave its hasher running).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Gets the manifest of `file` from the master and checks it.
 pub async fn get_manifest(client: &Client, file: FileId) -> Result<VerifiedManifest, NodeError> {
     let master = client.master();
@@ -147,6 +156,10 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
     let store = Arc::new(PieceStore::open(manifest.clone(), &opts.out, &journal)?);
     client.share(store.clone());
     let geometry = manifest.geometry();
+    let mut whole_file = AbortOnDrop(tokio::spawn({
+        let store = store.clone();
+        async move { store.hash_as_written().await }
+    }));
     let resumed = store.have();
     let blocks_resumed = resumed.count();
     let uploaded_before = client.bytes_uploaded();
@@ -265,7 +278,10 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
         }
     }
     store.flush()?;
-    if !store.check_whole_file()? {
+    let digest = (&mut whole_file.0)
+        .await
+        .map_err(|e| NodeError::Io(std::io::Error::other(e.to_string())))??;
+    if digest != manifest.body().file_sha256 {
         return Err(NodeError::Io(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "every block verified but the whole-file SHA-256 differs (manifest inconsistent)",

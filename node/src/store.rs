@@ -50,6 +50,7 @@ pub struct PieceStore {
     data: File,
     journal: Option<(PathBuf, Mutex<File>)>,
     progress: Mutex<Progress>,
+    written: tokio::sync::Notify,
 }
 
 impl PieceStore {
@@ -112,6 +113,7 @@ impl PieceStore {
             path: out.to_path_buf(),
             data,
             journal: Some((journal.to_path_buf(), Mutex::new(j))),
+            written: tokio::sync::Notify::new(),
             progress: Mutex::new(Progress {
                 have,
                 unsynced: Vec::new(),
@@ -141,6 +143,7 @@ impl PieceStore {
             path: path.to_path_buf(),
             data,
             journal: None,
+            written: tokio::sync::Notify::new(),
             progress: Mutex::new(Progress {
                 have: Blocks::full(blocks),
                 unsynced: Vec::new(),
@@ -199,6 +202,8 @@ impl PieceStore {
             }
             p.unsynced_bytes >= SYNC_EVERY
         };
+        // After the block counts as held: a woken hasher must find it.
+        self.written.notify_waiters();
         if must_sync {
             self.flush()?;
         }
@@ -229,6 +234,33 @@ impl PieceStore {
         let mut j = journal.lock().expect("journal lock");
         j.write_all(&bytes)?;
         Ok(())
+    }
+
+    /// SHA-256 of the whole file, hashed front to back as blocks arrive (so that the final
+    /// check costs no wall time after the last block). Returns once every block was hashed.
+    pub async fn hash_as_written(&self) -> io::Result<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let g = self.manifest.geometry();
+        let blocks = self.manifest.blocks();
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; g.block_size as usize];
+        let mut next = 0;
+        loop {
+            // Register for the next write before looking, so no write is missed.
+            let notified = self.written.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            while next < blocks && self.holds(shoal_protocol::BlockRange::new(next, next + 1)) {
+                let data = &mut buf[..g.block_len(next)];
+                self.read_block(next, data)?;
+                h.update(&*data);
+                next += 1;
+            }
+            if next == blocks {
+                return Ok(h.finalize().into());
+            }
+            notified.await;
+        }
     }
 
     /// Checks the whole-file SHA-256 against the manifest.
@@ -314,6 +346,31 @@ mod tests {
         assert!(s.have().is_full());
         assert!(s.check_whole_file().unwrap());
         assert_eq!(fs::read(&out).unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn the_whole_file_is_hashed_as_blocks_arrive_in_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..30_000u32).map(|i| (i % 239) as u8).collect();
+        let m = manifest(&data);
+        let s = Arc::new(
+            PieceStore::open(m.clone(), &dir.path().join("o"), &dir.path().join("j")).unwrap(),
+        );
+        let hasher = tokio::spawn({
+            let s = s.clone();
+            async move { s.hash_as_written().await }
+        });
+        let chunks: Vec<&[u8]> = data.chunks(4096).collect();
+        for b in [3usize, 0, 7, 1, 2, 6, 5, 4] {
+            tokio::task::yield_now().await;
+            s.write_block(b as u32, chunks[b]).unwrap();
+        }
+        let digest = tokio::time::timeout(std::time::Duration::from_secs(5), hasher)
+            .await
+            .expect("the hasher finishes once every block is written")
+            .unwrap()
+            .unwrap();
+        assert_eq!(digest, m.body().file_sha256);
     }
 
     #[test]
