@@ -22,7 +22,7 @@ use libp2p::{
 use shoal_protocol::{
     behaviour::{Behaviour, BehaviourEvent, Role},
     block::{BlockRange, Blocks},
-    limits::{MAX_DIGESTS_PER_RESPONSE, MAX_PIECE_FRAME, MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
+    limits::{MAX_PIECE_FRAME, MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
     manifest::check_digest_list,
     piece::{read_frame, receive_blocks, refuse, send_blocks},
     rate::RateLimiter,
@@ -763,26 +763,7 @@ impl EventLoop {
 
     fn on_digest_request(&self, request: DigestRequest) -> DigestResponse {
         let shelf = self.shelf.lock().expect("shelf lock");
-        match request {
-            DigestRequest::Header { file } => match shelf.files.get(&file) {
-                Some(e) => DigestResponse::Header(Box::new(e.manifest.header().clone())),
-                None => DigestResponse::NotFound,
-            },
-            DigestRequest::Digests { file, start, count } => match shelf.files.get(&file) {
-                Some(e) => {
-                    let all = e.manifest.digests();
-                    let start = (start as usize).min(all.len());
-                    let end = start
-                        .saturating_add(count.min(MAX_DIGESTS_PER_RESPONSE) as usize)
-                        .min(all.len());
-                    DigestResponse::Digests {
-                        start: start as u32,
-                        digests: all[start..end].to_vec(),
-                    }
-                }
-                None => DigestResponse::NotFound,
-            },
-        }
+        request.answer(shelf.files.get(&request.file()).map(|e| &*e.manifest))
     }
 
     fn on_internal(&mut self, msg: Internal) {

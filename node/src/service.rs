@@ -21,7 +21,7 @@ use libp2p::{
 };
 use shoal_protocol::{
     behaviour::{peer_of, Behaviour, BehaviourEvent, Role},
-    limits::{MAX_DIGESTS_PER_RESPONSE, MAX_PIECE_FRAME, PIECE_PROTOCOL},
+    limits::{MAX_PIECE_FRAME, PIECE_PROTOCOL},
     piece::{read_frame, refuse, send_blocks, write_frame},
     rate::RateLimiter,
     wire::{
@@ -407,14 +407,8 @@ pub fn load_or_create_key(path: &std::path::Path) -> Result<libp2p::identity::Ke
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     master: PeerId,
-    pending_master: HashMap<
-        request_response::OutboundRequestId,
-        oneshot::Sender<Result<MasterResponse, NodeError>>,
-    >,
-    pending_digest: HashMap<
-        request_response::OutboundRequestId,
-        oneshot::Sender<Result<DigestResponse, NodeError>>,
-    >,
+    pending_master: Pending<MasterResponse>,
+    pending_digest: Pending<DigestResponse>,
     shelf: Shelf,
     banned: Arc<Mutex<HashSet<PeerId>>>,
     region: String,
@@ -501,48 +495,12 @@ impl EventLoop {
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::Behaviour(BehaviourEvent::Master(ev)) => match ev {
-                request_response::Event::Message {
-                    message:
-                        request_response::Message::Response {
-                            request_id,
-                            response,
-                        },
-                    ..
-                } => {
-                    if let Some(tx) = self.pending_master.remove(&request_id) {
-                        let _ = tx.send(Ok(response));
-                    }
-                }
-                request_response::Event::OutboundFailure {
-                    request_id, error, ..
-                } => {
-                    if let Some(tx) = self.pending_master.remove(&request_id) {
-                        let _ = tx.send(Err(NodeError::Network(error.to_string())));
-                    }
-                }
-                _ => {}
-            },
-            SwarmEvent::Behaviour(BehaviourEvent::Digest(ev)) => match ev {
-                request_response::Event::Message {
-                    message:
-                        request_response::Message::Response {
-                            request_id,
-                            response,
-                        },
-                    ..
-                } => {
-                    if let Some(tx) = self.pending_digest.remove(&request_id) {
-                        let _ = tx.send(Ok(response));
-                    }
-                }
-                request_response::Event::Message {
-                    message:
-                        request_response::Message::Request {
-                            request, channel, ..
-                        },
-                    ..
-                } => {
+            SwarmEvent::Behaviour(BehaviourEvent::Master(ev)) => {
+                // The node serves no master requests; only answers to its own matter.
+                let _ = settle(&mut self.pending_master, ev);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Digest(ev)) => {
+                if let Some((request, channel)) = settle(&mut self.pending_digest, ev) {
                     let resp = answer_digest(&self.shelf, request);
                     let _ = self
                         .swarm
@@ -550,15 +508,7 @@ impl EventLoop {
                         .digest
                         .send_response(channel, resp);
                 }
-                request_response::Event::OutboundFailure {
-                    request_id, error, ..
-                } => {
-                    if let Some(tx) = self.pending_digest.remove(&request_id) {
-                        let _ = tx.send(Err(NodeError::Network(error.to_string())));
-                    }
-                }
-                _ => {}
-            },
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 message,
                 ..
@@ -610,28 +560,52 @@ impl EventLoop {
     }
 }
 
-fn answer_digest(shelf: &Shelf, req: DigestRequest) -> DigestResponse {
-    let shelf = shelf.lock().expect("shelf lock");
-    match req {
-        DigestRequest::Header { file } => match shelf.get(&file) {
-            Some(s) => DigestResponse::Header(Box::new(s.manifest().header().clone())),
-            None => DigestResponse::NotFound,
-        },
-        DigestRequest::Digests { file, start, count } => match shelf.get(&file) {
-            Some(s) => {
-                let all = s.manifest().digests();
-                let start = (start as usize).min(all.len());
-                let end = start
-                    .saturating_add(count.min(MAX_DIGESTS_PER_RESPONSE) as usize)
-                    .min(all.len());
-                DigestResponse::Digests {
-                    start: start as u32,
-                    digests: all[start..end].to_vec(),
-                }
+/// Pending replies to outbound requests, by request id.
+type Pending<T> =
+    HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<T, NodeError>>>;
+
+/// Hands a request-response outcome to whoever waits for it; returns an inbound request, if
+/// that is what the event is, for the caller to answer.
+fn settle<Req, Resp>(
+    pending: &mut Pending<Resp>,
+    event: request_response::Event<Req, Resp>,
+) -> Option<(Req, request_response::ResponseChannel<Resp>)> {
+    match event {
+        request_response::Event::Message {
+            message:
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                },
+            ..
+        } => {
+            if let Some(tx) = pending.remove(&request_id) {
+                let _ = tx.send(Ok(response));
             }
-            None => DigestResponse::NotFound,
-        },
+            None
+        }
+        request_response::Event::Message {
+            message:
+                request_response::Message::Request {
+                    request, channel, ..
+                },
+            ..
+        } => Some((request, channel)),
+        request_response::Event::OutboundFailure {
+            request_id, error, ..
+        } => {
+            if let Some(tx) = pending.remove(&request_id) {
+                let _ = tx.send(Err(NodeError::Network(error.to_string())));
+            }
+            None
+        }
+        _ => None,
     }
+}
+
+fn answer_digest(shelf: &Shelf, req: DigestRequest) -> DigestResponse {
+    let store = shelf.lock().expect("shelf lock").get(&req.file()).cloned();
+    req.answer(store.as_ref().map(|s| &**s.manifest()))
 }
 
 /// The piece server's shared state.

@@ -349,6 +349,37 @@ where
     }
 }
 
+impl DigestRequest {
+    /// The file asked about.
+    pub fn file(&self) -> FileId {
+        match self {
+            Self::Header { file } | Self::Digests { file, .. } => *file,
+        }
+    }
+
+    /// The answer from `manifest`, the responder's manifest of [`DigestRequest::file`] if it
+    /// has one. Digest ranges are clamped to the file and to [`MAX_DIGESTS_PER_RESPONSE`].
+    pub fn answer(&self, manifest: Option<&crate::VerifiedManifest>) -> DigestResponse {
+        let Some(m) = manifest else {
+            return DigestResponse::NotFound;
+        };
+        match *self {
+            Self::Header { .. } => DigestResponse::Header(Box::new(m.header().clone())),
+            Self::Digests { start, count, .. } => {
+                let all = m.digests();
+                let start = (start as usize).min(all.len());
+                let end = start
+                    .saturating_add(count.min(MAX_DIGESTS_PER_RESPONSE) as usize)
+                    .min(all.len());
+                DigestResponse::Digests {
+                    start: start as u32,
+                    digests: all[start..end].to_vec(),
+                }
+            }
+        }
+    }
+}
+
 /// Encodes an authority event for gossipsub.
 pub fn encode_authority(event: &AuthorityEvent) -> Vec<u8> {
     crate::codec::encode(event).unwrap_or_default()
