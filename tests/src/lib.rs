@@ -73,6 +73,48 @@ pub async fn publish(
     Ok((node, id))
 }
 
+/// Sets up tracing for a test, honouring `RUST_LOG` (idempotent).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A master (upload capped at `master_rate`) holding a freshly published file of `size`
+/// random bytes (from `seed`) at `src`; the publisher has left, so only the master holds it.
+pub struct Published {
+    /// The master.
+    pub master: Master,
+    /// Its address.
+    pub bootstrap: Multiaddr,
+    /// The file.
+    pub file: FileId,
+    /// The source copy.
+    pub src: PathBuf,
+}
+
+/// Starts a master under `root` and publishes a random file to it (see [`Published`]).
+pub async fn published(
+    root: &Path,
+    size: usize,
+    seed: u64,
+    master_rate: Option<u64>,
+) -> anyhow::Result<Published> {
+    let src = root.join("source.bin");
+    write_random_file(&src, size, seed)?;
+    let master = start_master(&root.join("master"), master_rate).await?;
+    let bootstrap = master.addrs()[0].clone();
+    let (publisher, file) = publish(&root.join("publisher"), &bootstrap, &src).await?;
+    publisher.shutdown().await;
+    Ok(Published {
+        master,
+        bootstrap,
+        file,
+        src,
+    })
+}
+
 /// One fetched node's outcome.
 pub struct Fetched {
     /// The node, still running (it keeps serving).

@@ -5,22 +5,21 @@ use std::time::Duration;
 
 use anyhow::Context;
 use shoal_node::{chaos::ChaosMode, FetchOptions};
-use shoal_tests::{publish, start_chaos_node, start_master, start_node, write_random_file};
+use shoal_tests::{start_chaos_node, start_node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupting_nodes_are_banned_and_honest_nodes_are_not() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    shoal_tests::init_tracing();
     let tmp = tempfile::tempdir()?;
-    let src = tmp.path().join("source.bin");
     let size = 24 * 1024 * 1024;
-    write_random_file(&src, size, 13)?;
-    let master = start_master(&tmp.path().join("master"), Some(8 * 1024 * 1024)).await?;
-    let bootstrap = master.addrs()[0].clone();
-    let (publisher, file) = publish(&tmp.path().join("publisher"), &bootstrap, &src).await?;
-    publisher.shutdown().await;
+    // The master's upload is capped so that peers have a reason to exist; the publisher
+    // has left, so only the master and the nodes hold the file.
+    let shoal_tests::Published {
+        master,
+        bootstrap,
+        file,
+        src,
+    } = shoal_tests::published(tmp.path(), size, 13, Some(8 * 1024 * 1024)).await?;
     let sent_before = master.metrics().piece_bytes_sent.get();
 
     let bad_modes = [
@@ -104,17 +103,17 @@ async fn corrupting_nodes_are_banned_and_honest_nodes_are_not() -> anyhow::Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalling_and_lying_nodes_slow_nobody_for_long() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    shoal_tests::init_tracing();
     let tmp = tempfile::tempdir()?;
-    let src = tmp.path().join("source.bin");
-    write_random_file(&src, 16 * 1024 * 1024, 17)?;
-    let master = start_master(&tmp.path().join("master"), Some(8 * 1024 * 1024)).await?;
-    let bootstrap = master.addrs()[0].clone();
-    let (publisher, file) = publish(&tmp.path().join("publisher"), &bootstrap, &src).await?;
-    publisher.shutdown().await;
+    // The master's upload is capped so that peers have a reason to exist; the publisher
+    // has left, so only the master and the nodes hold the file.
+    let shoal_tests::Published {
+        // Kept alive for the whole test: dropping the handle stops the master.
+        master: _master,
+        bootstrap,
+        file,
+        src,
+    } = shoal_tests::published(tmp.path(), 16 * 1024 * 1024, 17, Some(8 * 1024 * 1024)).await?;
 
     let mut nodes = Vec::new();
     for (i, mode) in [ChaosMode::Stall, ChaosMode::LieHave].iter().enumerate() {

@@ -6,21 +6,20 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use shoal_node::FetchOptions;
-use shoal_tests::{publish, start_master, start_node, write_random_file};
+use shoal_tests::start_node;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survivors_finish_and_dead_mirrors_leave_within_five_seconds() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    shoal_tests::init_tracing();
     let tmp = tempfile::tempdir()?;
-    let src = tmp.path().join("source.bin");
-    write_random_file(&src, 64 * 1024 * 1024, 11)?;
-    let master = start_master(&tmp.path().join("master"), Some(8 * 1024 * 1024)).await?;
-    let bootstrap = master.addrs()[0].clone();
-    let (publisher, file) = publish(&tmp.path().join("publisher"), &bootstrap, &src).await?;
-    publisher.shutdown().await;
+    // The master's upload is capped so that peers have a reason to exist; the publisher
+    // has left, so only the master and the nodes hold the file.
+    let shoal_tests::Published {
+        master,
+        bootstrap,
+        file,
+        src,
+    } = shoal_tests::published(tmp.path(), 64 * 1024 * 1024, 11, Some(8 * 1024 * 1024)).await?;
 
     let mut nodes = Vec::new();
     for i in 0..16 {

@@ -2,24 +2,21 @@
 
 use std::time::Duration;
 
-use shoal_tests::{fetch_all, publish, start_master, write_random_file};
+use shoal_tests::fetch_all;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_nodes_get_exact_bytes_mostly_from_peers() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    shoal_tests::init_tracing();
     let tmp = tempfile::tempdir()?;
-    let src = tmp.path().join("source.bin");
     let size = 16 * 1024 * 1024;
-    write_random_file(&src, size, 7)?;
-    // The master's upload is capped so that peers have a reason to exist.
-    let master = start_master(&tmp.path().join("master"), Some(8 * 1024 * 1024)).await?;
-    let bootstrap = master.addrs()[0].clone();
-    let (publisher, file) = publish(&tmp.path().join("publisher"), &bootstrap, &src).await?;
-    // The publisher leaves: from now on only the master and the nodes hold the file.
-    publisher.shutdown().await;
+    // The master's upload is capped so that peers have a reason to exist; the publisher
+    // has left, so only the master and the nodes hold the file.
+    let shoal_tests::Published {
+        master,
+        bootstrap,
+        file,
+        src,
+    } = shoal_tests::published(tmp.path(), size, 7, Some(8 * 1024 * 1024)).await?;
     let sent_before = master.metrics().piece_bytes_sent.get();
 
     let fetched = fetch_all(

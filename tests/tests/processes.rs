@@ -126,27 +126,8 @@ fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
     let mut fetchers = Vec::new();
     for i in 0..6 {
         let dir = tmp.path().join(format!("node{i}"));
-        let child = Command::new(bins.join("shoal"))
-            .args([
-                "fetch",
-                &file_id,
-                "--bootstrap",
-                &bootstrap,
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--seed-time",
-                "3",
-            ])
-            .arg("--data-dir")
-            .arg(&dir)
-            .arg("--out")
-            .arg(dir.join("out.bin"))
-            .arg("--report")
-            .arg(dir.join("report.json"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        fetchers.push((Proc(child), dir));
+        // They keep serving for 3 s after finishing, so late finishers still find peers.
+        fetchers.push((spawn_fetch(&bins, &file_id, &bootstrap, &dir, "3")?, dir));
     }
     let want = std::fs::read(&src)?;
     let mut from_peers = 0;
@@ -278,7 +259,13 @@ fn add_file(bins: &Path, master_dir: &Path, src: &Path) -> anyhow::Result<String
     Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
-fn spawn_fetch(bins: &Path, file_id: &str, bootstrap: &str, dir: &Path) -> anyhow::Result<Proc> {
+fn spawn_fetch(
+    bins: &Path,
+    file_id: &str,
+    bootstrap: &str,
+    dir: &Path,
+    seed_time: &str,
+) -> anyhow::Result<Proc> {
     Ok(Proc(
         Command::new(bins.join("shoal"))
             .args([
@@ -289,7 +276,7 @@ fn spawn_fetch(bins: &Path, file_id: &str, bootstrap: &str, dir: &Path) -> anyho
                 "--listen",
                 "/ip4/127.0.0.1/tcp/0",
                 "--seed-time",
-                "0",
+                seed_time,
             ])
             .arg("--data-dir")
             .arg(dir)
@@ -314,7 +301,7 @@ fn a_killed_fetch_resumes_without_refetching_verified_blocks() -> anyhow::Result
     // 4 MB/s: the fetch takes about 6 s, long enough to kill it half way.
     let (_master, bootstrap) = spawn_master(&bins, &master_dir, free_port()?, 4_000_000)?;
     let node = tmp.path().join("node");
-    let mut first = spawn_fetch(&bins, &file_id, &bootstrap, &node)?;
+    let mut first = spawn_fetch(&bins, &file_id, &bootstrap, &node, "0")?;
     let journal = node.join("journals").join(format!("{file_id}.journal"));
     // Wait until the journal holds at least a third of the 384 blocks, then SIGKILL.
     let start = Instant::now();
@@ -334,7 +321,7 @@ fn a_killed_fetch_resumes_without_refetching_verified_blocks() -> anyhow::Result
     let journaled = std::fs::metadata(&journal)?.len() / 4;
     assert!(journaled < 384, "the first fetch finished before the kill");
 
-    let mut second = spawn_fetch(&bins, &file_id, &bootstrap, &node)?;
+    let mut second = spawn_fetch(&bins, &file_id, &bootstrap, &node, "0")?;
     let status = wait_with_limit(&mut second.0, Duration::from_secs(120), "the resumed fetch")?;
     assert!(status.success(), "the resumed fetch failed: {status}");
     assert!(
@@ -374,7 +361,7 @@ fn fetches_survive_a_master_crash_and_restart() -> anyhow::Result<()> {
     let mut fetchers = Vec::new();
     for i in 0..3 {
         let dir = tmp.path().join(format!("node{i}"));
-        fetchers.push((spawn_fetch(&bins, &file_id, &bootstrap, &dir)?, dir));
+        fetchers.push((spawn_fetch(&bins, &file_id, &bootstrap, &dir, "0")?, dir));
     }
     std::thread::sleep(Duration::from_millis(1500));
     master.0.kill()?; // SIGKILL, mid-transfer
