@@ -43,7 +43,29 @@ async fn corrupting_nodes_are_banned_and_honest_nodes_are_not() -> anyhow::Resul
         all.push((start_node(&dir, &bootstrap, None).await?, dir, true));
     }
     let mut tasks = Vec::new();
-    for (client, dir, honest) in &all {
+    for (i, (client, dir, honest)) in all.iter().enumerate() {
+        if *honest && !all[i - 1].2 {
+            // The corrupters start first, and honest nodes only once every corrupter holds
+            // blocks: then honest nodes are sure to be sent to each of them, so each one's
+            // misbehaviour is seen (a corrupter nobody fetches from cannot be caught).
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let status = master.status(file).await.context("status")?;
+                // Corrupters also fetch from one another, so some may be banned already.
+                let exposed = |p: &libp2p::PeerId| {
+                    status.banned.contains(p)
+                        || status.mirrors.iter().any(|m| m.peer == *p && m.blocks > 0)
+                };
+                if bad.iter().all(exposed) {
+                    break;
+                }
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "some corrupter holds no blocks after 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         let (c, out) = (client.clone(), dir.join("out.bin"));
         let task =
             tokio::spawn(async move { shoal_node::fetch(&c, FetchOptions::new(file, &out)).await });
