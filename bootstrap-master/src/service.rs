@@ -802,8 +802,10 @@ impl EventLoop {
         if self.policy.is_banned(&peer) {
             return;
         }
-        // Backpressure: wait for a slot rather than spawn without bound.
-        let Ok(permit) = self.slots.clone().acquire_owned().await else {
+        // All upload slots busy: drop the stream (the node asks again and is sent elsewhere)
+        // rather than wait here, which would stall the whole event loop.
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "upload slots full; piece stream dropped");
             return;
         };
         let shelf = self.shelf.clone();
