@@ -13,11 +13,8 @@ use std::{
 
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{
-    gossipsub, identify,
-    multiaddr::Protocol,
-    noise, request_response,
-    swarm::{dial_opts::DialOpts, SwarmEvent},
-    tcp, yamux, Multiaddr, PeerId, Swarm,
+    gossipsub, identify, multiaddr::Protocol, noise, request_response, swarm::SwarmEvent, tcp,
+    yamux, Multiaddr, PeerId, Swarm,
 };
 use shoal_protocol::{
     behaviour::{Behaviour, BehaviourEvent, Role},
@@ -934,9 +931,4 @@ async fn pull(
     }
     .await;
     let _ = internal.send(Internal::PullFinished { file, result }).await;
-}
-
-/// Dial options for a peer at known addresses (used by tests and tools).
-pub fn dial_opts(peer: PeerId, addrs: Vec<Multiaddr>) -> DialOpts {
-    DialOpts::peer_id(peer).addresses(addrs).build()
 }

@@ -262,22 +262,6 @@ impl PieceStore {
             notified.await;
         }
     }
-
-    /// Checks the whole-file SHA-256 against the manifest.
-    pub fn check_whole_file(&self) -> io::Result<bool> {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let size = self.manifest.body().size;
-        let mut off = 0u64;
-        while off < size {
-            let n = ((size - off) as usize).min(buf.len());
-            self.data.read_exact_at(&mut buf[..n], off)?;
-            h.update(&buf[..n]);
-            off += n as u64;
-        }
-        Ok(<[u8; 32]>::from(h.finalize()) == self.manifest.body().file_sha256)
-    }
 }
 
 /// Checks every block of `data` against `manifest`; returns the bad blocks.
@@ -344,7 +328,8 @@ mod tests {
         }
         s.flush().unwrap();
         assert!(s.have().is_full());
-        assert!(s.check_whole_file().unwrap());
+        let digest = futures::executor::block_on(s.hash_as_written()).unwrap();
+        assert_eq!(digest, m.body().file_sha256);
         assert_eq!(fs::read(&out).unwrap(), data);
     }
 
