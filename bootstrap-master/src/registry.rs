@@ -211,10 +211,7 @@ impl Registry {
     /// directory. Returns the manifest.
     pub fn add_local(&self, src: &Path, key: &Keypair) -> Result<VerifiedManifest, RegistryError> {
         let builder = hash_file(src)?;
-        let name = src
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "file".into());
+        let name = shoal_protocol::manifest::name_for(src);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

@@ -418,10 +418,7 @@ pub async fn publish(
     let size = f.metadata()?.len();
     let builder =
         ManifestBuilder::hash_reader(std::io::BufReader::new(f), choose_block_size(size))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
+    let name = shoal_protocol::manifest::name_for(path);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

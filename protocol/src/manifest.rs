@@ -219,6 +219,13 @@ pub fn choose_block_size(size: u64) -> u32 {
     bs
 }
 
+/// The name a manifest gives the file at `path`: its last component ("file" if it has none).
+pub fn name_for(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into())
+}
+
 /// SHA-256 over the concatenated block digests.
 pub fn digest_list_sha256(digests: &[BlockDigest]) -> [u8; 32] {
     let mut h = Sha256::new();
