@@ -495,7 +495,10 @@ impl Policy {
                 }
             })
             .collect();
-        mirrors.sort_by_key(|m| m.peer);
+        // Most blocks first; the list is capped, the total is not.
+        mirrors.sort_by_key(|m| (std::cmp::Reverse(m.blocks), m.peer));
+        let mirrors_total = mirrors.len() as u32;
+        mirrors.truncate(shoal_protocol::limits::MAX_STATUS_MIRRORS);
         let master_only_blocks = (0..f.blocks)
             .filter(|b| {
                 !f.holders
@@ -505,6 +508,8 @@ impl Policy {
             .count() as u32;
         let mut banned: Vec<PeerId> = self.banned.iter().copied().collect();
         banned.sort();
+        let banned_total = banned.len() as u32;
+        banned.truncate(shoal_protocol::limits::MAX_STATUS_BANNED);
         Some(FileStatus {
             file: *file,
             name: f.name.clone(),
@@ -512,10 +517,12 @@ impl Policy {
             blocks: f.blocks,
             master_blocks: f.master_has.count(),
             mirrors,
+            mirrors_total,
             master_only_blocks,
             bytes_from_master: f.bytes_from_master,
             bytes_from_peers: f.bytes_from_peers,
             banned,
+            banned_total,
         })
     }
 }

@@ -195,7 +195,7 @@ impl Registry {
             path: path.to_path_buf(),
             reason,
         };
-        let m: Manifest = codec::decode(&bytes, shoal_protocol::limits::MAX_MASTER_REQUEST)
+        let m: Manifest = codec::decode(&bytes, shoal_protocol::limits::MAX_MANIFEST_FILE)
             .map_err(|e| damaged(e.to_string()))?;
         let m = m.verify(None).map_err(|e| damaged(e.to_string()))?;
         let id = m.id();

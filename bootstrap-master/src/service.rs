@@ -17,7 +17,7 @@ use libp2p::{
     yamux, Multiaddr, PeerId, Swarm,
 };
 use shoal_protocol::{
-    behaviour::{Behaviour, BehaviourEvent, Role},
+    behaviour::{Behaviour, BehaviourEvent, ConnectionCaps, Role},
     block::{BlockRange, Blocks},
     limits::{MAX_PIECE_FRAME, MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
     manifest::check_digest_list,
@@ -54,6 +54,8 @@ pub struct MasterConfig {
     pub policy: PolicyConfig,
     /// How often to rescan the data dir for files added with `shoal-master add`. Default 2 s.
     pub rescan_interval: Duration,
+    /// Caps on connections. Default [`ConnectionCaps::for_role`]`(Role::Master)`.
+    pub connection_caps: ConnectionCaps,
 }
 
 impl MasterConfig {
@@ -72,6 +74,7 @@ impl MasterConfig {
             upload_slots: 64,
             policy: PolicyConfig::default(),
             rescan_interval: Duration::from_secs(2),
+            connection_caps: ConnectionCaps::for_role(Role::Master),
         }
     }
 
@@ -90,6 +93,12 @@ impl MasterConfig {
     /// Serve metrics at `addr`.
     pub fn with_metrics_addr(mut self, addr: Option<SocketAddr>) -> Self {
         self.metrics_addr = addr;
+        self
+    }
+
+    /// Cap connections so.
+    pub fn with_connection_caps(mut self, caps: ConnectionCaps) -> Self {
+        self.connection_caps = caps;
         self
     }
 
@@ -180,7 +189,7 @@ impl Master {
             .map_err(|e| net(&e))?
             .with_quic()
             .with_behaviour(|k| {
-                Behaviour::new(k, Role::Master)
+                Behaviour::new(k, Role::Master, &cfg.connection_caps)
                     .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
             })
             .map_err(|e| net(&e))?
@@ -558,6 +567,31 @@ impl EventLoop {
                     tracing::debug!(%peer, "master response dropped: peer gone");
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Publish(request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            })) => {
+                let response = if self.policy.is_banned(&peer) {
+                    MasterResponse::Refused {
+                        reason: "banned".into(),
+                    }
+                } else {
+                    self.on_announce(peer, request.header, request.digests)
+                };
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .publish
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!(%peer, "publish response dropped: peer gone");
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Digest(request_response::Event::Message {
                 peer,
                 message:
@@ -603,7 +637,6 @@ impl EventLoop {
             };
         }
         match request {
-            MasterRequest::Announce { header, digests } => self.on_announce(peer, header, digests),
             MasterRequest::Locate { file, need } => {
                 let need: Vec<BlockRange> = need.into_iter().take(MAX_RANGES_PER_MESSAGE).collect();
                 match self.policy.locate(Instant::now(), peer, &file, &need) {
@@ -645,7 +678,9 @@ impl EventLoop {
                 // while. A busy one: for a moment.
                 let until = match problem {
                     Problem::Corrupt { .. } => None,
-                    Problem::Unreachable => Some(Instant::now() + Duration::from_secs(30)),
+                    Problem::Unreachable | Problem::Truncated { .. } | Problem::NotHeld { .. } => {
+                        Some(Instant::now() + Duration::from_secs(30))
+                    }
                     Problem::Busy => Some(Instant::now() + Duration::from_secs(2)),
                 };
                 self.policy.avoid(peer, culprit, until);

@@ -15,7 +15,9 @@ use shoal_protocol::{
     limits::{MAX_DIGESTS_PER_RESPONSE, PIECE_PROTOCOL},
     manifest::{choose_block_size, ManifestBuilder},
     piece::{receive_blocks, ReceiveError},
-    wire::{DigestRequest, DigestResponse, FileStatus, MasterRequest, MasterResponse},
+    wire::{
+        DigestRequest, DigestResponse, FileStatus, MasterRequest, MasterResponse, PublishRequest,
+    },
     FileId, Manifest, VerifiedManifest,
 };
 use tokio::sync::mpsc;
@@ -376,11 +378,12 @@ async fn run_transfer(
                 ReceiveError::Corrupt { block } => Failure::Corrupt { block },
                 ReceiveError::Refused(r) => Failure::Refused(r),
                 ReceiveError::Sink { .. } => Failure::Local,
-                // It said Ok, then closed the stream early: a truncated answer is bad data.
+                // It said Ok, then the stream ended early. A peer that died looks exactly like
+                // this, so it is reported as what it is, not as bad data.
                 ReceiveError::Io(e)
                     if e.kind() == std::io::ErrorKind::UnexpectedEof && !from_master =>
                 {
-                    Failure::Corrupt {
+                    Failure::Truncated {
                         block: t.range.start + n,
                     }
                 }
@@ -425,11 +428,11 @@ pub async fn publish(
     let (body, digests) =
         builder.finish(name, key.public().encode_protobuf(), client.master(), now);
     let header = body.sign(key)?;
-    let announce = MasterRequest::Announce {
+    let announce = PublishRequest {
         header,
         digests: digests.clone(),
     };
-    let (file, signed) = match client.master_request(announce).await? {
+    let (file, signed) = match client.publish_request(announce).await? {
         MasterResponse::Announced { file, header } => (file, header),
         MasterResponse::Refused { reason } => return Err(NodeError::Refused(reason)),
         _ => return Err(NodeError::Unexpected),

@@ -3,7 +3,7 @@
 
 use std::{fs, io, path::Path};
 
-use shoal_protocol::{codec, limits::MAX_MASTER_REQUEST, FileId, Manifest, VerifiedManifest};
+use shoal_protocol::{codec, limits::MAX_MANIFEST_FILE, FileId, Manifest, VerifiedManifest};
 
 use crate::service::NodeError;
 
@@ -46,7 +46,7 @@ pub fn load_manifest(
     expected: Option<&FileId>,
 ) -> Result<VerifiedManifest, NodeError> {
     let bytes = fs::read(path)?;
-    let m: Manifest = codec::decode(&bytes, MAX_MASTER_REQUEST).map_err(|e| {
+    let m: Manifest = codec::decode(&bytes, MAX_MANIFEST_FILE).map_err(|e| {
         NodeError::Io(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{}: not a shoal manifest: {e}", path.display()),

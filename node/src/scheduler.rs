@@ -79,6 +79,11 @@ pub enum Failure {
         /// The bad block.
         block: u32,
     },
+    /// The source said `Ok`, then the stream ended before this block.
+    Truncated {
+        /// The first block not delivered.
+        block: u32,
+    },
     /// A local problem (disk), not the source's fault.
     Local,
 }
@@ -296,8 +301,13 @@ impl Scheduler {
                 Failure::Corrupt { block } => Some(Problem::Corrupt {
                     blocks: vec![BlockRange::new(block, block + 1)],
                 }),
-                Failure::Unreachable
-                | Failure::Refused(RefuseReason::NotHeld | RefuseReason::UnknownFile) => {
+                Failure::Truncated { block } => Some(Problem::Truncated {
+                    blocks: vec![BlockRange::new(block, t.range.end)],
+                }),
+                Failure::Refused(RefuseReason::NotHeld) => Some(Problem::NotHeld {
+                    blocks: vec![t.range],
+                }),
+                Failure::Unreachable | Failure::Refused(RefuseReason::UnknownFile) => {
                     Some(Problem::Unreachable)
                 }
                 Failure::Refused(RefuseReason::Busy) => Some(Problem::Busy),

@@ -20,13 +20,13 @@ use libp2p::{
     Swarm,
 };
 use shoal_protocol::{
-    behaviour::{peer_of, Behaviour, BehaviourEvent, Role},
+    behaviour::{peer_of, Behaviour, BehaviourEvent, ConnectionCaps, Role},
     limits::{MAX_PIECE_FRAME, PIECE_PROTOCOL},
     piece::{read_frame, refuse, send_blocks, write_frame},
     rate::RateLimiter,
     wire::{
         decode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
-        MasterResponse, PieceRequest, PieceResponse, RefuseReason,
+        MasterResponse, PieceRequest, PieceResponse, PublishRequest, RefuseReason,
     },
     BlockRange, FileId,
 };
@@ -51,6 +51,8 @@ pub struct NodeConfig {
     pub upload_slots: usize,
     /// Region label for nearby redirects. Default empty.
     pub region: String,
+    /// Caps on connections. Default [`ConnectionCaps::for_role`]`(Role::Node)`.
+    pub connection_caps: ConnectionCaps,
     /// Deliberate misbehaviour (settable only with the `chaos` feature).
     chaos: Option<ChaosMode>,
 }
@@ -70,6 +72,7 @@ impl NodeConfig {
             max_upload_rate: None,
             upload_slots: 16,
             region: String::new(),
+            connection_caps: ConnectionCaps::for_role(Role::Node),
             chaos: None,
         }
     }
@@ -90,6 +93,12 @@ impl NodeConfig {
     #[cfg(feature = "chaos")]
     pub fn with_chaos(mut self, mode: Option<ChaosMode>) -> Self {
         self.chaos = mode;
+        self
+    }
+
+    /// Cap connections so.
+    pub fn with_connection_caps(mut self, caps: ConnectionCaps) -> Self {
+        self.connection_caps = caps;
         self
     }
 
@@ -135,6 +144,10 @@ pub enum NodeError {
 enum Command {
     Master(
         MasterRequest,
+        oneshot::Sender<Result<MasterResponse, NodeError>>,
+    ),
+    Publish(
+        PublishRequest,
         oneshot::Sender<Result<MasterResponse, NodeError>>,
     ),
     Digest(
@@ -206,6 +219,16 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Master(req, tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Announces a file to the master on the publish protocol and waits for its answer.
+    pub async fn publish_request(&self, req: PublishRequest) -> Result<MasterResponse, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Publish(req, tx))
             .await
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)?
@@ -292,7 +315,8 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         .map_err(|e| net(&e))?
         .with_quic()
         .with_behaviour(|k| {
-            Behaviour::new(k, Role::Node).map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+            Behaviour::new(k, Role::Node, &cfg.connection_caps)
+                .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
         })
         .map_err(|e| net(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
@@ -340,6 +364,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         master,
         pending_master: HashMap::new(),
         pending_digest: HashMap::new(),
+        pending_publish: HashMap::new(),
         shelf: shelf.clone(),
         banned: banned.clone(),
         region: cfg.region.clone(),
@@ -409,6 +434,7 @@ struct EventLoop {
     master: PeerId,
     pending_master: Pending<MasterResponse>,
     pending_digest: Pending<DigestResponse>,
+    pending_publish: Pending<MasterResponse>,
     shelf: Shelf,
     banned: Arc<Mutex<HashSet<PeerId>>>,
     region: String,
@@ -475,6 +501,14 @@ impl EventLoop {
                     .send_request(&self.master, req);
                 self.pending_master.insert(id, tx);
             }
+            Command::Publish(req, tx) => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .publish
+                    .send_request(&self.master, req);
+                self.pending_publish.insert(id, tx);
+            }
             Command::Digest(peer, req, tx) => {
                 let id = self.swarm.behaviour_mut().digest.send_request(&peer, req);
                 self.pending_digest.insert(id, tx);
@@ -498,6 +532,9 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Master(ev)) => {
                 // The node serves no master requests; only answers to its own matter.
                 let _ = settle(&mut self.pending_master, ev);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Publish(ev)) => {
+                let _ = settle(&mut self.pending_publish, ev);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Digest(ev)) => {
                 if let Some((request, channel)) = settle(&mut self.pending_digest, ev) {

@@ -9,21 +9,61 @@
 use std::time::Duration;
 
 use libp2p::{
-    gossipsub, identify, identity::Keypair, kad, ping, request_response, swarm::NetworkBehaviour,
-    PeerId, StreamProtocol,
+    connection_limits, gossipsub, identify, identity::Keypair, kad, memory_connection_limits, ping,
+    request_response, swarm::NetworkBehaviour, PeerId, StreamProtocol,
 };
 
-use crate::limits::{DIGEST_PROTOCOL, KAD_PROTOCOL, MASTER_PROTOCOL};
-use crate::wire::{DigestCodec, MasterCodec};
+use crate::limits::{DIGEST_PROTOCOL, KAD_PROTOCOL, MASTER_PROTOCOL, PUBLISH_PROTOCOL};
+use crate::wire::{DigestCodec, MasterCodec, PublishCodec};
 
 /// Identify protocol version string of shoal.
 pub const IDENTIFY_PROTOCOL: &str = "/shoal/id/1";
 
+/// Caps on connections, enforced by libp2p before any protocol runs. A connection over a cap
+/// is refused (or closed) at once; the peer may try again later.
+#[derive(Clone, Debug)]
+pub struct ConnectionCaps {
+    /// Established connections with any one peer. Default 2 (a simultaneous dial can make two).
+    pub per_peer: u32,
+    /// Incoming connections still in their handshake. Default 64.
+    pub pending_incoming: u32,
+    /// Established incoming connections in all. Default 4,096 (master) / 512 (node).
+    pub established_incoming: u32,
+    /// Established connections in all. Default 5,000 (master) / 1,024 (node).
+    pub established_total: u32,
+    /// New connections are refused while the process uses more than this fraction of the
+    /// machine's memory. Default 0.9.
+    pub max_memory_fraction: f64,
+}
+
+impl ConnectionCaps {
+    /// The defaults for `role`.
+    pub fn for_role(role: Role) -> Self {
+        let (established_incoming, established_total) = match role {
+            Role::Master => (4_096, 5_000),
+            Role::Node => (512, 1_024),
+        };
+        Self {
+            per_peer: 2,
+            pending_incoming: 64,
+            established_incoming,
+            established_total,
+            max_memory_fraction: 0.9,
+        }
+    }
+}
+
 /// All protocols of a shoal peer.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Connection caps (first, so that refused connections reach no protocol).
+    pub limits: connection_limits::Behaviour,
+    /// Refuses connections while memory is short.
+    pub memory: memory_connection_limits::Behaviour,
     /// `/shoal/master/1`.
     pub master: request_response::Behaviour<MasterCodec>,
+    /// `/shoal/publish/1`: announces, the one large request.
+    pub publish: request_response::Behaviour<PublishCodec>,
     /// `/shoal/digest/1`.
     pub digest: request_response::Behaviour<DigestCodec>,
     /// `/shoal/piece/1` streams.
@@ -53,12 +93,23 @@ pub enum Role {
 pub struct BehaviourError(String);
 
 impl Behaviour {
-    /// Builds the behaviour for `key` in `role`.
-    pub fn new(key: &Keypair, role: Role) -> Result<Self, BehaviourError> {
+    /// Builds the behaviour for `key` in `role`, with `caps` on connections.
+    pub fn new(key: &Keypair, role: Role, caps: &ConnectionCaps) -> Result<Self, BehaviourError> {
         let peer = key.public().to_peer_id();
+        let limits = connection_limits::Behaviour::new(
+            connection_limits::ConnectionLimits::default()
+                .with_max_established_per_peer(Some(caps.per_peer))
+                .with_max_pending_incoming(Some(caps.pending_incoming))
+                .with_max_established_incoming(Some(caps.established_incoming))
+                .with_max_established(Some(caps.established_total)),
+        );
+        let memory = memory_connection_limits::Behaviour::with_max_percentage(
+            caps.max_memory_fraction.clamp(0.05, 1.0),
+        );
+        // Inbound request streams per connection: a peer cannot queue more work than this.
         let rr_cfg = request_response::Config::default()
             .with_request_timeout(Duration::from_secs(30))
-            .with_max_concurrent_streams(256);
+            .with_max_concurrent_streams(64);
         let (master_support, digest_support) = match role {
             Role::Master => (
                 request_response::ProtocolSupport::Inbound,
@@ -71,7 +122,12 @@ impl Behaviour {
         };
         let master = request_response::Behaviour::with_codec(
             MasterCodec::default(),
-            [(MASTER_PROTOCOL, master_support)],
+            [(MASTER_PROTOCOL, master_support.clone())],
+            rr_cfg.clone(),
+        );
+        let publish = request_response::Behaviour::with_codec(
+            PublishCodec::default(),
+            [(PUBLISH_PROTOCOL, master_support)],
             rr_cfg.clone(),
         );
         let digest = request_response::Behaviour::with_codec(
@@ -108,7 +164,10 @@ impl Behaviour {
                 .with_timeout(Duration::from_secs(10)),
         );
         Ok(Self {
+            limits,
+            memory,
             master,
+            publish,
             digest,
             stream: libp2p_stream::Behaviour::new(),
             gossipsub,

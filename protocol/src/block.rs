@@ -235,10 +235,51 @@ pub fn runs(over: std::ops::Range<u32>, mut pred: impl FnMut(u32) -> bool) -> Ve
     out
 }
 
+/// Ranges from a peer made safe to walk: each clamped to `[0, blocks)`, empty ones dropped,
+/// at most `max_ranges` of them considered, sorted and merged so that no block appears twice.
+/// Costs O(n log n) in the number of ranges, never in the number of blocks they name, so
+/// 4,096 copies of the full range cost no more than 4,096 small ones.
+pub fn normalize(ranges: &[BlockRange], blocks: u32, max_ranges: usize) -> Vec<BlockRange> {
+    let mut v: Vec<BlockRange> = ranges
+        .iter()
+        .take(max_ranges)
+        .map(|r| BlockRange {
+            start: r.start.min(blocks),
+            end: r.end.min(blocks),
+        })
+        .filter(|r| r.start < r.end)
+        .collect();
+    v.sort_unstable_by_key(|r| (r.start, r.end));
+    let mut out: Vec<BlockRange> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn normalize_merges_clamps_and_caps() {
+        let r = |a, b| BlockRange { start: a, end: b };
+        let full = vec![r(0, u32::MAX); 4096];
+        assert_eq!(normalize(&full, 100, 4096), vec![r(0, 100)]);
+        assert_eq!(
+            normalize(
+                &[r(5, 9), r(0, 3), r(8, 12), r(50, 40), r(200, 300)],
+                100,
+                10
+            ),
+            vec![r(0, 3), r(5, 12)]
+        );
+        assert_eq!(normalize(&[r(0, 1), r(2, 3)], 100, 1), vec![r(0, 1)]);
+    }
 
     #[test]
     fn geometry_of_a_short_last_block() {
@@ -263,6 +304,18 @@ mod tests {
             prop_assert_eq!(have, b.count());
             prop_assert_eq!(have + miss, len);
             for r in b.ranges() { prop_assert!(b.contains_range(r)); }
+        }
+
+        #[test]
+        fn normalize_names_the_same_blocks_once(blocks in 0u32..500, raw in proptest::collection::vec((any::<u32>(), any::<u32>()), 0..40)) {
+            let ranges: Vec<BlockRange> = raw.iter().map(|(a, b)| BlockRange { start: *a % 600, end: *b % 600 }).collect();
+            let mut expect = Blocks::new(blocks);
+            for r in &ranges { for b in r.start..r.end.min(blocks) { expect.insert(b); } }
+            let n = normalize(&ranges, blocks, usize::MAX);
+            let mut got = Blocks::new(blocks);
+            for w in n.windows(2) { prop_assert!(w[0].end < w[1].start); }
+            for r in &n { prop_assert!(r.end <= blocks && !r.is_empty()); got.insert_range(*r); }
+            prop_assert_eq!(got.ranges(), expect.ranges());
         }
     }
 }

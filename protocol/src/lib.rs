@@ -9,7 +9,8 @@
 //!   limits ([`limits`]);
 //! - one codec module ([`codec`]) behind which all encoding lives, so the encoding can be
 //!   swapped in one place;
-//! - the framing of piece streams ([`piece`]), generic over `futures` I/O traits so that the
+//! - length-prefixed frames with caps checked before allocation ([`frame`]);
+//! - the two halves of piece streams ([`piece`]), generic over `futures` I/O traits so that the
 //!   caller owns the socket;
 //! - a pure upload-rate limiter ([`rate`]) that is told the time instead of reading a clock.
 //!
@@ -19,6 +20,7 @@
 pub mod behaviour;
 pub mod block;
 pub mod codec;
+pub mod frame;
 pub mod limits;
 pub mod manifest;
 pub mod piece;

@@ -4,6 +4,8 @@ use libp2p::StreamProtocol;
 
 /// Request-response protocol spoken with the master: announce, locate, have, report, status.
 pub const MASTER_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/master/1");
+/// Request-response protocol on which publishers announce files (the one large request).
+pub const PUBLISH_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/publish/1");
 /// Request-response protocol for manifest headers and block digest ranges.
 pub const DIGEST_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/digest/1");
 /// Stream protocol carrying one block range per stream.
@@ -37,10 +39,26 @@ pub const MAX_ASSIGNMENTS: usize = 1_024;
 /// Most addresses in one redirect hint.
 pub const MAX_HINT_ADDRS: usize = 8;
 
-/// Cap on an encoded master request (an announce carries the whole digest list).
-pub const MAX_MASTER_REQUEST: usize = 9 * 1024 * 1024;
-/// Cap on an encoded master response.
-pub const MAX_MASTER_RESPONSE: usize = 2 * 1024 * 1024;
+/// Most blocks one piece request may ask for: a request covers at most one piece.
+pub const MAX_PIECE_BLOCKS: u32 = 256;
+/// Most mirrors a status answer lists (it also carries the total).
+pub const MAX_STATUS_MIRRORS: usize = 1_024;
+/// Most banned peers a status answer lists (it also carries the total).
+pub const MAX_STATUS_BANNED: usize = 1_024;
+/// Longest region label the master keeps.
+pub const MAX_REGION_LEN: usize = 64;
+
+/// Cap on an encoded master request (a Locate or Have of [`MAX_RANGES_PER_MESSAGE`] ranges is
+/// at most about 40 KiB).
+pub const MAX_MASTER_REQUEST: usize = 64 * 1024;
+/// Cap on an encoded publish request (it carries the whole digest list: 8 MiB at
+/// [`MAX_BLOCKS`]).
+pub const MAX_PUBLISH_REQUEST: usize = 9 * 1024 * 1024;
+/// Cap on a manifest file on disk (header plus digest list).
+pub const MAX_MANIFEST_FILE: usize = MAX_PUBLISH_REQUEST;
+/// Cap on an encoded master response (1,024 assignments with full hints, or a status of
+/// [`MAX_STATUS_MIRRORS`] mirrors, fit well within it).
+pub const MAX_MASTER_RESPONSE: usize = 1024 * 1024;
 /// Cap on an encoded digest request.
 pub const MAX_DIGEST_REQUEST: usize = 1024;
 /// Cap on an encoded digest response.

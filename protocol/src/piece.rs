@@ -6,57 +6,18 @@
 //! every block's length from the manifest, so blocks need no framing, and it checks each block
 //! against its digest as soon as it has it: a bad block is caught before the next one is read.
 //!
-//! Everything here is generic over `futures` I/O traits: the caller owns the stream.
+//! Everything here is generic over `futures` I/O traits: the caller owns the stream. Frames
+//! themselves are [`crate::frame`]'s.
 
 use std::{future::Future, io};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use serde::{de::DeserializeOwned, Serialize};
 
 use crate::block::{BlockRange, Geometry};
+pub use crate::frame::{read_frame, write_frame};
 use crate::limits::MAX_PIECE_FRAME;
 use crate::manifest::VerifiedManifest;
 use crate::wire::{PieceRequest, PieceResponse, RefuseReason};
-
-fn invalid(e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
-}
-
-/// Writes one frame holding `value`, refusing values over `max` bytes.
-pub async fn write_frame<W, T>(io: &mut W, value: &T, max: usize) -> io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-    T: Serialize,
-{
-    let bytes = crate::codec::encode(value).map_err(invalid)?;
-    if bytes.len() > max {
-        return Err(invalid(format!(
-            "refusing to send a {} byte frame (cap {max})",
-            bytes.len()
-        )));
-    }
-    let len = u32::try_from(bytes.len()).map_err(invalid)?;
-    io.write_all(&len.to_le_bytes()).await?;
-    io.write_all(&bytes).await?;
-    io.flush().await
-}
-
-/// Reads one frame, refusing frames over `max` bytes before allocating for them.
-pub async fn read_frame<R, T>(io: &mut R, max: usize) -> io::Result<T>
-where
-    R: AsyncRead + Unpin,
-    T: DeserializeOwned,
-{
-    let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > max {
-        return Err(invalid(format!("frame of {len} bytes exceeds cap {max}")));
-    }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
-    crate::codec::decode(&buf, max).map_err(invalid)
-}
 
 /// Why a piece could not be received.
 #[derive(Debug, thiserror::Error)]
@@ -289,14 +250,5 @@ mod tests {
         let answer = served(&data, &m, BlockRange::new(1, 2));
         let (r, _) = receive(answer, &m, BlockRange::new(0, 1));
         assert!(matches!(r, Err(ReceiveError::Corrupt { block: 0 })));
-    }
-
-    #[test]
-    fn oversized_frames_are_refused_before_allocation() {
-        let mut bytes = u32::MAX.to_le_bytes().to_vec();
-        bytes.extend_from_slice(&[0; 16]);
-        let mut c = Cursor::new(bytes);
-        let r = futures::executor::block_on(read_frame::<_, PieceRequest>(&mut c, MAX_PIECE_FRAME));
-        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 }

@@ -3,6 +3,7 @@
 //! | protocol | messages |
 //! |---|---|
 //! | `/shoal/master/1` | [`MasterRequest`] / [`MasterResponse`] |
+//! | `/shoal/publish/1` | [`PublishRequest`] / [`MasterResponse`] |
 //! | `/shoal/digest/1` | [`DigestRequest`] / [`DigestResponse`] |
 //! | `/shoal/piece/1`  | [`PieceRequest`] / [`PieceResponse`], then raw block bytes |
 //! | `/shoal/authority/1` (gossipsub) | [`AuthorityEvent`] |
@@ -14,20 +15,24 @@ use libp2p::{request_response, Multiaddr, PeerId, StreamProtocol};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::block::{BlockDigest, BlockRange};
+use crate::frame::{read_frame, write_frame};
 use crate::limits::*;
 use crate::manifest::{FileId, PublisherHeader, SignedHeader};
-use crate::piece::{read_frame, write_frame};
+
+/// A publisher announces a file on `/shoal/publish/1`; the master countersigns it and then
+/// pulls its pieces. It has a protocol of its own because it is the one large request (it
+/// carries the whole digest list): every request on `/shoal/master/1` is capped far lower.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishRequest {
+    /// The publisher-signed header.
+    pub header: PublisherHeader,
+    /// The block digest list.
+    pub digests: Vec<BlockDigest>,
+}
 
 /// A request to the master.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MasterRequest {
-    /// A publisher announces a file; the master countersigns and then pulls its pieces.
-    Announce {
-        /// The publisher-signed header.
-        header: PublisherHeader,
-        /// The block digest list.
-        digests: Vec<BlockDigest>,
-    },
     /// A node names blocks it lacks and asks where to get them.
     Locate {
         /// The file.
@@ -67,16 +72,29 @@ pub enum MasterRequest {
     Leave,
 }
 
-/// A problem with an assigned source.
+/// A problem with an assigned source. Each says only what the reporter saw: a peer that died
+/// looks exactly like [`Problem::Unreachable`] or [`Problem::Truncated`] to its downloaders,
+/// so only [`Problem::Corrupt`] (bytes that failed their digest) is evidence of lying.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Problem {
-    /// The peer could not be reached, refused, stalled or reset the stream.
+    /// The peer could not be reached, reset the stream, or timed out (open, stall, or too slow).
     Unreachable,
     /// The peer refused because all its upload slots were busy (not a fault).
     Busy,
     /// The peer served bytes that failed their digest.
     Corrupt {
         /// The blocks that failed.
+        blocks: Vec<BlockRange>,
+    },
+    /// The peer answered `Ok`, then the stream ended (cleanly or not) before these blocks
+    /// arrived.
+    Truncated {
+        /// The blocks not delivered.
+        blocks: Vec<BlockRange>,
+    },
+    /// The peer refused with `NotHeld` blocks the master said it holds.
+    NotHeld {
+        /// The blocks it refused.
         blocks: Vec<BlockRange>,
     },
 }
@@ -130,16 +148,20 @@ pub struct FileStatus {
     pub blocks: u32,
     /// Blocks the master itself holds (all of them once a publish completed).
     pub master_blocks: u32,
-    /// Mirrors known for the file.
+    /// Mirrors known for the file: at most [`MAX_STATUS_MIRRORS`], most blocks first.
     pub mirrors: Vec<MirrorStatus>,
+    /// How many mirrors there are in all (`mirrors` may list fewer).
+    pub mirrors_total: u32,
     /// Blocks no live mirror holds.
     pub master_only_blocks: u32,
     /// Piece bytes the master has sent for this file.
     pub bytes_from_master: u64,
     /// Piece bytes peers reported having received from other peers.
     pub bytes_from_peers: u64,
-    /// Peers banned swarm-wide.
+    /// Peers banned swarm-wide: at most [`MAX_STATUS_BANNED`].
     pub banned: Vec<PeerId>,
+    /// How many peers are banned in all (`banned` may list fewer).
+    pub banned_total: u32,
 }
 
 /// An answer from the master.
@@ -235,6 +257,8 @@ pub enum RefuseReason {
     Busy,
     /// The requester is banned.
     Banned,
+    /// The range is empty, outside the file, or longer than [`MAX_PIECE_BLOCKS`] blocks.
+    BadRange,
 }
 
 /// A master-signed event on the authority topic.
@@ -282,6 +306,14 @@ impl<Req, Resp> Clone for RrCodec<Req, Resp> {
 pub type MasterCodec = RrCodec<MasterRequest, MasterResponse>;
 /// The codec of `/shoal/digest/1`.
 pub type DigestCodec = RrCodec<DigestRequest, DigestResponse>;
+/// The codec of `/shoal/publish/1`.
+pub type PublishCodec = RrCodec<PublishRequest, MasterResponse>;
+
+impl Default for PublishCodec {
+    fn default() -> Self {
+        Self::new(MAX_PUBLISH_REQUEST, MAX_MASTER_RESPONSE)
+    }
+}
 
 impl Default for MasterCodec {
     fn default() -> Self {
@@ -415,6 +447,16 @@ mod tests {
         prop_oneof![
             (file.clone(), proptest::collection::vec(arb_range(), 0..50))
                 .prop_map(|(file, need)| MasterRequest::Locate { file, need }),
+            (
+                file.clone(),
+                arb_peer(),
+                proptest::collection::vec(arb_range(), 0..5)
+            )
+                .prop_map(|(file, peer, blocks)| MasterRequest::Report {
+                    file,
+                    peer,
+                    problem: Problem::Truncated { blocks }
+                }),
             (file.clone(), proptest::collection::vec(arb_range(), 0..50)).prop_map(
                 |(file, ranges)| MasterRequest::Have {
                     file,
