@@ -164,7 +164,11 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
         .data_dir()
         .join("journals")
         .join(format!("{}.journal", opts.file));
-    let store = Arc::new(PieceStore::open(manifest.clone(), &opts.out, &journal)?);
+    let store = {
+        // Reopening re-checks every journaled block: blocking work.
+        let (m, out, j) = (manifest.clone(), opts.out.clone(), journal.clone());
+        Arc::new(blocking(move || PieceStore::open(m, &out, &j)).await??)
+    };
     client.share(store.clone());
     let geometry = manifest.geometry();
     let mut whole_file = AbortOnDrop(tokio::spawn({
@@ -313,6 +317,15 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
     };
     tracing::info!(file = %opts.file, elapsed_s = report.elapsed_s, "fetch complete");
     Ok(report)
+}
+
+/// Runs `f` (disk work: reading and hashing whole files) on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| NodeError::Io(std::io::Error::other(e.to_string())))
 }
 
 fn missing_bytes(store: &PieceStore) -> u64 {
@@ -508,8 +521,10 @@ pub async fn publish(
 ) -> Result<FileId, NodeError> {
     let f = std::fs::File::open(path)?;
     let size = f.metadata()?.len();
-    let builder =
-        ManifestBuilder::hash_reader(std::io::BufReader::new(f), choose_block_size(size))?;
+    let builder = blocking(move || {
+        ManifestBuilder::hash_reader(std::io::BufReader::new(f), choose_block_size(size))
+    })
+    .await??;
     let name = shoal_protocol::manifest::name_for(path);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -533,7 +548,10 @@ pub async fn publish(
         }
         .verify(Some(&file))?,
     );
-    client.share(Arc::new(PieceStore::open_complete(manifest.clone(), path)?));
+    let (m, p) = (manifest.clone(), path.to_path_buf());
+    client.share(Arc::new(
+        blocking(move || PieceStore::open_complete(m, &p)).await??,
+    ));
     wait_until_master_holds(client, file, manifest.blocks()).await?;
     Ok(file)
 }
@@ -576,7 +594,8 @@ pub async fn status(client: &Client, file: FileId) -> Result<FileStatus, NodeErr
 /// Serves a complete local copy of `file` at `path`, after checking every block.
 pub async fn seed(client: &Client, file: FileId, path: &Path) -> Result<(), NodeError> {
     let manifest = Arc::new(get_manifest(client, file).await?);
-    let store = Arc::new(PieceStore::open_complete(manifest.clone(), path)?);
+    let (m, p) = (manifest.clone(), path.to_path_buf());
+    let store = Arc::new(blocking(move || PieceStore::open_complete(m, &p)).await??);
     client.share(store);
     match client
         .master_request(MasterRequest::Have {
