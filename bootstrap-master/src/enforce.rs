@@ -41,9 +41,8 @@ impl EventLoop {
         let mut list: Vec<String> = self.bans.banned().map(|p| p.to_string()).collect();
         list.sort();
         let text: String = list.iter().map(|p| format!("{p}\n")).collect();
-        if let Err(e) = crate::registry::write_atomic(&self.bans_path(), text.as_bytes()) {
-            tracing::error!(error = %e, "cannot persist the ban list");
-        }
+        // Written off the loop (coalesced with any earlier write not yet done).
+        self.writer.write(self.bans_path(), text.into_bytes());
         let _ = self.swarm.disconnect_peer_id(peer);
         self.publish(AuthorityEvent::PeerBanned { peer });
     }

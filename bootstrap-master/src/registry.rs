@@ -7,15 +7,24 @@
 //! - `files/<id>.complete`: present once every block of `.data` was verified;
 //! - `bootstrap.addr`: the dialable addresses, one a line, rewritten as listeners come up.
 //!
-//! Every write is to a temporary file then renamed, so a crash leaves the old or the new
-//! version, never half of one.
+//! Every write is to a temporary file then renamed (and the directory synced), so a crash
+//! leaves the old or the new version, never half of one. The manifest is written last: a
+//! manifest on disk is the commit point of a file, so a rescan that sees it also sees the
+//! `.complete` marker of a file added with `shoal-master add`.
+//!
+//! Nothing here runs on the master's event loop: the shell calls it from the blocking pool
+//! (rescans, resume checks) or through the [`DiskWriter`] task.
 
 use std::{
+    collections::{BTreeMap, HashSet},
     fs, io,
-    os::unix::fs::FileExt,
+    io::Read,
+    os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
+
+use sha2::{Digest, Sha256};
 
 use libp2p::identity::Keypair;
 use shoal_protocol::{
@@ -56,16 +65,142 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the
+/// directory).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
+    write_atomic_mode(path, bytes, 0o644)
+}
+
+/// [`write_atomic`] with the file created with `mode` (e.g. `0o600` for a key).
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), RegistryError> {
     let tmp = path.with_extension("tmp");
     let write = || -> io::Result<()> {
-        let f = fs::File::create(&tmp)?;
+        let _ = fs::remove_file(&tmp);
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all_at(bytes, 0)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)
+        fs::rename(&tmp, path)?;
+        sync_dir(path)
     };
     write().map_err(io_err(path))
+}
+
+/// Syncs the directory holding `path`, so a rename in it survives a crash.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => fs::File::open(dir)?.sync_all(),
+        _ => Ok(()),
+    }
+}
+
+/// Bytes available to this process on the file system holding `path`.
+pub fn available_space(path: &Path) -> Result<u64, RegistryError> {
+    let st = rustix::fs::statvfs(path).map_err(|e| io_err(path)(e.into()))?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Which blocks of the data file at `path` hold what `manifest` says, each checked against
+/// its digest (a partial pull is resumed from these). A missing file holds none.
+pub fn verified_blocks(manifest: &VerifiedManifest, path: &Path) -> Blocks {
+    let mut have = Blocks::new(manifest.blocks());
+    let Ok(f) = fs::File::open(path) else {
+        return have;
+    };
+    let geometry = manifest.geometry();
+    let mut buf = vec![0u8; manifest.body().block_size as usize];
+    for block in 0..manifest.blocks() {
+        let data = &mut buf[..geometry.block_len(block)];
+        if f.read_exact_at(data, geometry.offset(block)).is_ok()
+            && manifest.check_block(block, data)
+        {
+            have.insert(block);
+        }
+    }
+    have
+}
+
+/// Whether the file at `path` hashes to the manifest's whole-file SHA-256.
+pub fn whole_file_matches(manifest: &VerifiedManifest, path: &Path) -> Result<bool, RegistryError> {
+    let mut f = fs::File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok(total == manifest.body().size
+        && <[u8; 32]>::from(hasher.finalize()) == manifest.body().file_sha256)
+}
+
+/// Whole-file writes of small state files (ban list, `bootstrap.addr`) off the event loop:
+/// [`DiskWriter::write`] never blocks; a background task writes the latest bytes of each
+/// path, atomically, on the blocking pool. Writes to one path are coalesced, so the queue is
+/// bounded by the number of distinct paths.
+#[derive(Clone)]
+pub struct DiskWriter {
+    pending: Arc<Mutex<BTreeMap<PathBuf, Vec<u8>>>>,
+    wake: Arc<tokio::sync::Notify>,
+    /// Held while a batch is written: batches reach the disk one after the other, in order.
+    flushing: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl DiskWriter {
+    /// Starts the writer task (on the current tokio runtime).
+    pub fn spawn() -> Self {
+        let w = Self {
+            pending: Arc::default(),
+            wake: Arc::default(),
+            flushing: Arc::default(),
+        };
+        let task = w.clone();
+        tokio::spawn(async move {
+            loop {
+                task.wake.notified().await;
+                task.flush().await;
+            }
+        });
+        w
+    }
+
+    /// Writes `bytes` to `path` soon (replacing any write to it not yet done).
+    pub fn write(&self, path: PathBuf, bytes: Vec<u8>) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(path, bytes);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Writes everything pending now; returns once it is on disk.
+    pub async fn flush(&self) {
+        let _turn = self.flushing.lock().await;
+        let batch = match self.pending.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => return,
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let done = tokio::task::spawn_blocking(move || {
+            for (path, bytes) in batch {
+                if let Err(e) = write_atomic(&path, &bytes) {
+                    tracing::error!(error = %e, "cannot write a state file");
+                }
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::error!(error = %e, "state file writer failed");
+        }
+    }
 }
 
 /// Loads the keypair at `path`, creating one if there is none.
@@ -86,7 +221,7 @@ pub fn load_or_create_key(path: &Path) -> Result<Keypair, RegistryError> {
             if let Some(dir) = path.parent() {
                 fs::create_dir_all(dir).map_err(io_err(dir))?;
             }
-            write_atomic(path, &bytes)?;
+            write_atomic_mode(path, &bytes, 0o600)?;
             Ok(key)
         }
         Err(e) => Err(io_err(path)(e)),
@@ -189,6 +324,45 @@ impl Registry {
         Ok(out)
     }
 
+    /// Stored files whose names are not in `known`, at most `max` of them (the rest are
+    /// found by the next scan). Only the names of known files are looked at: nothing is
+    /// re-read or re-verified. Run it off the event loop: it reads and verifies manifests.
+    pub fn scan_new(&self, known: &HashSet<FileId>, max: usize) -> Vec<StoredFile> {
+        let dir = self.dir.join("manifests");
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot list manifests");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            if out.len() >= max {
+                break;
+            }
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("manifest") {
+                continue;
+            }
+            let named: Option<FileId> = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse().ok());
+            if named.is_some_and(|id| known.contains(&id)) {
+                continue;
+            }
+            match self.load_one(&path) {
+                Ok(f) if named == Some(f.manifest.id()) => out.push(f),
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), "manifest under a wrong name; skipped")
+                }
+                Err(e) => tracing::warn!(error = %e, "skipping stored manifest"),
+            }
+        }
+        out
+    }
+
     fn load_one(&self, path: &Path) -> Result<StoredFile, RegistryError> {
         let bytes = fs::read(path).map_err(io_err(path))?;
         let damaged = |reason: String| RegistryError::Damaged {
@@ -230,18 +404,21 @@ impl Registry {
             .and_then(|f| f.sync_all())
             .and_then(|_| fs::rename(&tmp, &dst))
             .map_err(io_err(&dst))?;
-        self.save_manifest(&m)?;
+        // Marker first, manifest last: a running master's rescan that finds the manifest
+        // finds the file complete.
         self.mark_complete(&m.id())?;
+        self.save_manifest(&m)?;
         Ok(m)
     }
 
-    /// The blocks of a stored file present on disk: all of them when complete, none
-    /// otherwise (an incomplete pull restarts).
+    /// The blocks of a stored file present on disk: all of them when complete; otherwise
+    /// those that pass their digest (a pull resumes with the rest). Reads the file: run it
+    /// off the event loop.
     pub fn held_blocks(f: &StoredFile) -> Blocks {
         if f.complete {
             Blocks::full(f.manifest.blocks())
         } else {
-            Blocks::new(f.manifest.blocks())
+            verified_blocks(&f.manifest, &f.path)
         }
     }
 }

@@ -5,7 +5,7 @@
 //! pulling) run as tasks, bounded by a semaphore, and report back over a bounded channel.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -20,7 +20,7 @@ use libp2p::{
 use shoal_protocol::{
     behaviour::{Behaviour, BehaviourEvent, Role},
     block::{BlockRange, Blocks},
-    limits::{MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
+    limits::{MAX_REGION_LEN, PIECE_PROTOCOL},
     rate::RateLimiter,
     wire::{
         encode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
@@ -30,11 +30,13 @@ use shoal_protocol::{
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::announce::{PublishGate, Storing};
 use crate::bans::{BanBook, BanConfig, ProbeOutcome, Verdict};
 use crate::config::{MasterConfig, MasterError};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::registry::Registry;
+use crate::pull::PullTask;
+use crate::registry::{DiskWriter, Registry, StoredFile};
 use crate::serve::{Shelf, ShelfEntry};
 
 pub(crate) enum Command {
@@ -56,8 +58,11 @@ pub(crate) enum Internal {
     },
     PullFinished {
         file: FileId,
+        publisher: PeerId,
         result: Result<(), String>,
     },
+    Stored(Box<Storing>, Result<(), String>),
+    Rescanned(Vec<(StoredFile, Blocks)>),
     Probed {
         suspect: PeerId,
         outcome: ProbeOutcome,
@@ -72,6 +77,7 @@ pub struct Master {
     metrics_addr: Option<SocketAddr>,
     commands: mpsc::Sender<Command>,
     task: tokio::task::JoinHandle<()>,
+    finished: bool,
 }
 
 impl Master {
@@ -149,14 +155,25 @@ impl Master {
             key,
             metrics: metrics.clone(),
             internal_tx: int_tx,
+            gate: PublishGate::new(cfg.publishing.clone(), peer_id),
+            storing: HashSet::new(),
             pulling: HashMap::new(),
+            awaiting: HashMap::new(),
+            rescanning: false,
+            writer: DiskWriter::spawn(),
             bans: BanBook::new(BanConfig::default()),
             listen_addrs: addrs.clone(),
             cfg,
             swarm,
         };
         lp.load_bans();
-        lp.load_registry();
+        // The first scan is awaited (off the loop, which is not running yet): a master that
+        // is up serves what its data dir holds, partial pulls re-checked block by block.
+        let reg = lp.registry.clone();
+        let stored = tokio::task::spawn_blocking(move || scan(&reg, &HashSet::new(), usize::MAX))
+            .await
+            .map_err(|e| MasterError::Network(format!("registry scan failed: {e}")))?;
+        lp.on_rescanned(stored);
         let task = tokio::spawn(lp.run(cmd_rx, int_rx));
         Ok(Self {
             peer_id,
@@ -165,6 +182,7 @@ impl Master {
             metrics_addr,
             commands: cmd_tx,
             task,
+            finished: false,
         })
     }
 
@@ -196,18 +214,52 @@ impl Master {
     }
 
     /// Stops the master and waits for its loop to end.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        let _ = self.task.await;
+        let _ = self.wait().await;
     }
 
-    /// Waits until the loop ends (it runs until shut down).
-    pub async fn wait(self) {
-        let _ = self.task.await;
+    /// Waits until the loop ends (it runs until shut down). An error says it crashed: a
+    /// panic in the event loop ends the master, and the binary exits non-zero.
+    pub async fn wait(&mut self) -> Result<(), MasterError> {
+        if self.finished {
+            return Ok(());
+        }
+        let r = (&mut self.task).await;
+        self.finished = true;
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_panic() => {
+                let p = e.into_panic();
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".into());
+                Err(MasterError::Crashed(msg))
+            }
+            Err(e) => Err(MasterError::Crashed(e.to_string())),
+        }
     }
+}
+
+/// Most new files one rescan registers (the rest wait for the next one).
+const RESCAN_BATCH: usize = 64;
+
+/// Stored files not in `known` (up to `max`), with the blocks each holds (complete files all;
+/// partial ones checked block by block). Blocking: runs on the blocking pool.
+fn scan(registry: &Registry, known: &HashSet<FileId>, max: usize) -> Vec<(StoredFile, Blocks)> {
+    registry
+        .scan_new(known, max)
+        .into_iter()
+        .map(|f| {
+            let have = Registry::held_blocks(&f);
+            (f, have)
+        })
+        .collect()
 }
 
 pub(crate) struct EventLoop {
@@ -221,7 +273,19 @@ pub(crate) struct EventLoop {
     pub(crate) key: libp2p::identity::Keypair,
     pub(crate) metrics: Metrics,
     pub(crate) internal_tx: mpsc::Sender<Internal>,
-    pub(crate) pulling: HashMap<FileId, PeerId>,
+    /// Who may publish; what each publisher holds and pulls.
+    pub(crate) gate: PublishGate,
+    /// Announces whose manifest is being written.
+    pub(crate) storing: HashSet<FileId>,
+    /// Pulls running.
+    pub(crate) pulling: HashMap<FileId, PullTask>,
+    /// Incomplete files whose pull stopped, by publisher: resumed when it reconnects or
+    /// announces again.
+    pub(crate) awaiting: HashMap<FileId, PeerId>,
+    /// Whether a rescan of the data dir is running (at most one at a time).
+    pub(crate) rescanning: bool,
+    /// Small state files, written off the loop.
+    pub(crate) writer: DiskWriter,
     pub(crate) bans: BanBook,
     /// Every address the master listens on (a `0.0.0.0` listener reports one per interface,
     /// over time); `bootstrap.addr` is rewritten as they come and go.
@@ -231,29 +295,43 @@ pub(crate) struct EventLoop {
 impl EventLoop {
     fn write_bootstrap_addrs(&self) {
         let text: String = self.listen_addrs.iter().map(|a| format!("{a}\n")).collect();
-        if let Err(e) = crate::registry::write_atomic(
-            &self.registry.dir().join("bootstrap.addr"),
-            text.as_bytes(),
-        ) {
-            tracing::error!(error = %e, "cannot write bootstrap.addr");
-        }
+        self.writer.write(
+            self.registry.dir().join("bootstrap.addr"),
+            text.into_bytes(),
+        );
     }
 
-    fn load_registry(&mut self) {
-        let stored = match self.registry.load_all() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the registry");
-                return;
-            }
-        };
-        for f in stored {
+    /// Looks for files added with `shoal-master add` (new names only), off the loop.
+    fn rescan(&mut self) {
+        if self.rescanning {
+            return;
+        }
+        self.rescanning = true;
+        let known = self.known_files();
+        let reg = self.registry.clone();
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let found = tokio::task::spawn_blocking(move || scan(&reg, &known, RESCAN_BATCH))
+                .await
+                .unwrap_or_default();
+            let _ = internal.send(Internal::Rescanned(found)).await;
+        });
+    }
+
+    /// Registers what a scan found (skipping what became known meanwhile).
+    fn on_rescanned(&mut self, found: Vec<(StoredFile, Blocks)>) {
+        self.rescanning = false;
+        for (f, have) in found {
             let id = f.manifest.id();
-            if self.policy.has_file(&id) {
+            if self.policy.has_file(&id) || self.storing.contains(&id) {
                 continue;
             }
-            let have = Registry::held_blocks(&f);
-            tracing::info!(file = %id, name = %f.manifest.body().name, complete = f.complete, "registered file");
+            let publisher = f.manifest.publisher();
+            tracing::info!(file = %id, name = %f.manifest.body().name, complete = f.complete, held = have.count(), "registered file");
+            self.gate.add_file(publisher, f.manifest.body().size);
+            if !have.is_full() {
+                self.awaiting.insert(id, publisher);
+            }
             self.register(f.manifest, f.path, have);
         }
     }
@@ -310,11 +388,19 @@ impl EventLoop {
                 Some(msg) = internal.recv() => self.on_internal(msg),
                 cmd = commands.recv() => match cmd {
                     Some(Command::Status(file, tx)) => { let _ = tx.send(self.policy.status(&file)); }
-                    Some(Command::Shutdown(tx)) => { let _ = tx.send(()); return; }
+                    Some(Command::Shutdown(tx)) => {
+                        self.writer.flush().await;
+                        let _ = tx.send(());
+                        return;
+                    }
                     None => return,
                 },
-                _ = rescan.tick() => self.load_registry(),
-                _ = expire.tick() => self.policy.expire(Instant::now()),
+                _ = rescan.tick() => self.rescan(),
+                _ = expire.tick() => {
+                    let now = Instant::now();
+                    self.policy.expire(now);
+                    self.policy.expire_avoidance(now);
+                }
             }
         }
     }
@@ -341,6 +427,7 @@ impl EventLoop {
                 }
                 tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "peer connected");
                 self.policy.peer_up(peer_id, Vec::new());
+                self.resume_pulls_from(peer_id);
                 self.metrics
                     .peers
                     .set(self.swarm.connected_peers().count() as i64);
@@ -418,24 +505,7 @@ impl EventLoop {
                         request, channel, ..
                     },
                 ..
-            })) => {
-                let response = if self.policy.is_banned(&peer) {
-                    MasterResponse::Refused {
-                        reason: "banned".into(),
-                    }
-                } else {
-                    self.on_announce(peer, request.header, request.digests)
-                };
-                if self
-                    .swarm
-                    .behaviour_mut()
-                    .publish
-                    .send_response(channel, response)
-                    .is_err()
-                {
-                    tracing::debug!(%peer, "publish response dropped: peer gone");
-                }
-            }
+            })) => self.on_announce(peer, request, channel),
             SwarmEvent::Behaviour(BehaviourEvent::Digest(request_response::Event::Message {
                 peer,
                 message:
@@ -482,7 +552,7 @@ impl EventLoop {
         }
         match request {
             MasterRequest::Locate { file, need } => {
-                let need: Vec<BlockRange> = need.into_iter().take(MAX_RANGES_PER_MESSAGE).collect();
+                // The policy merges and clamps the ranges before it walks them.
                 match self.policy.locate(Instant::now(), peer, &file, &need) {
                     Ok(answer) => {
                         for a in &answer.assignments {
@@ -507,9 +577,12 @@ impl EventLoop {
                 peer_bytes,
             } => {
                 self.policy.count_bytes(&file, 0, peer_bytes);
-                let ranges: Vec<BlockRange> =
-                    ranges.into_iter().take(MAX_RANGES_PER_MESSAGE).collect();
+                // The policy merges and clamps the ranges before it walks them.
                 self.policy.have(&file, peer, &ranges);
+                if self.awaiting.get(&file) == Some(&peer) {
+                    // The publisher of a file whose pull stopped is back with it.
+                    self.resume_pulls_from(peer);
+                }
                 MasterResponse::Ack
             }
             MasterRequest::Report {
@@ -529,7 +602,7 @@ impl EventLoop {
             },
             MasterRequest::Hello { region } => {
                 self.policy
-                    .set_region(peer, region.chars().take(64).collect());
+                    .set_region(peer, region.chars().take(MAX_REGION_LEN).collect());
                 MasterResponse::Ack
             }
             MasterRequest::Leave => {
@@ -564,18 +637,13 @@ impl EventLoop {
                     self.ban(p);
                 }
             }
-            Internal::PullFinished { file, result } => {
-                self.pulling.remove(&file);
-                match result {
-                    Ok(()) => match self.registry.mark_complete(&file) {
-                        Ok(()) => tracing::info!(file = %file, "master holds the whole file"),
-                        Err(e) => tracing::error!(file = %file, error = %e, "cannot mark complete"),
-                    },
-                    Err(e) => {
-                        tracing::warn!(file = %file, error = %e, "pull from publisher failed; waiting for a new announce")
-                    }
-                }
-            }
+            Internal::PullFinished {
+                file,
+                publisher,
+                result,
+            } => self.on_pull_finished(file, publisher, result),
+            Internal::Stored(storing, result) => self.on_stored(*storing, result),
+            Internal::Rescanned(found) => self.on_rescanned(found),
         }
     }
 }
