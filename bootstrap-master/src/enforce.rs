@@ -24,6 +24,7 @@ impl EventLoop {
                 Ok(p) => {
                     self.bans.ban(p);
                     self.policy.ban(p);
+                    self.shelf.lock().expect("shelf lock").banned.insert(p);
                 }
                 Err(_) if line.trim().is_empty() => {}
                 Err(e) => tracing::warn!(line, error = %e, "skipping a bad line of the ban list"),
@@ -37,6 +38,8 @@ impl EventLoop {
         tracing::warn!(%peer, "banning peer swarm-wide");
         self.bans.ban(peer);
         self.policy.ban(peer);
+        // The piece server refuses it from now on.
+        self.shelf.lock().expect("shelf lock").banned.insert(peer);
         self.metrics.bans.inc();
         let mut list: Vec<String> = self.bans.banned().map(|p| p.to_string()).collect();
         list.sort();

@@ -189,10 +189,12 @@ async fn main() -> anyhow::Result<()> {
                     eprintln!("shutting down");
                     master.shutdown().await;
                 }
-                Some(r) => {
-                    r.context("the master stopped")?;
-                    anyhow::bail!("the master's event loop ended on its own");
+                Some(Err(e)) => {
+                    // As a panic in the main thread would: exit code 101.
+                    eprintln!("fatal: {e}; exiting");
+                    std::process::exit(shoal_net::task::PANIC_EXIT_CODE);
                 }
+                Some(Ok(())) => anyhow::bail!("the master's event loop ended on its own"),
             }
         }
     }

@@ -19,7 +19,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     fs, io,
     io::Read,
-    os::unix::fs::{FileExt, OpenOptionsExt},
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -65,36 +65,10 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the
-/// directory).
+/// Writes `bytes` to `path` atomically and durably (temporary file, fsync, rename, fsync of
+/// the directory), as [`shoal_net::keyfile::write_atomic`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
-    write_atomic_mode(path, bytes, 0o644)
-}
-
-/// [`write_atomic`] with the file created with `mode` (e.g. `0o600` for a key).
-pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), RegistryError> {
-    let tmp = path.with_extension("tmp");
-    let write = || -> io::Result<()> {
-        let _ = fs::remove_file(&tmp);
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all_at(bytes, 0)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(path)
-    };
-    write().map_err(io_err(path))
-}
-
-/// Syncs the directory holding `path`, so a rename in it survives a crash.
-fn sync_dir(path: &Path) -> io::Result<()> {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => fs::File::open(dir)?.sync_all(),
-        _ => Ok(()),
-    }
+    shoal_net::keyfile::write_atomic(path, bytes).map_err(io_err(path))
 }
 
 /// Bytes available to this process on the file system holding `path`.
@@ -203,29 +177,13 @@ impl DiskWriter {
     }
 }
 
-/// Loads the keypair at `path`, creating one if there is none.
+/// Loads the keypair at `path`, creating one (mode 0600, written durably) if there is none;
+/// a key readable by others is made 0600 ([`shoal_net::keyfile::load_or_create_key`]).
 pub fn load_or_create_key(path: &Path) -> Result<Keypair, RegistryError> {
-    match fs::read(path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| RegistryError::Damaged {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let key = Keypair::generate_ed25519();
-            let bytes = key
-                .to_protobuf_encoding()
-                .map_err(|e| RegistryError::Damaged {
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })?;
-            if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir).map_err(io_err(dir))?;
-            }
-            write_atomic_mode(path, &bytes, 0o600)?;
-            Ok(key)
-        }
-        Err(e) => Err(io_err(path)(e)),
-    }
+    shoal_net::keyfile::load_or_create_key(path).map_err(|e| RegistryError::Damaged {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// Hashes the file at `path` into a manifest body and digest list, streaming it.
@@ -442,6 +400,52 @@ mod tests {
         assert_eq!(all[0].manifest.id(), m.id());
         assert!(all[0].complete);
         assert_eq!(fs::read(&all[0].path).unwrap(), vec![5u8; 200_000]);
+    }
+
+    #[test]
+    fn the_key_is_private_and_a_rescan_sees_only_new_complete_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("data")).unwrap();
+        let key = reg.key().unwrap();
+        let mode = fs::metadata(dir.path().join("data/identity.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let src = dir.path().join("src.bin");
+        fs::write(&src, vec![7u8; 100_000]).unwrap();
+        let m = reg.add_local(&src, &key).unwrap();
+        // The manifest is the commit point: whoever sees it sees the file complete.
+        let found = reg.scan_new(&HashSet::new(), 10);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].complete);
+        // Known names are skipped without being read (even if damaged since).
+        fs::write(reg.manifest_path(&m.id()), b"garbage").unwrap();
+        assert!(reg.scan_new(&HashSet::from([m.id()]), 10).is_empty());
+    }
+
+    #[test]
+    fn a_partial_data_file_keeps_its_good_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("data")).unwrap();
+        let key = reg.key().unwrap();
+        let src = dir.path().join("src.bin");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        fs::write(&src, &data).unwrap();
+        let m = reg.add_local(&src, &key).unwrap();
+        let path = reg.data_path(&m.id());
+        assert!(whole_file_matches(&m, &path).unwrap());
+        // Damage block 1 and cut the file inside the last block.
+        let bs = m.body().block_size as u64;
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xff], bs + 3).unwrap();
+        f.set_len(m.body().size - 1).unwrap();
+        let have = verified_blocks(&m, &path);
+        assert!(have.contains(0) && !have.contains(1));
+        assert!(!have.contains(m.blocks() - 1));
+        assert_eq!(have.count(), m.blocks() - 2);
+        assert!(!whole_file_matches(&m, &path).unwrap());
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! The master's event loop: owns the swarm and routes each event to the module whose concern
 //! it is (announce, pull, serve, report, enforce, registry).
 //!
-//! The loop is the only owner of the [`Swarm`] and the [`Policy`]. Piece streams (serving and
-//! pulling) run as tasks, bounded by a semaphore, and report back over a bounded channel.
+//! The loop is the only owner of the [`Swarm`] and the [`Policy`]. It never awaits the disk
+//! or a peer: piece serving is the shared server's ([`shoal_net::serve`]) task, pulls,
+//! manifest writes and rescans run as tasks (their disk work on the blocking pool) and report
+//! back over a bounded channel, and small state files go through the [`DiskWriter`]. The
+//! loop and the piece server are critical tasks: a panic in either ends the master
+//! ([`Master::wait`] returns it, the binary exits non-zero).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -14,21 +18,25 @@ use std::{
 
 use futures::StreamExt;
 use libp2p::{
-    gossipsub, identify, multiaddr::Protocol, noise, request_response, swarm::SwarmEvent, tcp,
-    yamux, Multiaddr, PeerId, Swarm,
+    gossipsub, identify, multiaddr::Protocol, request_response, swarm::SwarmEvent, Multiaddr,
+    PeerId, Swarm,
+};
+use shoal_net::{
+    serve::{PieceServer, ServeConfig},
+    swarm::{build_swarm, SwarmOptions},
+    task::{spawn_critical, CriticalTask},
 };
 use shoal_protocol::{
     behaviour::{Behaviour, BehaviourEvent, Role},
     block::{BlockRange, Blocks},
     limits::{MAX_REGION_LEN, PIECE_PROTOCOL},
-    rate::RateLimiter,
     wire::{
         encode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
         MasterResponse, Source,
     },
     FileId, VerifiedManifest,
 };
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::announce::{PublishGate, Storing};
 use crate::bans::{BanBook, BanConfig, ProbeOutcome, Verdict};
@@ -37,7 +45,7 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::pull::PullTask;
 use crate::registry::{DiskWriter, Registry, StoredFile};
-use crate::serve::{Shelf, ShelfEntry};
+use crate::serve::{MasterSource, Shelf, ShelfEntry};
 
 pub(crate) enum Command {
     Status(
@@ -76,8 +84,16 @@ pub struct Master {
     metrics: Metrics,
     metrics_addr: Option<SocketAddr>,
     commands: mpsc::Sender<Command>,
-    task: tokio::task::JoinHandle<()>,
-    finished: bool,
+    /// The event loop, until it was waited for.
+    event_loop: Option<CriticalTask>,
+    server: CriticalTask,
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        // The server holds no swarm: stop it with the master.
+        self.server.abort_handle().abort();
+    }
 }
 
 impl Master {
@@ -87,22 +103,11 @@ impl Master {
         let key = registry.key()?;
         let peer_id = key.public().to_peer_id();
         let net = |e: &dyn std::fmt::Display| MasterError::Network(e.to_string());
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| net(&e))?
-            .with_quic()
-            .with_behaviour(|k| {
-                Behaviour::new(k, Role::Master, &cfg.connection_caps)
-                    .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
-            })
-            .map_err(|e| net(&e))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-            .build();
+        let mut swarm = build_swarm(
+            key.clone(),
+            &SwarmOptions::for_role(Role::Master).with_caps(cfg.connection_caps.clone()),
+        )
+        .map_err(|e| net(&e))?;
         let _ = swarm
             .behaviour_mut()
             .gossipsub
@@ -127,10 +132,12 @@ impl Master {
             }
         }
         let addr_file: String = addrs.iter().map(|a| format!("{a}\n")).collect();
-        crate::registry::write_atomic(
-            &registry.dir().join("bootstrap.addr"),
-            addr_file.as_bytes(),
-        )?;
+        let path = registry.dir().join("bootstrap.addr");
+        tokio::task::spawn_blocking(move || {
+            crate::registry::write_atomic(&path, addr_file.as_bytes())
+        })
+        .await
+        .map_err(|e| MasterError::Network(e.to_string()))??;
 
         let metrics = Metrics::new();
         let metrics_addr = match cfg.metrics_addr {
@@ -144,13 +151,26 @@ impl Master {
         };
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (int_tx, int_rx) = mpsc::channel(1024);
+        let shelf = Arc::new(Mutex::new(Shelf::default()));
+        let incoming = swarm
+            .behaviour()
+            .stream
+            .new_control()
+            .accept(PIECE_PROTOCOL)
+            .map_err(|e| net(&e))?;
+        let server = PieceServer::new(
+            Arc::new(MasterSource {
+                shelf: shelf.clone(),
+                metrics: metrics.clone(),
+                internal: int_tx.clone(),
+            }),
+            ServeConfig::default()
+                .with_upload_slots(cfg.upload_slots)
+                .with_max_upload_rate(cfg.max_upload_rate),
+        );
         let mut lp = EventLoop {
             policy: Policy::new(cfg.policy.clone()),
-            shelf: Arc::new(Mutex::new(Shelf::default())),
-            limiter: cfg
-                .max_upload_rate
-                .map(|r| Arc::new(Mutex::new(RateLimiter::new(r)))),
-            slots: Arc::new(Semaphore::new(cfg.upload_slots.max(1))),
+            shelf,
             registry,
             key,
             metrics: metrics.clone(),
@@ -174,15 +194,16 @@ impl Master {
             .await
             .map_err(|e| MasterError::Network(format!("registry scan failed: {e}")))?;
         lp.on_rescanned(stored);
-        let task = tokio::spawn(lp.run(cmd_rx, int_rx));
+        let server = spawn_critical("master piece server", server.run(incoming));
+        let event_loop = spawn_critical("master event loop", lp.run(cmd_rx, int_rx));
         Ok(Self {
             peer_id,
             addrs,
             metrics,
             metrics_addr,
             commands: cmd_tx,
-            task,
-            finished: false,
+            event_loop: Some(event_loop),
+            server,
         })
     }
 
@@ -222,26 +243,16 @@ impl Master {
         let _ = self.wait().await;
     }
 
-    /// Waits until the loop ends (it runs until shut down). An error says it crashed: a
-    /// panic in the event loop ends the master, and the binary exits non-zero.
+    /// Waits until the loop ends (it runs until shut down). An error says the event loop or
+    /// the piece server panicked: the master is not serving, and the binary exits non-zero.
     pub async fn wait(&mut self) -> Result<(), MasterError> {
-        if self.finished {
+        let Some(event_loop) = self.event_loop.take() else {
             return Ok(());
-        }
-        let r = (&mut self.task).await;
-        self.finished = true;
-        match r {
-            Ok(()) => Ok(()),
-            Err(e) if e.is_panic() => {
-                let p = e.into_panic();
-                let msg = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "panic".into());
-                Err(MasterError::Crashed(msg))
-            }
-            Err(e) => Err(MasterError::Crashed(e.to_string())),
+        };
+        let server = self.server.watch();
+        tokio::select! {
+            r = event_loop.wait() => r.map_err(|p| MasterError::Crashed(p.to_string())),
+            p = server.panicked() => Err(MasterError::Crashed(p.to_string())),
         }
     }
 }
@@ -267,8 +278,6 @@ pub(crate) struct EventLoop {
     pub(crate) swarm: Swarm<Behaviour>,
     pub(crate) policy: Policy,
     pub(crate) shelf: Arc<Mutex<Shelf>>,
-    pub(crate) limiter: Option<Arc<Mutex<RateLimiter>>>,
-    pub(crate) slots: Arc<Semaphore>,
     pub(crate) registry: Registry,
     pub(crate) key: libp2p::identity::Keypair,
     pub(crate) metrics: Metrics,
@@ -346,14 +355,11 @@ impl EventLoop {
         let body = manifest.body();
         self.policy
             .add_file(id, body.name.clone(), body.size, have.clone());
-        self.shelf.lock().expect("shelf lock").files.insert(
-            id,
-            ShelfEntry {
-                manifest,
-                path,
-                have,
-            },
-        );
+        self.shelf
+            .lock()
+            .expect("shelf lock")
+            .files
+            .insert(id, ShelfEntry::new(manifest, path, have));
         self.metrics.files.set(self.policy_file_count());
     }
 
@@ -366,25 +372,11 @@ impl EventLoop {
         mut commands: mpsc::Receiver<Command>,
         mut internal: mpsc::Receiver<Internal>,
     ) {
-        let mut incoming = match self
-            .swarm
-            .behaviour()
-            .stream
-            .new_control()
-            .accept(PIECE_PROTOCOL)
-        {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot accept piece streams");
-                return;
-            }
-        };
         let mut rescan = tokio::time::interval(self.cfg.rescan_interval);
         let mut expire = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                Some((peer, stream)) = incoming.next() => self.on_piece_stream(peer, stream).await,
                 Some(msg) = internal.recv() => self.on_internal(msg),
                 cmd = commands.recv() => match cmd {
                     Some(Command::Status(file, tx)) => { let _ = tx.send(self.policy.status(&file)); }
