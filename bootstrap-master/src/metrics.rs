@@ -181,6 +181,8 @@ mod tests {
             "shoal_master_assignments_total 0",
             "shoal_master_peers 0",
             "shoal_master_bans_total 0",
+            "shoal_master_pulled_bytes_total 0",
+            "shoal_master_announces_refused_total 0",
         ] {
             assert!(body.contains(name), "missing {name:?} in:\n{body}");
         }

@@ -530,13 +530,16 @@ impl Policy {
         mirrors.sort_by_key(|m| (std::cmp::Reverse(m.blocks), m.peer));
         let mirrors_total = mirrors.len() as u32;
         mirrors.truncate(shoal_protocol::limits::MAX_STATUS_MIRRORS);
-        let master_only_blocks = (0..f.blocks)
-            .filter(|b| {
-                !f.holders
-                    .iter()
-                    .any(|(p, h)| h.contains(*b) && self.is_live(p))
-            })
-            .count() as u32;
+        // A word-level union over the live holders: bounded by holders x blocks / 64, not
+        // holders x blocks.
+        let mut covered = Blocks::new(f.blocks);
+        for (_, h) in f.holders.iter().filter(|(p, _)| self.is_live(p)) {
+            if covered.is_full() {
+                break;
+            }
+            covered.union_with(h);
+        }
+        let master_only_blocks = f.blocks - covered.count();
         let mut banned: Vec<PeerId> = self.banned.iter().copied().collect();
         banned.sort();
         let banned_total = banned.len() as u32;
@@ -924,5 +927,25 @@ mod tests {
             (s.bytes_from_master, s.bytes_from_peers),
             (u64::MAX, u64::MAX)
         );
+    }
+
+    #[test]
+    fn master_only_blocks_count_what_no_live_mirror_holds() {
+        let mut p = setup(200);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![addr()]);
+        p.peer_up(b, vec![addr()]);
+        p.have(&file(), a, &[BlockRange::new(0, 70)]);
+        p.have(
+            &file(),
+            b,
+            &[BlockRange::new(60, 130), BlockRange::new(190, 200)],
+        );
+        assert_eq!(
+            p.status(&file()).unwrap().master_only_blocks,
+            200 - 130 - 10
+        );
+        p.peer_down(&b);
+        assert_eq!(p.status(&file()).unwrap().master_only_blocks, 130);
     }
 }
