@@ -30,6 +30,10 @@ pub struct Metrics {
     pub bans: Counter,
     /// Files registered.
     pub files: Gauge,
+    /// Verified bytes the master pulled from publishers.
+    pub pulled_bytes: Counter<u64, AtomicU64>,
+    /// Announces refused (untrusted publisher, quota, disk, bad manifest).
+    pub announces_refused: Counter,
     registry: Arc<Registry>,
 }
 
@@ -49,6 +53,18 @@ impl Metrics {
         let peers = Gauge::default();
         let bans = Counter::default();
         let files = Gauge::default();
+        let pulled_bytes = Counter::<u64, AtomicU64>::default();
+        let announces_refused = Counter::default();
+        registry.register(
+            "pulled_bytes",
+            "Verified bytes pulled from publishers",
+            pulled_bytes.clone(),
+        );
+        registry.register(
+            "announces_refused",
+            "Announces refused (trust, quota, disk, bad manifest)",
+            announces_refused.clone(),
+        );
         registry.register(
             "piece_bytes_sent",
             "Piece payload bytes the master sent",
@@ -74,6 +90,8 @@ impl Metrics {
             peers,
             bans,
             files,
+            pulled_bytes,
+            announces_refused,
             registry: Arc::new(registry),
         }
     }
@@ -163,6 +181,8 @@ mod tests {
             "shoal_master_assignments_total 0",
             "shoal_master_peers 0",
             "shoal_master_bans_total 0",
+            "shoal_master_pulled_bytes_total 0",
+            "shoal_master_announces_refused_total 0",
         ] {
             assert!(body.contains(name), "missing {name:?} in:\n{body}");
         }

@@ -18,10 +18,14 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
-use shoal_protocol::block::{BlockRange, Blocks};
-use shoal_protocol::limits::{MAX_ASSIGNMENTS, MAX_HINT_ADDRS};
+use shoal_protocol::block::{normalize, BlockRange, Blocks};
+use shoal_protocol::limits::{MAX_ASSIGNMENTS, MAX_HINT_ADDRS, MAX_RANGES_PER_MESSAGE};
 use shoal_protocol::wire::{Assignment, FileStatus, MirrorStatus, Source};
 use shoal_protocol::FileId;
+
+/// Most peers one peer avoids at once: past it, the avoidance ending first is dropped (an
+/// avoidance "for good" only when every one is for good).
+pub const MAX_AVOID_PER_PEER: usize = 1_024;
 
 /// Tunables of the policy. The defaults suit 64 KiB blocks.
 #[derive(Clone, Debug)]
@@ -198,9 +202,9 @@ impl Policy {
             }
             f.handouts.retain(|_, (to, _)| to != peer);
         }
-        if let Some(p) = self.peers.get_mut(peer) {
-            p.live = false;
-        }
+        // Its addresses, region and avoidances go with it: a peer that comes back starts
+        // afresh, and the table holds only connected peers.
+        self.peers.remove(peer);
         was_mirror
     }
 
@@ -228,8 +232,9 @@ impl Policy {
             .entry(peer)
             .or_insert_with(|| Blocks::new(geometry_blocks));
         let pending = f.pending.entry(peer).or_default();
-        for r in ranges {
-            for b in BlockRange::new(r.start, r.end.min(geometry_blocks)).iter() {
+        // Merged and clamped first: overlapping ranges cost one pass over the file at most.
+        for r in normalize(ranges, geometry_blocks, MAX_RANGES_PER_MESSAGE) {
+            for b in r.iter() {
                 held.insert(b);
                 if let Some(p) = pending.remove(&b) {
                     release(&mut self.peers, &mut self.master_load, p.source);
@@ -241,21 +246,26 @@ impl Policy {
     /// Accounts piece bytes served, for status.
     pub fn count_bytes(&mut self, file: &FileId, from_master: u64, from_peers: u64) {
         if let Some(f) = self.files.get_mut(file) {
-            f.bytes_from_master += from_master;
-            f.bytes_from_peers += from_peers;
+            f.bytes_from_master = f.bytes_from_master.saturating_add(from_master);
+            f.bytes_from_peers = f.bytes_from_peers.saturating_add(from_peers);
         }
     }
 
     /// `reporter` could not get data from `peer`: never send it there again.
     /// `until` bounds it (`None`: for good, as after corrupt data).
     pub fn avoid(&mut self, reporter: PeerId, peer: PeerId, until: Option<Instant>) {
-        let entry = self
-            .peers
-            .entry(reporter)
-            .or_default()
-            .avoid
-            .entry(peer)
-            .or_insert(until);
+        let avoid = &mut self.peers.entry(reporter).or_default().avoid;
+        if avoid.len() >= MAX_AVOID_PER_PEER && !avoid.contains_key(&peer) {
+            // Full: drop the avoidance that ends first ("for good" sorts last).
+            let first = avoid
+                .iter()
+                .min_by_key(|(p, until)| (until.is_none(), **until, **p))
+                .map(|(p, _)| *p);
+            if let Some(p) = first {
+                avoid.remove(&p);
+            }
+        }
+        let entry = avoid.entry(peer).or_insert(until);
         // Never shorten an avoidance: "for good" stays for good.
         *entry = match (*entry, until) {
             (None, _) | (_, None) => None,
@@ -280,6 +290,14 @@ impl Policy {
             .get(file)
             .map(|f| f.holders.keys().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// Drops avoidances whose time ran out (walks every peer: call it on a timer, not per
+    /// request).
+    pub fn expire_avoidance(&mut self, now: Instant) {
+        for p in self.peers.values_mut() {
+            p.avoid.retain(|_, until| until.is_none_or(|u| u > now));
+        }
     }
 
     /// Drops assignments whose time ran out.
@@ -342,6 +360,9 @@ impl Policy {
             .unwrap_or_default();
         let mine = f.holders.get(&requester).cloned();
         let deadline = now + cfg.assignment_timeout;
+        // Merged and clamped first: the walk below visits each block of the file once at
+        // most, whatever the request repeats.
+        let need = normalize(need, f.blocks, MAX_RANGES_PER_MESSAGE);
 
         // The holders this requester may be sent to, checked once per answer rather than per
         // block: (peer, its blocks, whether it is in another region, its load). The load is
@@ -371,8 +392,8 @@ impl Policy {
         let mut budget = cfg.max_blocks_per_answer;
         let mut master_given = 0u32;
 
-        'outer: for r in need {
-            for b in BlockRange::new(r.start, r.end.min(f.blocks)).iter() {
+        'outer: for r in &need {
+            for b in r.iter() {
                 if budget == 0 || runs.len() >= MAX_ASSIGNMENTS {
                     break 'outer;
                 }
@@ -474,6 +495,16 @@ impl Policy {
             .unwrap_or_default()
     }
 
+    /// Peers the table keeps state for (connected ones only: a peer that leaves is dropped).
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// How many peers `reporter` avoids now.
+    pub fn avoid_count(&self, reporter: &PeerId) -> usize {
+        self.peers.get(reporter).map_or(0, |p| p.avoid.len())
+    }
+
     /// Current load of `peer` as a source, in blocks.
     pub fn load(&self, peer: &PeerId) -> u32 {
         self.peers.get(peer).map_or(0, |p| p.load)
@@ -499,13 +530,16 @@ impl Policy {
         mirrors.sort_by_key(|m| (std::cmp::Reverse(m.blocks), m.peer));
         let mirrors_total = mirrors.len() as u32;
         mirrors.truncate(shoal_protocol::limits::MAX_STATUS_MIRRORS);
-        let master_only_blocks = (0..f.blocks)
-            .filter(|b| {
-                !f.holders
-                    .iter()
-                    .any(|(p, h)| h.contains(*b) && self.is_live(p))
-            })
-            .count() as u32;
+        // A word-level union over the live holders: bounded by holders x blocks / 64, not
+        // holders x blocks.
+        let mut covered = Blocks::new(f.blocks);
+        for (_, h) in f.holders.iter().filter(|(p, _)| self.is_live(p)) {
+            if covered.is_full() {
+                break;
+            }
+            covered.union_with(h);
+        }
+        let master_only_blocks = f.blocks - covered.count();
         let mut banned: Vec<PeerId> = self.banned.iter().copied().collect();
         banned.sort();
         let banned_total = banned.len() as u32;
@@ -807,5 +841,111 @@ mod tests {
         assert_eq!(sizes[0], 32);
         assert!(sizes.windows(2).all(|w| w[1] <= w[0]), "{sizes:?}");
         assert!(*sizes.last().unwrap() < 16, "{sizes:?}");
+    }
+
+    #[test]
+    fn overlapping_full_ranges_cost_one_pass() {
+        let blocks = 1 << 18;
+        let mut p = setup(blocks);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![addr()]);
+        p.peer_up(b, vec![addr()]);
+        let flood = vec![BlockRange::new(0, u32::MAX); MAX_RANGES_PER_MESSAGE];
+        // Unmerged, each of these walks 4,096 x 2^18 blocks (about 10^9 steps); merged,
+        // one pass. The bound is generous: it only tells one from the other.
+        let start = std::time::Instant::now();
+        p.have(&file(), a, &flood);
+        let now = Instant::now();
+        let ans = p.locate(now, a, &file(), &flood).unwrap();
+        assert!(ans.assignments.is_empty(), "a holds everything");
+        let flooded = p.locate(now, b, &file(), &flood).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        // The same answer as for the one merged range.
+        let mut q = setup(blocks);
+        q.peer_up(a, vec![addr()]);
+        q.peer_up(b, vec![addr()]);
+        q.have(&file(), a, &all(blocks));
+        let plain = q.locate(now, b, &file(), &all(blocks)).unwrap();
+        assert_eq!(flooded.assignments, plain.assignments);
+        assert_eq!(p.status(&file()).unwrap().mirrors[0].blocks, blocks);
+    }
+
+    #[test]
+    fn a_peer_that_leaves_leaves_no_state() {
+        let mut p = setup(8);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![addr()]);
+        p.peer_up(b, vec![addr()]);
+        p.set_region(a, "eu".into());
+        p.avoid(a, b, None);
+        assert_eq!(p.peer_count(), 2);
+        p.peer_down(&a);
+        p.peer_down(&b);
+        assert_eq!(p.peer_count(), 0);
+        // Back: it starts afresh (its old avoidances do not follow it).
+        p.peer_up(a, vec![addr()]);
+        assert_eq!(p.avoid_count(&a), 0);
+    }
+
+    #[test]
+    fn avoidances_are_capped_and_expire() {
+        let mut p = setup(8);
+        let a = peer();
+        p.peer_up(a, vec![addr()]);
+        let now = Instant::now();
+        let forever = peer();
+        p.avoid(a, forever, None);
+        for i in 0..(MAX_AVOID_PER_PEER as u64 + 500) {
+            p.avoid(a, peer(), Some(now + Duration::from_secs(1 + i)));
+        }
+        assert_eq!(p.avoid_count(&a), MAX_AVOID_PER_PEER);
+        // The avoidance for good was kept; the earliest-ending timed ones went first.
+        p.expire_avoidance(now + Duration::from_secs(100_000));
+        assert_eq!(p.avoid_count(&a), 1);
+        let b = peer();
+        p.peer_up(b, vec![addr()]);
+        p.have(&file(), forever, &all(8));
+        assert!(p
+            .locate(now, a, &file(), &all(8))
+            .unwrap()
+            .assignments
+            .iter()
+            .all(|x| x.source == Source::Master));
+    }
+
+    #[test]
+    fn byte_counters_saturate() {
+        let mut p = setup(8);
+        p.count_bytes(&file(), u64::MAX, u64::MAX);
+        p.count_bytes(&file(), 1, 1);
+        let s = p.status(&file()).unwrap();
+        assert_eq!(
+            (s.bytes_from_master, s.bytes_from_peers),
+            (u64::MAX, u64::MAX)
+        );
+    }
+
+    #[test]
+    fn master_only_blocks_count_what_no_live_mirror_holds() {
+        let mut p = setup(200);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![addr()]);
+        p.peer_up(b, vec![addr()]);
+        p.have(&file(), a, &[BlockRange::new(0, 70)]);
+        p.have(
+            &file(),
+            b,
+            &[BlockRange::new(60, 130), BlockRange::new(190, 200)],
+        );
+        assert_eq!(
+            p.status(&file()).unwrap().master_only_blocks,
+            200 - 130 - 10
+        );
+        p.peer_down(&b);
+        assert_eq!(p.status(&file()).unwrap().master_only_blocks, 130);
     }
 }
