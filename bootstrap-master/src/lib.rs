@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod policy;
 pub mod probe;
 pub mod registry;
+mod report;
 pub mod service;
 
 pub use policy::{Policy, PolicyConfig};

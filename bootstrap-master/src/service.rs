@@ -25,15 +25,17 @@ use shoal_protocol::{
     rate::RateLimiter,
     wire::{
         encode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
-        MasterResponse, PieceRequest, Problem, RefuseReason, Source,
+        MasterResponse, PieceRequest, RefuseReason, Source,
     },
     FileId, Manifest, VerifiedManifest,
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::bans::{BanBook, BanConfig, ProbeOutcome, Verdict};
+use crate::bans::{BanBook, BanConfig, ProbeOutcome};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyConfig};
+use crate::probe::ProbeQueue;
+use crate::report::ProbeJob;
 use crate::registry::{Registry, RegistryError};
 
 /// How the master runs. Defaults suit a public master; tests shrink them.
@@ -131,7 +133,7 @@ enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
-enum Internal {
+pub(crate) enum Internal {
     Served {
         file: FileId,
         bytes: u64,
@@ -152,12 +154,12 @@ enum Internal {
 
 /// Files the master can serve, shared with the piece tasks.
 #[derive(Default)]
-struct Shelf {
-    files: HashMap<FileId, ShelfEntry>,
+pub(crate) struct Shelf {
+    pub(crate) files: HashMap<FileId, ShelfEntry>,
 }
 
-struct ShelfEntry {
-    manifest: Arc<VerifiedManifest>,
+pub(crate) struct ShelfEntry {
+    pub(crate) manifest: Arc<VerifiedManifest>,
     path: PathBuf,
     have: Blocks,
 }
@@ -249,6 +251,7 @@ impl Master {
             internal_tx: int_tx,
             pulling: HashMap::new(),
             bans: BanBook::new(BanConfig::default()),
+            probes: ProbeQueue::default(),
             listen_addrs: addrs.clone(),
             cfg,
             swarm,
@@ -308,19 +311,21 @@ impl Master {
     }
 }
 
-struct EventLoop {
+pub(crate) struct EventLoop {
     cfg: MasterConfig,
-    swarm: Swarm<Behaviour>,
-    policy: Policy,
-    shelf: Arc<Mutex<Shelf>>,
+    pub(crate) swarm: Swarm<Behaviour>,
+    pub(crate) policy: Policy,
+    pub(crate) shelf: Arc<Mutex<Shelf>>,
     limiter: Option<Arc<Mutex<RateLimiter>>>,
     slots: Arc<Semaphore>,
     registry: Registry,
     key: libp2p::identity::Keypair,
-    metrics: Metrics,
-    internal_tx: mpsc::Sender<Internal>,
+    pub(crate) metrics: Metrics,
+    pub(crate) internal_tx: mpsc::Sender<Internal>,
     pulling: HashMap<FileId, PeerId>,
-    bans: BanBook,
+    pub(crate) bans: BanBook,
+    /// Probes running and waiting (bounded).
+    pub(crate) probes: ProbeQueue<ProbeJob>,
     /// Every address the master listens on (a `0.0.0.0` listener reports one per interface,
     /// over time); `bootstrap.addr` is rewritten as they come and go.
     listen_addrs: Vec<Multiaddr>,
@@ -348,6 +353,8 @@ impl EventLoop {
         };
         for line in text.lines() {
             match line.trim().parse::<PeerId>() {
+                // The master never bans itself, whatever the file says.
+                Ok(p) if p == *self.swarm.local_peer_id() => {}
                 Ok(p) => {
                     self.bans.ban(p);
                     self.policy.ban(p);
@@ -360,7 +367,11 @@ impl EventLoop {
 
     /// Bans `peer` swarm-wide: out of every list, disconnected, refused from now on (the ban
     /// list is persisted), and announced on the authority topic.
-    fn ban(&mut self, peer: PeerId) {
+    pub(crate) fn ban(&mut self, peer: PeerId) {
+        if peer == *self.swarm.local_peer_id() {
+            tracing::error!("refusing to ban the master itself");
+            return;
+        }
         tracing::warn!(%peer, "banning peer swarm-wide");
         self.bans.ban(peer);
         self.policy.ban(peer);
@@ -373,31 +384,6 @@ impl EventLoop {
         }
         let _ = self.swarm.disconnect_peer_id(peer);
         self.publish(AuthorityEvent::PeerBanned { peer });
-    }
-
-    fn act(&mut self, verdict: Verdict, file: FileId) {
-        match verdict {
-            Verdict::Nothing => {}
-            Verdict::Ban(peer) => self.ban(peer),
-            Verdict::Probe { suspect, blocks } => {
-                let manifest = self
-                    .shelf
-                    .lock()
-                    .expect("shelf lock")
-                    .files
-                    .get(&file)
-                    .map(|e| e.manifest.clone());
-                let addrs = self.policy.addrs(&suspect);
-                let internal = self.internal_tx.clone();
-                tokio::spawn(async move {
-                    let outcome = match manifest {
-                        Some(m) => crate::probe::probe(suspect, addrs, m, blocks).await,
-                        None => ProbeOutcome::Inconclusive,
-                    };
-                    let _ = internal.send(Internal::Probed { suspect, outcome }).await;
-                });
-            }
-        }
     }
 
     fn load_registry(&mut self) {
@@ -470,12 +456,16 @@ impl EventLoop {
                     None => return,
                 },
                 _ = rescan.tick() => self.load_registry(),
-                _ = expire.tick() => self.policy.expire(Instant::now()),
+                _ = expire.tick() => {
+                    let now = Instant::now();
+                    self.policy.expire(now);
+                    self.bans.expire(now);
+                }
             }
         }
     }
 
-    fn publish(&mut self, event: AuthorityEvent) {
+    pub(crate) fn publish(&mut self, event: AuthorityEvent) {
         if let Err(e) = self
             .swarm
             .behaviour_mut()
@@ -509,6 +499,7 @@ impl EventLoop {
                 self.metrics
                     .peers
                     .set(self.swarm.connected_peers().count() as i64);
+                self.bans.peer_gone(&peer_id);
                 if self.policy.peer_down(&peer_id) {
                     tracing::info!(%peer_id, "mirror gone");
                     self.publish(AuthorityEvent::MirrorRemoved { peer: peer_id });
@@ -672,34 +663,7 @@ impl EventLoop {
                 file,
                 peer: culprit,
                 problem,
-            } => {
-                tracing::info!(reporter = %peer, %culprit, file = %file, ?problem, "report");
-                // Bad data: never again for this reporter. A dead or stalling peer: for a
-                // while. A busy one: for a moment.
-                let until = match problem {
-                    Problem::Corrupt { .. } => None,
-                    Problem::Unreachable | Problem::Truncated { .. } | Problem::NotHeld { .. } => {
-                        Some(Instant::now() + Duration::from_secs(30))
-                    }
-                    Problem::Busy => Some(Instant::now() + Duration::from_secs(2)),
-                };
-                self.policy.avoid(peer, culprit, until);
-                if let Problem::Corrupt { blocks } = &problem {
-                    let first = blocks.first().map_or(BlockRange::new(0, 1), |r| {
-                        BlockRange::new(r.start, r.end.min(r.start.saturating_add(16)))
-                    });
-                    let verdict = self.bans.report(peer, culprit, first);
-                    self.act(verdict, file);
-                }
-                if matches!(problem, Problem::Unreachable) && !self.swarm.is_connected(&culprit) {
-                    // The master cannot see it either: it is gone from every mirror list.
-                    if self.policy.peer_down(&culprit) {
-                        tracing::info!(%culprit, "mirror unreachable for the master too; removed");
-                        self.publish(AuthorityEvent::MirrorRemoved { peer: culprit });
-                    }
-                }
-                MasterResponse::Ack
-            }
+            } => self.on_report(peer, file, culprit, problem),
             MasterRequest::Status { file } => match self.policy.status(&file) {
                 Some(s) => MasterResponse::Status(Box::new(s)),
                 None => MasterResponse::Refused {
@@ -809,12 +773,7 @@ impl EventLoop {
                     e.have.insert_range(range);
                 }
             }
-            Internal::Probed { suspect, outcome } => {
-                tracing::info!(%suspect, ?outcome, "probe finished");
-                if let Verdict::Ban(p) = self.bans.probe_result(suspect, outcome) {
-                    self.ban(p);
-                }
-            }
+            Internal::Probed { suspect, outcome } => self.on_probed(suspect, outcome),
             Internal::PullFinished { file, result } => {
                 self.pulling.remove(&file);
                 match result {
