@@ -38,6 +38,62 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use shoal_protocol::block::BlockRange;
+use shoal_protocol::wire::Problem;
+
+/// How long a reporter is not sent back to a peer that was unreachable, cut it off or
+/// denied holding blocks.
+pub const AVOID_FAILED: Duration = Duration::from_secs(30);
+
+/// How long a reporter is not sent back to a busy peer.
+pub const AVOID_BUSY: Duration = Duration::from_secs(2);
+
+/// What a report costs its suspect in the book.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Charge {
+    /// Nothing: it is no evidence of lying.
+    None,
+    /// An accusation: [`BanBook::accuse`].
+    Accusation,
+    /// A lie about holdings: [`BanBook::lied`].
+    Lie,
+}
+
+/// What the master does about a checked report (the master assigned the suspect to the
+/// reporter for those blocks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Response {
+    /// The reporter is not sent to the suspect again for this long (`None`: for good).
+    pub avoid: Option<Duration>,
+    /// The suspect is gone: drop it from every mirror list.
+    pub drop_mirror: bool,
+    /// Take the reported blocks off the suspect's claims.
+    pub forget_claims: bool,
+    /// What to record.
+    pub charge: Charge,
+}
+
+/// The rule for a checked report of `problem`; `connected` says whether the suspect is
+/// connected to the master now. Only `Corrupt` accuses; a cut-off accuses only a suspect the
+/// master still sees (a dead one looks exactly like it and is just dropped); `NotHeld` costs
+/// the claims at once and is a strike; `Unreachable` and `Busy` only keep the reporter away.
+pub fn respond(problem: &Problem, connected: bool) -> Response {
+    let r = |avoid, drop_mirror, forget_claims, charge| Response {
+        avoid,
+        drop_mirror,
+        forget_claims,
+        charge,
+    };
+    match problem {
+        Problem::Busy => r(Some(AVOID_BUSY), false, false, Charge::None),
+        Problem::Unreachable => r(Some(AVOID_FAILED), !connected, false, Charge::None),
+        Problem::Truncated { .. } if connected => {
+            r(Some(AVOID_FAILED), false, false, Charge::Accusation)
+        }
+        Problem::Truncated { .. } => r(Some(AVOID_FAILED), true, false, Charge::None),
+        Problem::Corrupt { .. } => r(None, false, false, Charge::Accusation),
+        Problem::NotHeld { .. } => r(Some(AVOID_FAILED), false, true, Charge::Lie),
+    }
+}
 
 /// Tunables of the ban rule.
 #[derive(Clone, Debug)]
@@ -237,10 +293,7 @@ impl BanBook {
                 .map(|(p, _)| *p)?;
             self.cases.remove(&victim);
         }
-        let case = self
-            .cases
-            .entry(suspect)
-            .or_insert_with(|| Case::new(now));
+        let case = self.cases.entry(suspect).or_insert_with(|| Case::new(now));
         case.last = now;
         Some(case)
     }
@@ -426,6 +479,36 @@ mod tests {
     }
 
     #[test]
+    fn only_corrupt_data_and_cut_offs_by_live_peers_accuse() {
+        let blocks = vec![r(0)];
+        let corrupt = Problem::Corrupt {
+            blocks: blocks.clone(),
+        };
+        let truncated = Problem::Truncated {
+            blocks: blocks.clone(),
+        };
+        let not_held = Problem::NotHeld { blocks };
+        for connected in [true, false] {
+            let c = respond(&corrupt, connected);
+            assert_eq!((c.avoid, c.charge), (None, Charge::Accusation));
+            for p in [Problem::Unreachable, Problem::Busy] {
+                assert_eq!(respond(&p, connected).charge, Charge::None, "{p:?}");
+                assert!(respond(&p, connected).avoid.is_some());
+            }
+            let n = respond(&not_held, connected);
+            assert_eq!((n.forget_claims, n.charge), (true, Charge::Lie));
+        }
+        // A cut-off by a peer the master still sees: the probe decides.
+        let t = respond(&truncated, true);
+        assert_eq!((t.charge, t.drop_mirror), (Charge::Accusation, false));
+        // By a peer the master no longer sees: it is gone, no accusation.
+        let t = respond(&truncated, false);
+        assert_eq!((t.charge, t.drop_mirror), (Charge::None, true));
+        assert!(respond(&Problem::Unreachable, false).drop_mirror);
+        assert!(!respond(&Problem::Unreachable, true).drop_mirror);
+    }
+
+    #[test]
     fn one_false_accuser_cannot_ban_and_loses_weight() {
         let mut book = BanBook::default();
         let now = Instant::now();
@@ -475,8 +558,14 @@ mod tests {
                 book.accuse(now, liars[0], victim, r(round)),
                 probe(victim, round)
             );
-            assert_eq!(book.accuse(now, liars[1], victim, r(round)), Verdict::Nothing);
-            assert_eq!(book.accuse(now, liars[2], victim, r(round)), Verdict::Nothing);
+            assert_eq!(
+                book.accuse(now, liars[1], victim, r(round)),
+                Verdict::Nothing
+            );
+            assert_eq!(
+                book.accuse(now, liars[2], victim, r(round)),
+                Verdict::Nothing
+            );
             assert_eq!(
                 book.probe_result(now, victim, ProbeOutcome::Inconclusive, true),
                 Verdict::Nothing
@@ -535,11 +624,11 @@ mod tests {
         for l in &liars {
             assert_eq!(book.accuse(now, *l, honest, r(1)), Verdict::Nothing);
         }
-        // Three fresh accusers at full weight do reopen it (and the probe decides again).
-        let fresh: Vec<PeerId> = (0..3).map(|_| peer()).collect();
+        // Fresh accusers at full weight reopen it once the weight reaches 3 (1.5 + 1 + 1),
+        // and the probe decides again.
+        let fresh: Vec<PeerId> = (0..2).map(|_| peer()).collect();
         assert_eq!(book.accuse(now, fresh[0], honest, r(2)), Verdict::Nothing);
-        assert_eq!(book.accuse(now, fresh[1], honest, r(2)), Verdict::Nothing);
-        assert_eq!(book.accuse(now, fresh[2], honest, r(2)), probe(honest, 2));
+        assert_eq!(book.accuse(now, fresh[1], honest, r(2)), probe(honest, 2));
     }
 
     #[test]

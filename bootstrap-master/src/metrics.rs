@@ -119,12 +119,16 @@ impl Metrics {
 
     /// Counts a report ignored for `reason`.
     pub fn report_ignored(&self, reason: &'static str) {
-        self.reports_ignored.get_or_create(&[("reason", reason)]).inc();
+        self.reports_ignored
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 
     /// How many reports were ignored for `reason`.
     pub fn reports_ignored_for(&self, reason: &'static str) -> u64 {
-        self.reports_ignored.get_or_create(&[("reason", reason)]).get()
+        self.reports_ignored
+            .get_or_create(&[("reason", reason)])
+            .get()
     }
 
     /// How many reports of `problem` matched an assignment.

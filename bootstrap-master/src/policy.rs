@@ -970,4 +970,134 @@ mod tests {
         assert!(sizes.windows(2).all(|w| w[1] <= w[0]), "{sizes:?}");
         assert!(*sizes.last().unwrap() < 16, "{sizes:?}");
     }
+
+    /// `a` holds everything and is the only holder; `b` is sent to `a` for blocks 0..8.
+    fn redirected() -> (Policy, PeerId, PeerId, Instant) {
+        let mut p = setup(16);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![addr()]);
+        p.peer_up(b, vec![addr()]);
+        p.have(&file(), a, &all(16));
+        let now = Instant::now();
+        let ans = p.locate(now, b, &file(), &[BlockRange::new(0, 8)]).unwrap();
+        assert!(matches!(ans.assignments[0].source, Source::Peer { peer, .. } if peer == a));
+        assert_eq!(ans.assignments[0].range, BlockRange::new(0, 8));
+        (p, a, b, now)
+    }
+
+    #[test]
+    fn a_report_counts_only_for_an_assignment_the_master_made() {
+        let (mut p, a, b, now) = redirected();
+        let r = |x, y| vec![BlockRange::new(x, y)];
+        assert!(p.assigned(&b, &file(), &a, &r(0, 8), now));
+        assert!(p.assigned(&b, &file(), &a, &r(3, 4), now));
+        assert!(p.assigned(&b, &file(), &a, &[], now));
+        // Another reporter, another culprit, other blocks, another file: not assigned.
+        let (c, d) = (peer(), peer());
+        assert!(!p.assigned(&c, &file(), &a, &r(0, 8), now));
+        assert!(!p.assigned(&b, &file(), &d, &r(0, 8), now));
+        assert!(!p.assigned(&b, &file(), &d, &[], now));
+        assert!(!p.assigned(&b, &file(), &a, &r(7, 9), now));
+        assert!(!p.assigned(&b, &file(), &a, &r(16, 17), now));
+        assert!(!p.assigned(&b, &FileId([9; 32]), &a, &r(0, 1), now));
+        // The master's own handouts name no peer: a report against the master never matches.
+        p.peer_up(c, vec![]);
+        p.avoid(c, a, None);
+        let ans = p.locate(now, c, &file(), &r(0, 16)).unwrap();
+        assert!(ans.assignments.iter().any(|x| x.source == Source::Master));
+        assert!(!p.assigned(&c, &file(), &a, &r(8, 9), now));
+        assert!(!p.assigned(&c, &file(), &peer(), &[], now));
+    }
+
+    #[test]
+    fn a_failed_transfer_can_be_reported_within_the_grace_after_its_window() {
+        let (mut p, a, b, now) = redirected();
+        let cfg = PolicyConfig::default();
+        let window_end = now + cfg.assignment_timeout;
+        let blocks = [BlockRange::new(2, 3)];
+        // The node asks again at once and is sent elsewhere (it avoids `a` now): the old
+        // assignment still counts for a report that arrives after that answer.
+        p.avoid(b, a, None);
+        let ans = p.locate(now, b, &file(), &all(16)).unwrap();
+        assert!(ans.assignments.iter().all(|x| x.source == Source::Master));
+        assert!(p.assigned(&b, &file(), &a, &blocks, now + Duration::from_secs(1)));
+        // It expired (no Have ever came): still within the grace...
+        let late = window_end + cfg.report_grace / 2;
+        p.expire(late);
+        assert!(p.assigned(&b, &file(), &a, &blocks, late));
+        // ...and not after it.
+        let too_late = window_end + cfg.report_grace + Duration::from_millis(1);
+        p.expire(too_late);
+        assert!(!p.assigned(&b, &file(), &a, &blocks, too_late));
+        assert!(!p.assigned(&b, &file(), &a, &[], too_late));
+    }
+
+    #[test]
+    fn blocks_confirmed_from_that_source_cannot_be_reported() {
+        let (mut p, a, b, now) = redirected();
+        p.have(&file(), b, &[BlockRange::new(0, 4)]);
+        assert!(!p.assigned(&b, &file(), &a, &[BlockRange::new(0, 1)], now));
+        assert!(!p.assigned(&b, &file(), &a, &[BlockRange::new(3, 5)], now));
+        assert!(p.assigned(&b, &file(), &a, &[BlockRange::new(4, 8)], now));
+    }
+
+    #[test]
+    fn a_source_that_disconnects_takes_its_assignments_with_it() {
+        let (mut p, a, b, now) = redirected();
+        assert_eq!(p.load(&a), 8);
+        p.peer_down(&a);
+        assert_eq!(p.load(&a), 0);
+        // Back with its key: what its downloaders saw of its death is not about this session.
+        p.peer_up(a, vec![addr()]);
+        assert!(!p.assigned(&b, &file(), &a, &[BlockRange::new(0, 8)], now));
+        assert!(!p.assigned(&b, &file(), &a, &[], now));
+    }
+
+    #[test]
+    fn a_not_held_refusal_drops_the_claims_at_once() {
+        let (mut p, a, b, now) = redirected();
+        assert!(p.claims(&file(), &a, BlockRange::new(0, 8)));
+        assert_eq!(p.forget_claims(&file(), &a, &[BlockRange::new(0, 8)]), 8);
+        assert!(!p.claims(&file(), &a, BlockRange::new(0, 1)));
+        assert!(p.claims(&file(), &a, BlockRange::new(8, 16)));
+        // Nobody is sent there for those blocks again; still for the others.
+        let c = peer();
+        p.peer_up(c, vec![addr()]);
+        let ans = p.locate(now, c, &file(), &all(16)).unwrap();
+        for x in &ans.assignments {
+            match &x.source {
+                Source::Peer { peer, .. } => {
+                    assert_eq!(*peer, a);
+                    assert!(x.range.start >= 8, "{x:?}");
+                }
+                Source::Master => assert!(x.range.end <= 8, "{x:?}"),
+            }
+        }
+        // The assignment it refused can still be reported (that is how the refusal counts).
+        assert!(p.assigned(&b, &file(), &a, &[BlockRange::new(0, 8)], now));
+        // A peer that claimed nothing else leaves the mirror list.
+        assert_eq!(p.forget_claims(&file(), &a, &all(16)), 8);
+        assert!(p.mirrors(&file()).is_empty());
+    }
+
+    #[test]
+    fn closed_assignments_are_remembered_in_bounded_space() {
+        let mut p = setup(1024);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![addr()]);
+        p.peer_up(b, vec![addr()]);
+        p.have(&file(), a, &all(1024));
+        let t0 = Instant::now();
+        // Each block assigned twice (the second retracts the first), at distinct moments so
+        // that no two closed assignments merge: 1,024 closed assignments.
+        for blk in 0..1024u32 {
+            let at = t0 + Duration::from_millis(u64::from(blk));
+            for _ in 0..2 {
+                p.locate(at, b, &file(), &[BlockRange::new(blk, blk + 1)])
+                    .unwrap();
+            }
+        }
+        let len = p.files[&file()].past.get(&b).map_or(0, |l| l.len());
+        assert_eq!(len, MAX_PAST_PER_REQUESTER);
+    }
 }

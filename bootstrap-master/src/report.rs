@@ -2,7 +2,7 @@
 //! ([`crate::bans`]). A report is checked against what the master assigned before it counts;
 //! only the master's own probe bans (see `bans.rs` and ARCHITECTURE.md for the rule).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use libp2p::PeerId;
 use shoal_protocol::{
@@ -12,19 +12,12 @@ use shoal_protocol::{
     FileId,
 };
 
-use crate::bans::{ProbeOutcome, Verdict};
+use crate::bans::{respond, Charge, ProbeOutcome, Verdict};
 use crate::probe::Admit;
 use crate::service::{EventLoop, Internal};
 
 /// Most blocks one probe asks for.
 const PROBE_BLOCKS: u32 = 16;
-
-/// How long a reporter is not sent back to a peer that was unreachable, cut it off or
-/// denied holding blocks.
-const AVOID_FAILED: Duration = Duration::from_secs(30);
-
-/// How long a reporter is not sent back to a busy peer.
-const AVOID_BUSY: Duration = Duration::from_secs(2);
 
 /// A probe to run.
 #[derive(Debug)]
@@ -103,43 +96,23 @@ impl EventLoop {
         let probe_range = blocks.first().map_or(BlockRange::new(0, 1), |r| {
             BlockRange::new(r.start, r.end.min(r.start.saturating_add(PROBE_BLOCKS)))
         });
-        let connected = self.swarm.is_connected(&culprit);
-        match problem {
-            Problem::Busy => self.policy.avoid(reporter, culprit, Some(now + AVOID_BUSY)),
-            Problem::Unreachable => {
-                self.policy
-                    .avoid(reporter, culprit, Some(now + AVOID_FAILED));
-                if !connected {
-                    self.mirror_gone(culprit);
-                }
-            }
-            Problem::Truncated { .. } => {
-                self.policy
-                    .avoid(reporter, culprit, Some(now + AVOID_FAILED));
-                if connected {
-                    // Alive, yet it cut the reporter off: only the master's probe decides.
-                    let v = self.bans.accuse(now, reporter, culprit, probe_range);
-                    self.act(v, file);
-                } else {
-                    // It is gone: that is all a cut-off says about it.
-                    self.mirror_gone(culprit);
-                }
-            }
-            Problem::Corrupt { .. } => {
-                // The reporter's own safety never waits for a verdict.
-                self.policy.avoid(reporter, culprit, None);
-                let v = self.bans.accuse(now, reporter, culprit, probe_range);
-                self.act(v, file);
-            }
-            Problem::NotHeld { .. } => {
-                self.policy
-                    .avoid(reporter, culprit, Some(now + AVOID_FAILED));
-                let dropped = self.policy.forget_claims(&file, &culprit, &blocks);
-                tracing::info!(%culprit, %file, dropped, "claims dropped after a NotHeld refusal");
-                let v = self.bans.lied(now, reporter, culprit, probe_range);
-                self.act(v, file);
-            }
+        let response = respond(&problem, self.swarm.is_connected(&culprit));
+        // The reporter's own safety never waits for a verdict.
+        self.policy
+            .avoid(reporter, culprit, response.avoid.map(|d| now + d));
+        if response.drop_mirror {
+            self.mirror_gone(culprit);
         }
+        if response.forget_claims {
+            let dropped = self.policy.forget_claims(&file, &culprit, &blocks);
+            tracing::info!(%culprit, %file, dropped, "claims dropped after a NotHeld refusal");
+        }
+        let verdict = match response.charge {
+            Charge::None => Verdict::Nothing,
+            Charge::Accusation => self.bans.accuse(now, reporter, culprit, probe_range),
+            Charge::Lie => self.bans.lied(now, reporter, culprit, probe_range),
+        };
+        self.act(verdict, file);
         MasterResponse::Ack
     }
 

@@ -35,8 +35,8 @@ use crate::bans::{BanBook, BanConfig, ProbeOutcome};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyConfig};
 use crate::probe::ProbeQueue;
-use crate::report::ProbeJob;
 use crate::registry::{Registry, RegistryError};
+use crate::report::ProbeJob;
 
 /// How the master runs. Defaults suit a public master; tests shrink them.
 #[derive(Clone, Debug)]
