@@ -41,6 +41,8 @@ pub struct Metrics {
     pub probes: Family<Label, Counter>,
     /// Probes dropped because the probe queue was full.
     pub probes_dropped: Counter,
+    /// Probes running or waiting to run.
+    pub probes_pending: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -64,6 +66,7 @@ impl Metrics {
         let reports_counted = Family::<Label, Counter>::default();
         let probes = Family::<Label, Counter>::default();
         let probes_dropped = Counter::default();
+        let probes_pending = Gauge::default();
         registry.register(
             "piece_bytes_sent",
             "Piece payload bytes the master sent",
@@ -102,6 +105,11 @@ impl Metrics {
             "Probes dropped because the probe queue was full",
             probes_dropped.clone(),
         );
+        registry.register(
+            "probes_pending",
+            "Probes running or waiting to run",
+            probes_pending.clone(),
+        );
         Self {
             piece_bytes_sent,
             redirects,
@@ -113,6 +121,7 @@ impl Metrics {
             reports_counted,
             probes,
             probes_dropped,
+            probes_pending,
             registry: Arc::new(registry),
         }
     }

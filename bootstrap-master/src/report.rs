@@ -126,6 +126,13 @@ impl EventLoop {
 
     /// Carries out a verdict about a report on `file`.
     fn act(&mut self, verdict: Verdict, file: FileId) {
+        self.act_inner(verdict, file);
+        self.metrics
+            .probes_pending
+            .set((self.probes.in_flight() + self.probes.queued()) as i64);
+    }
+
+    fn act_inner(&mut self, verdict: Verdict, file: FileId) {
         match verdict {
             Verdict::Nothing => {}
             Verdict::Ban(peer) => self.ban(peer),
@@ -185,5 +192,8 @@ impl EventLoop {
         if let Some(next) = self.probes.finished() {
             self.spawn_probe(next);
         }
+        self.metrics
+            .probes_pending
+            .set((self.probes.in_flight() + self.probes.queued()) as i64);
     }
 }
