@@ -141,20 +141,29 @@ pub async fn probe(
     let mut control = swarm.behaviour().new_control();
     let driver = tokio::spawn(async move {
         loop {
-            swarm.select_next_some().await;
+            if let libp2p::swarm::SwarmEvent::ConnectionClosed { cause, .. } =
+                swarm.select_next_some().await
+            {
+                tracing::debug!(%suspect, ?cause, "probe connection closed");
+            }
         }
     });
+    let mut answered = false;
     let result = tokio::time::timeout(PROBE_TIMEOUT, async {
-        let mut stream = control
+        let stream = control
             .open_stream(suspect, PIECE_PROTOCOL)
             .await
             .map_err(|e| ReceiveError::Io(std::io::Error::other(e.to_string())))?;
+        let mut stream = Counted {
+            inner: stream,
+            answered: &mut answered,
+        };
         receive_blocks(&mut stream, &manifest, blocks, |_, _| Ok(())).await
     })
     .await;
     driver.abort();
     let outcome = match &result {
-        Ok(r) => classify(r),
+        Ok(r) => classify(r, answered),
         Err(_) => ProbeOutcome::Inconclusive,
     };
     if let Ok(Err(e)) = &result {
@@ -166,22 +175,73 @@ pub async fn probe(
     outcome
 }
 
-/// What a probe's transfer result says about the suspect.
-pub fn classify(result: &Result<(), ReceiveError>) -> ProbeOutcome {
+/// A stream that notes whether the suspect sent anything at all. A stream dropped or reset
+/// before the answer is how a peer sheds load (or how a local stream quirk looks); only a
+/// stream cut off after the answer began is a cut-off.
+struct Counted<'a, S> {
+    inner: S,
+    answered: &'a mut bool,
+}
+
+impl<S: futures::AsyncRead + Unpin> futures::AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                *this.answered = true;
+            }
+        }
+        r
+    }
+}
+
+impl<S: futures::AsyncWrite + Unpin> futures::AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// What a probe's transfer result says about the suspect; `answered` says whether the
+/// suspect sent any byte of an answer before the result.
+pub fn classify(result: &Result<(), ReceiveError>, answered: bool) -> ProbeOutcome {
     use std::io::ErrorKind;
     match result {
         Ok(()) => ProbeOutcome::Honest,
         Err(ReceiveError::Corrupt { .. }) => ProbeOutcome::Corrupt,
-        // It said Ok, then the stream ended or was reset before every block arrived: a lie
-        // from a live peer, or the look of a dead one (the master tells them apart).
+        // It began to answer, then the stream ended or was reset before every block arrived:
+        // a lie from a live peer, or the look of a dead one (the master tells them apart).
         Err(ReceiveError::Io(e))
-            if matches!(
-                e.kind(),
-                ErrorKind::UnexpectedEof
-                    | ErrorKind::ConnectionReset
-                    | ErrorKind::ConnectionAborted
-                    | ErrorKind::BrokenPipe
-            ) =>
+            if answered
+                && matches!(
+                    e.kind(),
+                    ErrorKind::UnexpectedEof
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::BrokenPipe
+                ) =>
         {
             ProbeOutcome::CutOff
         }
@@ -218,29 +278,36 @@ mod tests {
     #[test]
     fn only_bad_bytes_cut_offs_and_denials_are_outcomes_the_master_weighs() {
         use std::io::{Error, ErrorKind};
-        assert_eq!(classify(&Ok(())), ProbeOutcome::Honest);
+        assert_eq!(classify(&Ok(()), true), ProbeOutcome::Honest);
         assert_eq!(
-            classify(&Err(ReceiveError::Corrupt { block: 1 })),
+            classify(&Err(ReceiveError::Corrupt { block: 1 }), true),
             ProbeOutcome::Corrupt
         );
         for kind in [ErrorKind::UnexpectedEof, ErrorKind::ConnectionReset] {
-            assert_eq!(
-                classify(&Err(ReceiveError::Io(Error::from(kind)))),
-                ProbeOutcome::CutOff
-            );
+            let cut = || Err(ReceiveError::Io(Error::from(kind)));
+            assert_eq!(classify(&cut(), true), ProbeOutcome::CutOff);
+            // Dropped before any answer: how a peer sheds load, no evidence.
+            assert_eq!(classify(&cut(), false), ProbeOutcome::Inconclusive);
         }
         assert_eq!(
-            classify(&Err(ReceiveError::Refused(RefuseReason::NotHeld))),
+            classify(&Err(ReceiveError::Refused(RefuseReason::NotHeld)), true),
             ProbeOutcome::NotHeld
         );
         for r in [RefuseReason::Busy, RefuseReason::UnknownFile] {
             assert_eq!(
-                classify(&Err(ReceiveError::Refused(r))),
+                classify(&Err(ReceiveError::Refused(r)), true),
                 ProbeOutcome::Inconclusive
             );
         }
         assert_eq!(
-            classify(&Err(ReceiveError::Io(Error::other("dial failed")))),
+            classify(&Err(ReceiveError::Io(Error::other("dial failed"))), false),
+            ProbeOutcome::Inconclusive
+        );
+        assert_eq!(
+            classify(
+                &Err(ReceiveError::Io(Error::other("connection is closed"))),
+                true
+            ),
             ProbeOutcome::Inconclusive
         );
     }
