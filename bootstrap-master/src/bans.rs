@@ -37,8 +37,77 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use shoal_protocol::block::BlockRange;
+use shoal_protocol::block::{normalize, BlockRange};
+use shoal_protocol::limits::{MAX_PIECE_BLOCKS, MAX_RANGES_PER_MESSAGE};
 use shoal_protocol::wire::Problem;
+
+/// Why a report is ignored before the assignment check (or by it: `NotAssigned`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    /// It is about the master itself.
+    Master,
+    /// It is about the reporter itself.
+    Reporter,
+    /// The file is unknown.
+    UnknownFile,
+    /// It names no block of the file (for a problem about blocks).
+    NoBlocks,
+    /// It names more blocks than one piece holds.
+    TooManyBlocks,
+    /// The master did not assign that culprit to that reporter for those blocks.
+    NotAssigned,
+}
+
+impl Ignored {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Master => "master",
+            Self::Reporter => "self",
+            Self::UnknownFile => "unknown_file",
+            Self::NoBlocks => "no_blocks",
+            Self::TooManyBlocks => "too_many_blocks",
+            Self::NotAssigned => "not_assigned",
+        }
+    }
+}
+
+/// First look at a report from `reporter` about `culprit` to the master `master`, for a file
+/// of `file_blocks` blocks (`None`: unknown): the reported blocks, clamped to the file, merged
+/// and capped to one piece (empty for `Unreachable` and `Busy`), or why it is ignored. The
+/// caller then checks the assignment ([`crate::policy::Policy::assigned`]).
+pub fn screen(
+    master: &PeerId,
+    reporter: &PeerId,
+    culprit: &PeerId,
+    problem: &Problem,
+    file_blocks: Option<u32>,
+) -> Result<Vec<BlockRange>, Ignored> {
+    if culprit == master {
+        // The master serves bytes it verified itself; nobody gets it to doubt them.
+        return Err(Ignored::Master);
+    }
+    if culprit == reporter {
+        return Err(Ignored::Reporter);
+    }
+    let file_blocks = file_blocks.ok_or(Ignored::UnknownFile)?;
+    match problem {
+        Problem::Corrupt { blocks }
+        | Problem::Truncated { blocks }
+        | Problem::NotHeld { blocks } => {
+            let blocks = normalize(blocks, file_blocks, MAX_RANGES_PER_MESSAGE);
+            let total: u64 = blocks.iter().map(|r| u64::from(r.len())).sum();
+            if total == 0 {
+                Err(Ignored::NoBlocks)
+            } else if total > u64::from(MAX_PIECE_BLOCKS) {
+                Err(Ignored::TooManyBlocks)
+            } else {
+                Ok(blocks)
+            }
+        }
+        Problem::Unreachable | Problem::Busy => Ok(Vec::new()),
+    }
+}
 
 /// How long a reporter is not sent back to a peer that was unreachable, cut it off or
 /// denied holding blocks.
@@ -476,6 +545,57 @@ mod tests {
             suspect,
             blocks: r(b),
         }
+    }
+
+    #[test]
+    fn reports_about_the_master_oneself_unknown_files_or_no_blocks_are_ignored() {
+        let (master, a, b) = (peer(), peer(), peer());
+        let corrupt = |blocks: Vec<BlockRange>| Problem::Corrupt { blocks };
+        let p = corrupt(vec![r(0)]);
+        assert_eq!(
+            screen(&master, &a, &master, &p, Some(8)),
+            Err(Ignored::Master)
+        );
+        assert_eq!(
+            screen(&master, &a, &master, &Problem::Unreachable, Some(8)),
+            Err(Ignored::Master)
+        );
+        assert_eq!(screen(&master, &a, &a, &p, Some(8)), Err(Ignored::Reporter));
+        assert_eq!(screen(&master, &a, &b, &p, None), Err(Ignored::UnknownFile));
+        assert_eq!(
+            screen(&master, &a, &b, &corrupt(vec![]), Some(8)),
+            Err(Ignored::NoBlocks)
+        );
+        assert_eq!(
+            screen(
+                &master,
+                &a,
+                &b,
+                &corrupt(vec![BlockRange::new(8, 20)]),
+                Some(8)
+            ),
+            Err(Ignored::NoBlocks)
+        );
+        assert_eq!(
+            screen(
+                &master,
+                &a,
+                &b,
+                &corrupt(vec![BlockRange::new(0, 300)]),
+                Some(1000)
+            ),
+            Err(Ignored::TooManyBlocks)
+        );
+        // 4,096 copies of one range merge into one.
+        let flood = corrupt(vec![BlockRange::new(2, 4); 4096]);
+        assert_eq!(
+            screen(&master, &a, &b, &flood, Some(8)),
+            Ok(vec![BlockRange::new(2, 4)])
+        );
+        assert_eq!(
+            screen(&master, &a, &b, &Problem::Busy, Some(8)),
+            Ok(Vec::new())
+        );
     }
 
     #[test]

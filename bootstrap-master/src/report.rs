@@ -6,13 +6,12 @@ use std::time::Instant;
 
 use libp2p::PeerId;
 use shoal_protocol::{
-    block::{normalize, BlockRange},
-    limits::{MAX_PIECE_BLOCKS, MAX_RANGES_PER_MESSAGE},
+    block::BlockRange,
     wire::{AuthorityEvent, MasterResponse, Problem},
     FileId,
 };
 
-use crate::bans::{respond, Charge, ProbeOutcome, Verdict};
+use crate::bans::{respond, screen, Charge, Ignored, ProbeOutcome, Verdict};
 use crate::probe::Admit;
 use crate::service::{EventLoop, Internal};
 
@@ -50,43 +49,31 @@ impl EventLoop {
     ) -> MasterResponse {
         let now = Instant::now();
         let kind = problem_label(&problem);
-        let ignored = |this: &Self, reason: &'static str| {
-            tracing::debug!(%reporter, %culprit, %file, problem = kind, reason, "report ignored");
-            this.metrics.report_ignored(reason);
-            MasterResponse::Ack
-        };
-        if culprit == *self.swarm.local_peer_id() {
-            // The master serves bytes it verified itself; nobody gets it to doubt them.
-            return ignored(self, "master");
-        }
-        if culprit == reporter {
-            return ignored(self, "self");
-        }
-        let Some(file_blocks) = self.policy.file_blocks(&file) else {
-            return ignored(self, "unknown_file");
-        };
-        let blocks = match &problem {
-            Problem::Corrupt { blocks }
-            | Problem::Truncated { blocks }
-            | Problem::NotHeld { blocks } => {
-                let blocks = normalize(blocks, file_blocks, MAX_RANGES_PER_MESSAGE);
-                let total: u64 = blocks.iter().map(|r| u64::from(r.len())).sum();
-                if total == 0 {
-                    return ignored(self, "no_blocks");
-                }
-                if total > u64::from(MAX_PIECE_BLOCKS) {
-                    return ignored(self, "too_many_blocks");
-                }
-                blocks
+        let screened = screen(
+            self.swarm.local_peer_id(),
+            &reporter,
+            &culprit,
+            &problem,
+            self.policy.file_blocks(&file),
+        )
+        .and_then(|blocks| {
+            if self
+                .policy
+                .assigned(&reporter, &file, &culprit, &blocks, now)
+            {
+                Ok(blocks)
+            } else {
+                Err(Ignored::NotAssigned)
             }
-            Problem::Unreachable | Problem::Busy => Vec::new(),
+        });
+        let blocks = match screened {
+            Ok(blocks) => blocks,
+            Err(why) => {
+                tracing::debug!(%reporter, %culprit, %file, problem = kind, reason = why.label(), "report ignored");
+                self.metrics.report_ignored(why.label());
+                return MasterResponse::Ack;
+            }
         };
-        if !self
-            .policy
-            .assigned(&reporter, &file, &culprit, &blocks, now)
-        {
-            return ignored(self, "not_assigned");
-        }
         self.metrics
             .reports_counted
             .get_or_create(&[("problem", kind)])
