@@ -470,6 +470,12 @@ impl BanBook {
         connected: bool,
     ) -> Verdict {
         let Some(case) = self.cases.get_mut(&suspect) else {
+            // Bad bytes are evidence whatever became of the case; nothing else is without it
+            // (whether the suspect left meanwhile is not known).
+            if outcome == ProbeOutcome::Corrupt && !self.banned.contains(&suspect) {
+                self.ban(suspect);
+                return Verdict::Ban(suspect);
+            }
             return Verdict::Nothing;
         };
         case.probing = false;
@@ -871,8 +877,19 @@ mod tests {
             assert!(book.credibility_entries() <= 3);
         }
         // Everything expires after its time to live without activity.
+        let s = peer();
+        assert_eq!(book.accuse(t0, peer(), s, r(0)), probe(s, 0));
         book.expire(t0 + ttl + Duration::from_secs(1));
         assert_eq!(book.cases(), 0);
+        // A probe that outlived its case still bans on bad bytes, and only on them.
+        assert_eq!(
+            book.probe_result(t0, s, ProbeOutcome::CutOff, true),
+            Verdict::Nothing
+        );
+        assert_eq!(
+            book.probe_result(t0, s, ProbeOutcome::Corrupt, true),
+            Verdict::Ban(s)
+        );
         book.expire(t0 + BanConfig::default().credibility_ttl + Duration::from_secs(1));
         assert_eq!(book.credibility_entries(), 0);
     }
