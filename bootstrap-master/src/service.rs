@@ -39,12 +39,14 @@ use shoal_protocol::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::announce::{PublishGate, Storing};
-use crate::bans::{BanBook, BanConfig, ProbeOutcome, Verdict};
+use crate::bans::{BanBook, BanConfig, ProbeOutcome};
 use crate::config::{MasterConfig, MasterError};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::probe::ProbeQueue;
 use crate::pull::PullTask;
 use crate::registry::{DiskWriter, Registry, StoredFile};
+use crate::report::ProbeJob;
 use crate::serve::{MasterSource, Shelf, ShelfEntry};
 
 pub(crate) enum Command {
@@ -181,6 +183,7 @@ impl Master {
             rescanning: false,
             writer: DiskWriter::spawn(),
             bans: BanBook::new(BanConfig::default()),
+            probes: ProbeQueue::default(),
             listen_addrs: addrs.clone(),
             cfg,
             swarm,
@@ -295,6 +298,8 @@ pub(crate) struct EventLoop {
     /// Small state files, written off the loop.
     pub(crate) writer: DiskWriter,
     pub(crate) bans: BanBook,
+    /// Probes running and waiting (bounded).
+    pub(crate) probes: ProbeQueue<ProbeJob>,
     /// Every address the master listens on (a `0.0.0.0` listener reports one per interface,
     /// over time); `bootstrap.addr` is rewritten as they come and go.
     pub(crate) listen_addrs: Vec<Multiaddr>,
@@ -391,6 +396,7 @@ impl EventLoop {
                     let now = Instant::now();
                     self.policy.expire(now);
                     self.policy.expire_avoidance(now);
+                    self.bans.expire(now);
                 }
             }
         }
@@ -431,6 +437,7 @@ impl EventLoop {
                 self.metrics
                     .peers
                     .set(self.swarm.connected_peers().count() as i64);
+                self.bans.peer_gone(&peer_id);
                 if self.policy.peer_down(&peer_id) {
                     tracing::info!(%peer_id, "mirror gone");
                     self.publish(AuthorityEvent::MirrorRemoved { peer: peer_id });
@@ -580,11 +587,7 @@ impl EventLoop {
                 file,
                 peer: culprit,
                 problem,
-            } => {
-                tracing::info!(reporter = %peer, %culprit, file = %file, ?problem, "report");
-                self.on_report(peer, file, culprit, problem);
-                MasterResponse::Ack
-            }
+            } => self.on_report(peer, file, culprit, problem),
             MasterRequest::Status { file } => match self.policy.status(&file) {
                 Some(s) => MasterResponse::Status(Box::new(s)),
                 None => MasterResponse::Refused {
@@ -622,12 +625,7 @@ impl EventLoop {
                     e.have.insert_range(range);
                 }
             }
-            Internal::Probed { suspect, outcome } => {
-                tracing::info!(%suspect, ?outcome, "probe finished");
-                if let Verdict::Ban(p) = self.bans.probe_result(suspect, outcome) {
-                    self.ban(p);
-                }
-            }
+            Internal::Probed { suspect, outcome } => self.on_probed(suspect, outcome),
             Internal::PullFinished {
                 file,
                 publisher,
