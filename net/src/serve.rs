@@ -42,6 +42,40 @@ pub trait BlockReader: Send + Sync + 'static {
     fn read_block(&self, block: u32, buf: &mut [u8]) -> io::Result<()>;
 }
 
+/// Blocks of a file on disk at `path`, opened on the first read (so that on the serving side
+/// the open, too, happens on a blocking thread).
+#[derive(Debug)]
+pub struct FileBlocks {
+    path: std::path::PathBuf,
+    geometry: Geometry,
+    file: std::sync::OnceLock<std::fs::File>,
+}
+
+impl FileBlocks {
+    /// Blocks of the file at `path`, cut as `geometry` says. Does no I/O.
+    pub fn new(path: impl Into<std::path::PathBuf>, geometry: Geometry) -> Self {
+        Self {
+            path: path.into(),
+            geometry,
+            file: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl BlockReader for FileBlocks {
+    fn read_block(&self, block: u32, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = match self.file.get() {
+            Some(f) => f,
+            None => {
+                let f = std::fs::File::open(&self.path)?;
+                self.file.get_or_init(|| f)
+            }
+        };
+        file.read_exact_at(buf, self.geometry.offset(block))
+    }
+}
+
 /// What to answer to one accepted request.
 pub struct Serve {
     /// The file's geometry.
@@ -515,6 +549,20 @@ mod tests {
         assert_eq!(got, (5..17).collect::<Vec<_>>());
         until_free(&server, 16).await;
         assert_eq!(src.served.load(Ordering::Relaxed), 12 * 4096);
+    }
+
+    #[tokio::test]
+    async fn file_blocks_read_from_disk() {
+        let src = memory(5);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, &src.data).unwrap();
+        let r = FileBlocks::new(&path, src.manifest.geometry());
+        let mut buf = vec![0u8; 4096];
+        r.read_block(3, &mut buf).unwrap();
+        assert_eq!(buf, src.data[3 * 4096..4 * 4096]);
+        let missing = FileBlocks::new(dir.path().join("none"), src.manifest.geometry());
+        assert!(missing.read_block(0, &mut buf).is_err());
     }
 
     #[tokio::test]
