@@ -21,6 +21,6 @@ pub mod swarm;
 pub mod task;
 
 pub use keyfile::{load_or_create_key, write_atomic, KeyError};
-pub use serve::{BlockReader, PieceServer, PieceSource, Serve, ServeConfig};
+pub use serve::{BlockReader, FileBlocks, PieceServer, PieceSource, Serve, ServeConfig};
 pub use swarm::{build_swarm, SwarmError, SwarmOptions};
 pub use task::{spawn_critical, CriticalTask, PanicWatch};
