@@ -29,7 +29,7 @@ use shoal_net::{
 use shoal_protocol::{
     behaviour::{Behaviour, BehaviourEvent, Role},
     block::{BlockRange, Blocks},
-    limits::{MAX_REGION_LEN, PIECE_PROTOCOL},
+    limits::{MAX_HINT_ADDRS, MAX_REGION_LEN, PIECE_PROTOCOL},
     wire::{
         encode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
         MasterResponse, Source,
@@ -43,7 +43,7 @@ use crate::bans::{BanBook, BanConfig, ProbeOutcome, Verdict};
 use crate::config::{MasterConfig, MasterError};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::pull::PullTask;
+use crate::pull::{PullError, PullTask};
 use crate::registry::{DiskWriter, Registry, StoredFile};
 use crate::serve::{MasterSource, Shelf, ShelfEntry};
 
@@ -67,7 +67,7 @@ pub(crate) enum Internal {
     PullFinished {
         file: FileId,
         publisher: PeerId,
-        result: Result<(), String>,
+        result: Result<(), PullError>,
     },
     Stored(Box<Storing>, Result<(), String>),
     Rescanned(Vec<(StoredFile, Blocks)>),
@@ -462,6 +462,8 @@ impl EventLoop {
                         !a.iter()
                             .any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified()))
                     })
+                    // A peer names as many addresses as it likes; the master keeps a hint's worth.
+                    .take(MAX_HINT_ADDRS)
                     .collect();
                 for a in &addrs {
                     self.swarm
