@@ -69,7 +69,7 @@ pub(crate) enum Internal {
         publisher: PeerId,
         result: Result<(), PullError>,
     },
-    Stored(Box<Storing>, Result<(), String>),
+    Stored(Box<Storing>, Result<Arc<VerifiedManifest>, String>),
     Rescanned(Vec<(StoredFile, Blocks)>),
     Probed {
         suspect: PeerId,
@@ -176,7 +176,7 @@ impl Master {
             metrics: metrics.clone(),
             internal_tx: int_tx,
             gate: PublishGate::new(cfg.publishing.clone(), peer_id),
-            storing: HashSet::new(),
+            storing: HashMap::new(),
             pulling: HashMap::new(),
             awaiting: HashMap::new(),
             rescanning: false,
@@ -284,8 +284,8 @@ pub(crate) struct EventLoop {
     pub(crate) internal_tx: mpsc::Sender<Internal>,
     /// Who may publish; what each publisher holds and pulls.
     pub(crate) gate: PublishGate,
-    /// Announces whose manifest is being written.
-    pub(crate) storing: HashSet<FileId>,
+    /// Announces being checked and stored off the loop, with their sizes.
+    pub(crate) storing: HashMap<FileId, u64>,
     /// Pulls running.
     pub(crate) pulling: HashMap<FileId, PullTask>,
     /// Incomplete files whose pull stopped, by publisher: resumed when it reconnects or
@@ -332,7 +332,7 @@ impl EventLoop {
         self.rescanning = false;
         for (f, have) in found {
             let id = f.manifest.id();
-            if self.policy.has_file(&id) || self.storing.contains(&id) {
+            if self.policy.has_file(&id) || self.storing.contains_key(&id) {
                 continue;
             }
             let publisher = f.manifest.publisher();
