@@ -29,7 +29,7 @@ use shoal_net::{
 use shoal_protocol::{
     behaviour::{Behaviour, BehaviourEvent, Role},
     block::{BlockRange, Blocks},
-    limits::{MAX_HINT_ADDRS, MAX_REGION_LEN, PIECE_PROTOCOL},
+    limits::{MAX_HINT_ADDRS, MAX_REGION_LEN},
     wire::{
         encode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
         MasterResponse, Source,
@@ -39,12 +39,14 @@ use shoal_protocol::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::announce::{PublishGate, Storing};
-use crate::bans::{BanBook, BanConfig, ProbeOutcome, Verdict};
+use crate::bans::{BanBook, BanConfig, ProbeOutcome};
 use crate::config::{MasterConfig, MasterError};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::probe::ProbeQueue;
 use crate::pull::{PullError, PullTask};
 use crate::registry::{DiskWriter, Registry, StoredFile};
+use crate::report::ProbeJob;
 use crate::serve::{MasterSource, Shelf, ShelfEntry};
 
 pub(crate) enum Command {
@@ -153,11 +155,10 @@ impl Master {
         let (int_tx, int_rx) = mpsc::channel(1024);
         let shelf = Arc::new(Mutex::new(Shelf::default()));
         let incoming = swarm
-            .behaviour()
-            .stream
-            .new_control()
-            .accept(PIECE_PROTOCOL)
-            .map_err(|e| net(&e))?;
+            .behaviour_mut()
+            .pieces
+            .take_incoming()
+            .ok_or_else(|| net(&"the piece stream queue was taken"))?;
         let server = PieceServer::new(
             Arc::new(MasterSource {
                 shelf: shelf.clone(),
@@ -182,6 +183,7 @@ impl Master {
             rescanning: false,
             writer: DiskWriter::spawn(),
             bans: BanBook::new(BanConfig::default()),
+            probes: ProbeQueue::default(),
             listen_addrs: addrs.clone(),
             cfg,
             swarm,
@@ -296,6 +298,8 @@ pub(crate) struct EventLoop {
     /// Small state files, written off the loop.
     pub(crate) writer: DiskWriter,
     pub(crate) bans: BanBook,
+    /// Probes running and waiting (bounded).
+    pub(crate) probes: ProbeQueue<ProbeJob>,
     /// Every address the master listens on (a `0.0.0.0` listener reports one per interface,
     /// over time); `bootstrap.addr` is rewritten as they come and go.
     pub(crate) listen_addrs: Vec<Multiaddr>,
@@ -392,6 +396,7 @@ impl EventLoop {
                     let now = Instant::now();
                     self.policy.expire(now);
                     self.policy.expire_avoidance(now);
+                    self.bans.expire(now);
                 }
             }
         }
@@ -432,6 +437,7 @@ impl EventLoop {
                 self.metrics
                     .peers
                     .set(self.swarm.connected_peers().count() as i64);
+                self.bans.peer_gone(&peer_id);
                 if self.policy.peer_down(&peer_id) {
                     tracing::info!(%peer_id, "mirror gone");
                     self.publish(AuthorityEvent::MirrorRemoved { peer: peer_id });
@@ -583,11 +589,7 @@ impl EventLoop {
                 file,
                 peer: culprit,
                 problem,
-            } => {
-                tracing::info!(reporter = %peer, %culprit, file = %file, ?problem, "report");
-                self.on_report(peer, file, culprit, problem);
-                MasterResponse::Ack
-            }
+            } => self.on_report(peer, file, culprit, problem),
             MasterRequest::Status { file } => match self.policy.status(&file) {
                 Some(s) => MasterResponse::Status(Box::new(s)),
                 None => MasterResponse::Refused {
@@ -625,12 +627,7 @@ impl EventLoop {
                     e.have.insert_range(range);
                 }
             }
-            Internal::Probed { suspect, outcome } => {
-                tracing::info!(%suspect, ?outcome, "probe finished");
-                if let Verdict::Ban(p) = self.bans.probe_result(suspect, outcome) {
-                    self.ban(p);
-                }
-            }
+            Internal::Probed { suspect, outcome } => self.on_probed(suspect, outcome),
             Internal::PullFinished {
                 file,
                 publisher,

@@ -6,8 +6,11 @@
 //!
 //! Bounded state: the command channel holds 256 commands; every pending reply is keyed by an
 //! outbound request id that libp2p ends with a response or a failure within the request
-//! timeout (30 s), so the pending maps empty themselves; the set of banned peers is capped at
-//! [`MAX_BANNED`] (oldest forgotten first); the piece server's slots and refusals are capped.
+//! timeout (30 s), so the pending maps empty themselves, and each holds at most
+//! [`MAX_PENDING_REQUESTS`]; the set of banned peers is capped at [`MAX_BANNED`] (oldest
+//! forgotten first); a redirect hint adds at most `MAX_HINT_ADDRS` addresses (Kademlia's
+//! routing table and the swarm's address cache are bounded by libp2p); the piece server's
+//! slots and refusals are capped; connections are capped by [`ConnectionCaps`].
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -28,7 +31,7 @@ use shoal_net::{
 };
 use shoal_protocol::{
     behaviour::{peer_of, Behaviour, BehaviourEvent, ConnectionCaps, Role},
-    limits::PIECE_PROTOCOL,
+    limits::MAX_HINT_ADDRS,
     wire::{
         decode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
         MasterResponse, PieceRequest, PublishRequest, RefuseReason,
@@ -412,10 +415,11 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     let shelf: Shelf = Arc::default();
     let uploaded = Arc::new(AtomicU64::new(0));
     let banned: Bans = Arc::default();
-    let incoming = control
-        .clone()
-        .accept(PIECE_PROTOCOL)
-        .map_err(|e| net(&e))?;
+    let incoming = swarm
+        .behaviour_mut()
+        .pieces
+        .take_incoming()
+        .ok_or_else(|| net(&"the piece stream queue was taken"))?;
     let server = PieceServer::new(
         Arc::new(NodeSource {
             shelf: shelf.clone(),
@@ -557,27 +561,33 @@ impl EventLoop {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Master(req, tx) => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .master
-                    .send_request(&self.master, req);
-                self.pending_master.insert(id, tx);
+                if let Some(tx) = refuse_if_full(&self.pending_master, tx) {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .master
+                        .send_request(&self.master, req);
+                    self.pending_master.insert(id, tx);
+                }
             }
             Command::Publish(req, tx) => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .publish
-                    .send_request(&self.master, req);
-                self.pending_publish.insert(id, tx);
+                if let Some(tx) = refuse_if_full(&self.pending_publish, tx) {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .publish
+                        .send_request(&self.master, req);
+                    self.pending_publish.insert(id, tx);
+                }
             }
             Command::Digest(peer, req, tx) => {
-                let id = self.swarm.behaviour_mut().digest.send_request(&peer, req);
-                self.pending_digest.insert(id, tx);
+                if let Some(tx) = refuse_if_full(&self.pending_digest, tx) {
+                    let id = self.swarm.behaviour_mut().digest.send_request(&peer, req);
+                    self.pending_digest.insert(id, tx);
+                }
             }
             Command::Hint(peer, addrs, ack) => {
-                for a in addrs {
+                for a in addrs.into_iter().take(MAX_HINT_ADDRS) {
                     self.swarm.add_peer_address(peer, a.clone());
                     self.swarm.behaviour_mut().kad.add_address(&peer, a);
                 }
@@ -665,6 +675,25 @@ impl EventLoop {
 /// Pending replies to outbound requests, by request id.
 type Pending<T> =
     HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<T, NodeError>>>;
+
+/// Most outbound requests of one kind awaiting their answer. Each entry also leaves within
+/// the request timeout (libp2p answers every request id with a response or a failure).
+pub const MAX_PENDING_REQUESTS: usize = 4_096;
+
+/// Fails the request at once if too many of its kind are in flight; else hands `tx` back.
+fn refuse_if_full<T>(
+    pending: &Pending<T>,
+    tx: oneshot::Sender<Result<T, NodeError>>,
+) -> Option<oneshot::Sender<Result<T, NodeError>>> {
+    if pending.len() >= MAX_PENDING_REQUESTS {
+        let _ = tx.send(Err(NodeError::Network(format!(
+            "{MAX_PENDING_REQUESTS} requests already in flight"
+        ))));
+        None
+    } else {
+        Some(tx)
+    }
+}
 
 /// Hands a request-response outcome to whoever waits for it; returns an inbound request, if
 /// that is what the event is, for the caller to answer.
