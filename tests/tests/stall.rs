@@ -24,6 +24,10 @@ use shoal_protocol::{
 };
 use shoal_tests::raw::{frame, RawPeer};
 
+/// Per piece stream the staller answered: its range, and how long after `Ok` the requester
+/// let go of it (`None`: not within [`WATCH`]).
+type Held = Arc<Mutex<Vec<(BlockRange, Option<Duration>)>>>;
+
 /// How long a held stream is watched for the node to let go of it.
 const WATCH: Duration = Duration::from_secs(120);
 
@@ -47,8 +51,7 @@ async fn a_peer_that_stalls_after_ok_is_left_within_the_deadline_and_not_banned(
         .control()
         .accept(PIECE_PROTOCOL)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    // For each piece stream: when `Ok` was sent, and how long until the requester let go.
-    let held: Arc<Mutex<Vec<(BlockRange, Option<Duration>)>>> = Arc::default();
+    let held: Held = Arc::default();
     let server = tokio::spawn({
         let held = held.clone();
         async move {
