@@ -444,18 +444,9 @@ impl EventLoop {
         mut commands: mpsc::Receiver<Command>,
         mut internal: mpsc::Receiver<Internal>,
     ) {
-        let mut incoming = match self
-            .swarm
-            .behaviour()
-            .stream
-            .new_control()
-            .accept(PIECE_PROTOCOL)
-        {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot accept piece streams");
-                return;
-            }
+        let Some(mut incoming) = self.swarm.behaviour_mut().pieces.take_incoming() else {
+            tracing::error!("cannot accept piece streams: the queue was taken");
+            return;
         };
         let mut rescan = tokio::time::interval(self.cfg.rescan_interval);
         let mut expire = tokio::time::interval(Duration::from_secs(1));

@@ -21,7 +21,7 @@ use libp2p::{
 };
 use shoal_protocol::{
     behaviour::{peer_of, Behaviour, BehaviourEvent, ConnectionCaps, Role},
-    limits::{MAX_PIECE_FRAME, PIECE_PROTOCOL},
+    limits::MAX_PIECE_FRAME,
     piece::{read_frame, refuse, send_blocks, write_frame},
     rate::RateLimiter,
     wire::{
@@ -341,10 +341,11 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     let shelf: Shelf = Arc::default();
     let uploaded = Arc::new(AtomicU64::new(0));
     let banned: Arc<Mutex<HashSet<PeerId>>> = Arc::default();
-    let incoming = control
-        .clone()
-        .accept(PIECE_PROTOCOL)
-        .map_err(|e| net(&e))?;
+    let incoming = swarm
+        .behaviour_mut()
+        .pieces
+        .take_incoming()
+        .ok_or_else(|| net(&"the piece stream queue was taken"))?;
     let server = tokio::spawn(serve_pieces(
         incoming,
         Arc::new(Server {
@@ -656,7 +657,7 @@ struct Server {
     chaos: Option<ChaosMode>,
 }
 
-async fn serve_pieces(mut incoming: libp2p_stream::IncomingStreams, server: Arc<Server>) {
+async fn serve_pieces(mut incoming: shoal_protocol::inbound::IncomingPieces, server: Arc<Server>) {
     while let Some((peer, mut stream)) = incoming.next().await {
         let Ok(permit) = server.slots.clone().try_acquire_owned() else {
             // All slots busy: say so quickly (bounded by the refusal timeout) so the

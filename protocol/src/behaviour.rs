@@ -66,8 +66,10 @@ pub struct Behaviour {
     pub publish: request_response::Behaviour<PublishCodec>,
     /// `/shoal/digest/1`.
     pub digest: request_response::Behaviour<DigestCodec>,
-    /// `/shoal/piece/1` streams.
+    /// Outbound `/shoal/piece/1` streams (through its `Control`).
     pub stream: libp2p_stream::Behaviour,
+    /// Inbound `/shoal/piece/1` streams, queued for the piece server.
+    pub pieces: crate::inbound::Behaviour,
     /// The authority topic.
     pub gossipsub: gossipsub::Behaviour,
     /// `/shoal/kad/1`.
@@ -170,6 +172,10 @@ impl Behaviour {
             publish,
             digest,
             stream: libp2p_stream::Behaviour::new(),
+            pieces: crate::inbound::Behaviour::new(
+                crate::limits::PIECE_PROTOCOL,
+                crate::inbound::DEFAULT_QUEUE,
+            ),
             gossipsub,
             kad,
             identify,

@@ -21,6 +21,7 @@ pub mod behaviour;
 pub mod block;
 pub mod codec;
 pub mod frame;
+pub mod inbound;
 pub mod limits;
 pub mod manifest;
 pub mod piece;
