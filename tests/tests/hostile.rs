@@ -649,7 +649,10 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
 
     // Afterwards: the master runs, and nobody is banned.
     alive(&master, file, &hostile, "every attack").await?;
-    let status = master.status(file).await.context("final status")?;
+    let status = tokio::time::timeout(Duration::from_secs(10), master.status(file))
+        .await
+        .context("the final status took over 10 s")?
+        .context("final status")?;
     failures.check(status.banned_total == 0 && status.banned.is_empty(), || {
         let who: Vec<String> = status
             .banned
