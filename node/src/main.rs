@@ -6,7 +6,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use shoal_node::{fetch::ProgressFn, FetchOptions, NodeConfig};
-use shoal_protocol::FileId;
+use shoal_protocol::{
+    behaviour::{ConnectionCaps, Role},
+    FileId,
+};
 
 /// A shoal node: fetches files from a swarm (the master redirects it to peers that already
 /// hold each piece), verifies every block against the publisher's signed digests, and serves
@@ -35,6 +38,15 @@ struct Common {
     /// Region label; the master prefers redirecting to nodes of the same region.
     #[arg(long, default_value = "")]
     region: String,
+    /// Most connections open at once, incoming and outgoing; more are refused.
+    #[arg(long, value_name = "N", default_value_t = node_caps().established_total)]
+    max_connections: u32,
+    /// Most connections with any one peer.
+    #[arg(long, value_name = "N", default_value_t = node_caps().per_peer)]
+    max_connections_per_peer: u32,
+    /// Most incoming connections still in their handshake; more are refused.
+    #[arg(long, value_name = "N", default_value_t = node_caps().pending_incoming)]
+    max_pending_incoming: u32,
     /// Misbehave on purpose, for tests: corrupt, corrupt-some, corrupt-except-master,
     /// truncate, wrong-block, stall, lie-have, false-accuse.
     #[cfg(feature = "chaos")]
@@ -111,11 +123,26 @@ enum Cmd {
     },
 }
 
+fn node_caps() -> ConnectionCaps {
+    ConnectionCaps::for_role(Role::Node)
+}
+
 async fn join(c: &Common) -> anyhow::Result<shoal_node::Client> {
+    let defaults = node_caps();
+    let caps = ConnectionCaps {
+        per_peer: c.max_connections_per_peer.max(1),
+        pending_incoming: c.max_pending_incoming.max(1),
+        established_incoming: defaults.established_incoming.min(c.max_connections.max(1)),
+        established_total: c.max_connections.max(1),
+        ..defaults
+    };
     let cfg = NodeConfig::new(&c.data_dir, c.bootstrap.clone())
         .with_listen(c.listen.clone())
         .with_max_upload_rate(c.max_upload_rate)
-        .with_region(c.region.clone());
+        .with_region(c.region.clone())
+        .with_connection_caps(caps)
+        // A node whose event loop died must not linger: exit 101.
+        .with_exit_on_panic(true);
     #[cfg(feature = "chaos")]
     let cfg = cfg.with_chaos(c.chaos);
     shoal_node::start(cfg)
