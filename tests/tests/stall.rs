@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
-use shoal_node::{fetch::STALL_TIMEOUT, FetchOptions};
+use shoal_node::FetchOptions;
 use shoal_protocol::{
     codec,
     frame::read_frame,
@@ -127,16 +127,26 @@ async fn a_peer_that_stalls_after_ok_is_left_within_the_deadline_and_not_banned(
     // target; a moment for it.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // The honest fetch. Each stalled transfer costs at most the node's stall deadline, and the
-    // node then avoids the staller; the rest of an 8 MiB fetch from the master takes seconds.
-    let bound = STALL_TIMEOUT + Duration::from_secs(30);
+    // The honest fetch, with the node's default deadlines: a transfer is abandoned after
+    // `stall` without a byte, or when its overall deadline passes. Each stalled transfer costs
+    // at most one such deadline and the node then avoids the staller; the rest of an 8 MiB
+    // fetch from the master takes seconds.
     let dir = tmp.path().join("honest");
     let honest = shoal_tests::start_node(&dir, &bootstrap, None).await?;
     let out = dir.join("out.bin");
+    let opts = FetchOptions::new(file, &out);
+    let deadlines = opts.scheduler.deadlines.clone();
+    let size = std::fs::metadata(&src)?.len();
+    let block = size.div_ceil(u64::from(blocks));
+    let deadline_of = |r: &BlockRange| {
+        let bytes = (u64::from(r.end) * block).min(size) - u64::from(r.start) * block;
+        deadlines.stall.min(deadlines.overall(bytes))
+    };
+    let bound = deadlines.stall + Duration::from_secs(30);
     let started = Instant::now();
     let report = tokio::time::timeout(
         bound + Duration::from_secs(60),
-        shoal_node::fetch(&honest, FetchOptions::new(file, &out)),
+        shoal_node::fetch(&honest, opts),
     )
     .await
     .with_context(|| {
@@ -162,14 +172,15 @@ async fn a_peer_that_stalls_after_ok_is_left_within_the_deadline_and_not_banned(
         !streams.is_empty(),
         "the honest node was never sent to the staller: this test tested nothing"
     );
-    // Every stream the staller answered was let go within the node's stall deadline (its
-    // watchdog looks every 500 ms; a second of slack for a busy machine).
-    let limit = STALL_TIMEOUT + Duration::from_millis(1500);
+    // Every stream the staller answered was let go within the transfer's deadline (counted
+    // from the stream's opening, a little before `Ok`; 1.5 s of slack for a busy machine).
     for (range, released) in &streams {
+        let limit = deadline_of(range) + Duration::from_millis(1500);
         match released {
             Some(after) => anyhow::ensure!(
                 *after <= limit,
-                "the node held a stalled stream for {range:?} {after:?} after Ok (deadline {STALL_TIMEOUT:?})"
+                "the node held a stalled stream for {range:?} {after:?} after Ok (its deadline: {:?})",
+                deadline_of(range)
             ),
             None => anyhow::bail!(
                 "the node never let go of the stalled stream for {range:?} (watched {WATCH:?})"
@@ -178,7 +189,8 @@ async fn a_peer_that_stalls_after_ok_is_left_within_the_deadline_and_not_banned(
     }
     anyhow::ensure!(
         elapsed <= bound,
-        "the fetch took {elapsed:?} with one stalling peer (bound {bound:?}: one stall deadline of {STALL_TIMEOUT:?} plus 30 s)"
+        "the fetch took {elapsed:?} with one stalling peer (bound {bound:?}: one stall deadline of {:?} plus 30 s)",
+        deadlines.stall
     );
     let status = master.status(file).await.context("status")?;
     anyhow::ensure!(
