@@ -65,23 +65,55 @@ fn claiming_at_field(empty: &[u8], one: &[u8], len: u64) -> Vec<u8> {
     b
 }
 
-/// The master is alive: its handle answers a status, and so does its network loop (a raw
-/// Status request from `raw`).
-async fn alive(master: &Master, file: FileId, raw: &RawPeer, after: &str) -> anyhow::Result<()> {
+/// One liveness probe: the master's handle answers a status (`Ok(false)` if its loop is gone),
+/// and so does its network loop (a raw Status request from `raw`).
+async fn status_answers(master: &Master, file: FileId, raw: &RawPeer) -> anyhow::Result<bool> {
     let status = tokio::time::timeout(Duration::from_secs(10), master.status(file))
         .await
-        .with_context(|| {
-            format!("after {after}: the master's loop did not answer a status in 10 s")
-        })?;
-    anyhow::ensure!(status.is_some(), "after {after}: the master's loop is gone");
+        .context("the master's loop did not answer a status in 10 s")?;
+    if status.is_none() {
+        return Ok(false);
+    }
     let answer = raw
         .master_request(master.peer_id(), &MasterRequest::Status { file })
         .await
-        .with_context(|| format!("after {after}: a Status over the network failed"))?;
+        .context("a Status over the network failed")?;
     anyhow::ensure!(
         matches!(answer, MasterResponse::Status(_)),
-        "after {after}: Status over the network answered {answer:?}"
+        "Status over the network answered {answer:?}"
     );
+    Ok(true)
+}
+
+/// The master is alive after `after`. A master that answers only after a while (an event loop
+/// stalled by the attack, catching up) is a recorded failure; one whose loop is gone, or that
+/// has not answered for 60 s, ends the test: nothing after that would mean anything.
+async fn alive(
+    master: &Master,
+    file: FileId,
+    raw: &RawPeer,
+    after: &str,
+    failures: &mut Failures,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        match status_answers(master, file, raw).await {
+            Ok(true) => break,
+            Ok(false) => anyhow::bail!("after {after}: the master's loop is gone"),
+            Err(e) if started.elapsed() > Duration::from_secs(60) => {
+                return Err(e.context(format!(
+                    "after {after}: the master has not answered a Status for 60 s"
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    let took = started.elapsed();
+    failures.check(took < Duration::from_secs(10), || {
+        format!(
+            "after {after}: the master took {took:.1?} to answer a Status (its loop was stalled)"
+        )
+    });
     Ok(())
 }
 
@@ -161,7 +193,7 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
         hostile.connections() == 1,
         "the hostile client could not connect"
     );
-    alive(&master, file, &hostile, "connecting").await?;
+    alive(&master, file, &hostile, "connecting", &mut failures).await?;
 
     // 1. Length claims of 2^40 and 2^62 bytes in every string or vector field of every
     // request type. Before bounded decoding, one 13-byte Hello aborted the master.
@@ -315,6 +347,7 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
             file,
             &hostile,
             &format!("length claims of {len} bytes"),
+            &mut failures,
         )
         .await?;
     }
@@ -334,7 +367,14 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
             });
         }
     }
-    alive(&master, file, &hostile, "oversized frame lengths").await?;
+    alive(
+        &master,
+        file,
+        &hostile,
+        "oversized frame lengths",
+        &mut failures,
+    )
+    .await?;
 
     // 3. Unknown enum variants.
     let peer_bytes = any_peer.to_bytes();
@@ -355,7 +395,7 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
             format!("{protocol}: unknown variant {bytes:?} was answered: {answer:?}")
         });
     }
-    alive(&master, file, &hostile, "unknown variants").await?;
+    alive(&master, file, &hostile, "unknown variants", &mut failures).await?;
 
     // 4. An announce from a key the master was not told to trust: refused, and no disk used
     // (no manifest stored, no space reserved, no pull).
@@ -408,7 +448,14 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
         format!("the refused announce changed the master's data dir: {changed:?}")
     });
     drop(announcer);
-    alive(&master, file, &hostile, "an untrusted announce").await?;
+    alive(
+        &master,
+        file,
+        &hostile,
+        "an untrusted announce",
+        &mut failures,
+    )
+    .await?;
 
     // 5. A flood of Have and Locate requests with 4,096 overlapping full ranges, from several
     // peers and streams, while an honest node's normal Locate is timed.
@@ -497,7 +544,7 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
         format!("an honest Locate took a median of {median:.1} ms (max {max:.1} ms) during the range flood ({flood_answers} flood requests answered): the bound is 100 ms")
     });
     drop(flooders);
-    alive(&master, file, &hostile, "the range flood").await?;
+    alive(&master, file, &hostile, "the range flood", &mut failures).await?;
 
     // 6. Reports about blocks the reporters were never assigned, against an honest node, and
     // reports against the master itself, from several identities (more than any accuser
@@ -532,7 +579,7 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
     // Give any probe the reports may have started time to end (a probe is bounded at 15 s).
     tokio::time::sleep(Duration::from_secs(3)).await;
     drop(reporters);
-    alive(&master, file, &hostile, "false reports").await?;
+    alive(&master, file, &hostile, "false reports", &mut failures).await?;
 
     // 7. 200 connections from one address, with distinct PeerIds, and 8 with one PeerId
     // (over the per-peer cap of 2).
@@ -569,7 +616,7 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
     failures.check(live_same <= 2, || {
         format!("one PeerId holds {live_same} connections to the master (per-peer cap 2)")
     });
-    alive(&master, file, &hostile, "200 connections").await?;
+    alive(&master, file, &hostile, "200 connections", &mut failures).await?;
     drop(crowd);
     drop(same_key);
 
@@ -648,7 +695,7 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
     drop(unread);
 
     // Afterwards: the master runs, and nobody is banned.
-    alive(&master, file, &hostile, "every attack").await?;
+    alive(&master, file, &hostile, "every attack", &mut failures).await?;
     let status = tokio::time::timeout(Duration::from_secs(10), master.status(file))
         .await
         .context("the final status took over 10 s")?
