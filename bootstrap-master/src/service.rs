@@ -1,129 +1,55 @@
-//! The master's event loop: owns the swarm, feeds the policy, serves and pulls pieces.
+//! The master's event loop: owns the swarm and routes each event to the module whose concern
+//! it is (announce, pull, serve, report, enforce, registry).
 //!
-//! The loop is the only owner of the [`Swarm`] and the [`Policy`]. Piece streams (serving and
-//! pulling) run as tasks, bounded by a semaphore, and report back over a bounded channel.
+//! The loop is the only owner of the [`Swarm`] and the [`Policy`]. It never awaits the disk
+//! or a peer: piece serving is the shared server's ([`shoal_net::serve`]) task, pulls,
+//! manifest writes and rescans run as tasks (their disk work on the blocking pool) and report
+//! back over a bounded channel, and small state files go through the [`DiskWriter`]. The
+//! loop and the piece server are critical tasks: a panic in either ends the master
+//! ([`Master::wait`] returns it, the binary exits non-zero).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use futures::{AsyncWriteExt, StreamExt};
+use futures::StreamExt;
 use libp2p::{
-    gossipsub, identify, multiaddr::Protocol, noise, request_response, swarm::SwarmEvent, tcp,
-    yamux, Multiaddr, PeerId, Swarm,
+    gossipsub, identify, multiaddr::Protocol, request_response, swarm::SwarmEvent, Multiaddr,
+    PeerId, Swarm,
+};
+use shoal_net::{
+    serve::{PieceServer, ServeConfig},
+    swarm::{build_swarm, SwarmOptions},
+    task::{spawn_critical, CriticalTask},
 };
 use shoal_protocol::{
-    behaviour::{Behaviour, BehaviourEvent, ConnectionCaps, Role},
+    behaviour::{Behaviour, BehaviourEvent, Role},
     block::{BlockRange, Blocks},
-    limits::{MAX_PIECE_FRAME, MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
-    manifest::check_digest_list,
-    piece::{read_frame, receive_blocks, refuse, send_blocks},
-    rate::RateLimiter,
+    limits::MAX_REGION_LEN,
     wire::{
         encode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
-        MasterResponse, PieceRequest, Problem, RefuseReason, Source,
+        MasterResponse, Source,
     },
-    FileId, Manifest, VerifiedManifest,
+    FileId, VerifiedManifest,
 };
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::bans::{BanBook, BanConfig, ProbeOutcome, Verdict};
+use crate::announce::{PublishGate, Storing};
+use crate::bans::{BanBook, BanConfig, ProbeOutcome};
+use crate::config::{MasterConfig, MasterError};
 use crate::metrics::Metrics;
-use crate::policy::{Policy, PolicyConfig};
-use crate::registry::{Registry, RegistryError};
+use crate::policy::Policy;
+use crate::probe::ProbeQueue;
+use crate::pull::PullTask;
+use crate::registry::{DiskWriter, Registry, StoredFile};
+use crate::report::ProbeJob;
+use crate::serve::{MasterSource, Shelf, ShelfEntry};
 
-/// How the master runs. Defaults suit a public master; tests shrink them.
-#[derive(Clone, Debug)]
-pub struct MasterConfig {
-    /// Data directory (key, manifests, files).
-    pub data_dir: PathBuf,
-    /// Addresses to listen on. Default `/ip4/0.0.0.0/tcp/4001` and
-    /// `/ip4/0.0.0.0/udp/4001/quic-v1`.
-    pub listen: Vec<Multiaddr>,
-    /// Cap on the master's piece upload, bytes per second. Default: none.
-    pub max_upload_rate: Option<u64>,
-    /// Where to serve Prometheus metrics. Default: nowhere.
-    pub metrics_addr: Option<SocketAddr>,
-    /// Piece streams served at once. Default 64.
-    pub upload_slots: usize,
-    /// Redirect policy tunables.
-    pub policy: PolicyConfig,
-    /// How often to rescan the data dir for files added with `shoal-master add`. Default 2 s.
-    pub rescan_interval: Duration,
-    /// Caps on connections. Default [`ConnectionCaps::for_role`]`(Role::Master)`.
-    pub connection_caps: ConnectionCaps,
-}
-
-impl MasterConfig {
-    /// Defaults with the given data directory.
-    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            data_dir: data_dir.into(),
-            listen: vec![
-                "/ip4/0.0.0.0/tcp/4001".parse().expect("valid multiaddr"),
-                "/ip4/0.0.0.0/udp/4001/quic-v1"
-                    .parse()
-                    .expect("valid multiaddr"),
-            ],
-            max_upload_rate: None,
-            metrics_addr: None,
-            upload_slots: 64,
-            policy: PolicyConfig::default(),
-            rescan_interval: Duration::from_secs(2),
-            connection_caps: ConnectionCaps::for_role(Role::Master),
-        }
-    }
-
-    /// Listen on these addresses instead.
-    pub fn with_listen(mut self, listen: Vec<Multiaddr>) -> Self {
-        self.listen = listen;
-        self
-    }
-
-    /// Cap the piece upload rate.
-    pub fn with_max_upload_rate(mut self, rate: Option<u64>) -> Self {
-        self.max_upload_rate = rate;
-        self
-    }
-
-    /// Serve metrics at `addr`.
-    pub fn with_metrics_addr(mut self, addr: Option<SocketAddr>) -> Self {
-        self.metrics_addr = addr;
-        self
-    }
-
-    /// Cap connections so.
-    pub fn with_connection_caps(mut self, caps: ConnectionCaps) -> Self {
-        self.connection_caps = caps;
-        self
-    }
-
-    /// Use these policy tunables.
-    pub fn with_policy(mut self, policy: PolicyConfig) -> Self {
-        self.policy = policy;
-        self
-    }
-}
-
-/// Why the master could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum MasterError {
-    /// The data directory.
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    /// The swarm.
-    #[error("network: {0}")]
-    Network(String),
-    /// The metrics endpoint.
-    #[error("metrics endpoint: {0}")]
-    Metrics(std::io::Error),
-}
-
-enum Command {
+pub(crate) enum Command {
     Status(
         FileId,
         oneshot::Sender<Option<shoal_protocol::wire::FileStatus>>,
@@ -131,7 +57,7 @@ enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
-enum Internal {
+pub(crate) enum Internal {
     Served {
         file: FileId,
         bytes: u64,
@@ -142,24 +68,15 @@ enum Internal {
     },
     PullFinished {
         file: FileId,
+        publisher: PeerId,
         result: Result<(), String>,
     },
+    Stored(Box<Storing>, Result<(), String>),
+    Rescanned(Vec<(StoredFile, Blocks)>),
     Probed {
         suspect: PeerId,
         outcome: ProbeOutcome,
     },
-}
-
-/// Files the master can serve, shared with the piece tasks.
-#[derive(Default)]
-struct Shelf {
-    files: HashMap<FileId, ShelfEntry>,
-}
-
-struct ShelfEntry {
-    manifest: Arc<VerifiedManifest>,
-    path: PathBuf,
-    have: Blocks,
 }
 
 /// A running master.
@@ -169,7 +86,16 @@ pub struct Master {
     metrics: Metrics,
     metrics_addr: Option<SocketAddr>,
     commands: mpsc::Sender<Command>,
-    task: tokio::task::JoinHandle<()>,
+    /// The event loop, until it was waited for.
+    event_loop: Option<CriticalTask>,
+    server: CriticalTask,
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        // The server holds no swarm: stop it with the master.
+        self.server.abort_handle().abort();
+    }
 }
 
 impl Master {
@@ -179,22 +105,11 @@ impl Master {
         let key = registry.key()?;
         let peer_id = key.public().to_peer_id();
         let net = |e: &dyn std::fmt::Display| MasterError::Network(e.to_string());
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| net(&e))?
-            .with_quic()
-            .with_behaviour(|k| {
-                Behaviour::new(k, Role::Master, &cfg.connection_caps)
-                    .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
-            })
-            .map_err(|e| net(&e))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-            .build();
+        let mut swarm = build_swarm(
+            key.clone(),
+            &SwarmOptions::for_role(Role::Master).with_caps(cfg.connection_caps.clone()),
+        )
+        .map_err(|e| net(&e))?;
         let _ = swarm
             .behaviour_mut()
             .gossipsub
@@ -219,10 +134,12 @@ impl Master {
             }
         }
         let addr_file: String = addrs.iter().map(|a| format!("{a}\n")).collect();
-        crate::registry::write_atomic(
-            &registry.dir().join("bootstrap.addr"),
-            addr_file.as_bytes(),
-        )?;
+        let path = registry.dir().join("bootstrap.addr");
+        tokio::task::spawn_blocking(move || {
+            crate::registry::write_atomic(&path, addr_file.as_bytes())
+        })
+        .await
+        .map_err(|e| MasterError::Network(e.to_string()))??;
 
         let metrics = Metrics::new();
         let metrics_addr = match cfg.metrics_addr {
@@ -236,33 +153,59 @@ impl Master {
         };
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (int_tx, int_rx) = mpsc::channel(1024);
+        let shelf = Arc::new(Mutex::new(Shelf::default()));
+        let incoming = swarm
+            .behaviour_mut()
+            .pieces
+            .take_incoming()
+            .ok_or_else(|| net(&"the piece stream queue was taken"))?;
+        let server = PieceServer::new(
+            Arc::new(MasterSource {
+                shelf: shelf.clone(),
+                metrics: metrics.clone(),
+                internal: int_tx.clone(),
+            }),
+            ServeConfig::default()
+                .with_upload_slots(cfg.upload_slots)
+                .with_max_upload_rate(cfg.max_upload_rate),
+        );
         let mut lp = EventLoop {
             policy: Policy::new(cfg.policy.clone()),
-            shelf: Arc::new(Mutex::new(Shelf::default())),
-            limiter: cfg
-                .max_upload_rate
-                .map(|r| Arc::new(Mutex::new(RateLimiter::new(r)))),
-            slots: Arc::new(Semaphore::new(cfg.upload_slots.max(1))),
+            shelf,
             registry,
             key,
             metrics: metrics.clone(),
             internal_tx: int_tx,
+            gate: PublishGate::new(cfg.publishing.clone(), peer_id),
+            storing: HashSet::new(),
             pulling: HashMap::new(),
+            awaiting: HashMap::new(),
+            rescanning: false,
+            writer: DiskWriter::spawn(),
             bans: BanBook::new(BanConfig::default()),
+            probes: ProbeQueue::default(),
             listen_addrs: addrs.clone(),
             cfg,
             swarm,
         };
         lp.load_bans();
-        lp.load_registry();
-        let task = tokio::spawn(lp.run(cmd_rx, int_rx));
+        // The first scan is awaited (off the loop, which is not running yet): a master that
+        // is up serves what its data dir holds, partial pulls re-checked block by block.
+        let reg = lp.registry.clone();
+        let stored = tokio::task::spawn_blocking(move || scan(&reg, &HashSet::new(), usize::MAX))
+            .await
+            .map_err(|e| MasterError::Network(format!("registry scan failed: {e}")))?;
+        lp.on_rescanned(stored);
+        let server = spawn_critical("master piece server", server.run(incoming));
+        let event_loop = spawn_critical("master event loop", lp.run(cmd_rx, int_rx));
         Ok(Self {
             peer_id,
             addrs,
             metrics,
             metrics_addr,
             commands: cmd_tx,
-            task,
+            event_loop: Some(event_loop),
+            server,
         })
     }
 
@@ -294,144 +237,133 @@ impl Master {
     }
 
     /// Stops the master and waits for its loop to end.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        let _ = self.task.await;
+        let _ = self.wait().await;
     }
 
-    /// Waits until the loop ends (it runs until shut down).
-    pub async fn wait(self) {
-        let _ = self.task.await;
+    /// Waits until the loop ends (it runs until shut down). An error says the event loop or
+    /// the piece server panicked: the master is not serving, and the binary exits non-zero.
+    pub async fn wait(&mut self) -> Result<(), MasterError> {
+        let Some(event_loop) = self.event_loop.take() else {
+            return Ok(());
+        };
+        let server = self.server.watch();
+        tokio::select! {
+            r = event_loop.wait() => r.map_err(|p| MasterError::Crashed(p.to_string())),
+            p = server.panicked() => Err(MasterError::Crashed(p.to_string())),
+        }
     }
 }
 
-struct EventLoop {
-    cfg: MasterConfig,
-    swarm: Swarm<Behaviour>,
-    policy: Policy,
-    shelf: Arc<Mutex<Shelf>>,
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
-    slots: Arc<Semaphore>,
-    registry: Registry,
-    key: libp2p::identity::Keypair,
-    metrics: Metrics,
-    internal_tx: mpsc::Sender<Internal>,
-    pulling: HashMap<FileId, PeerId>,
-    bans: BanBook,
+/// Most new files one rescan registers (the rest wait for the next one).
+const RESCAN_BATCH: usize = 64;
+
+/// Stored files not in `known` (up to `max`), with the blocks each holds (complete files all;
+/// partial ones checked block by block). Blocking: runs on the blocking pool.
+fn scan(registry: &Registry, known: &HashSet<FileId>, max: usize) -> Vec<(StoredFile, Blocks)> {
+    registry
+        .scan_new(known, max)
+        .into_iter()
+        .map(|f| {
+            let have = Registry::held_blocks(&f);
+            (f, have)
+        })
+        .collect()
+}
+
+pub(crate) struct EventLoop {
+    pub(crate) cfg: MasterConfig,
+    pub(crate) swarm: Swarm<Behaviour>,
+    pub(crate) policy: Policy,
+    pub(crate) shelf: Arc<Mutex<Shelf>>,
+    pub(crate) registry: Registry,
+    pub(crate) key: libp2p::identity::Keypair,
+    pub(crate) metrics: Metrics,
+    pub(crate) internal_tx: mpsc::Sender<Internal>,
+    /// Who may publish; what each publisher holds and pulls.
+    pub(crate) gate: PublishGate,
+    /// Announces whose manifest is being written.
+    pub(crate) storing: HashSet<FileId>,
+    /// Pulls running.
+    pub(crate) pulling: HashMap<FileId, PullTask>,
+    /// Incomplete files whose pull stopped, by publisher: resumed when it reconnects or
+    /// announces again.
+    pub(crate) awaiting: HashMap<FileId, PeerId>,
+    /// Whether a rescan of the data dir is running (at most one at a time).
+    pub(crate) rescanning: bool,
+    /// Small state files, written off the loop.
+    pub(crate) writer: DiskWriter,
+    pub(crate) bans: BanBook,
+    /// Probes running and waiting (bounded).
+    pub(crate) probes: ProbeQueue<ProbeJob>,
     /// Every address the master listens on (a `0.0.0.0` listener reports one per interface,
     /// over time); `bootstrap.addr` is rewritten as they come and go.
-    listen_addrs: Vec<Multiaddr>,
+    pub(crate) listen_addrs: Vec<Multiaddr>,
 }
 
 impl EventLoop {
     fn write_bootstrap_addrs(&self) {
         let text: String = self.listen_addrs.iter().map(|a| format!("{a}\n")).collect();
-        if let Err(e) = crate::registry::write_atomic(
-            &self.registry.dir().join("bootstrap.addr"),
-            text.as_bytes(),
-        ) {
-            tracing::error!(error = %e, "cannot write bootstrap.addr");
-        }
+        self.writer.write(
+            self.registry.dir().join("bootstrap.addr"),
+            text.into_bytes(),
+        );
     }
 
-    fn bans_path(&self) -> PathBuf {
-        self.registry.dir().join("bans")
-    }
-
-    /// Loads the ban list kept in the data dir (one PeerId a line; bad lines are skipped).
-    fn load_bans(&mut self) {
-        let Ok(text) = std::fs::read_to_string(self.bans_path()) else {
+    /// Looks for files added with `shoal-master add` (new names only), off the loop.
+    fn rescan(&mut self) {
+        if self.rescanning {
             return;
-        };
-        for line in text.lines() {
-            match line.trim().parse::<PeerId>() {
-                Ok(p) => {
-                    self.bans.ban(p);
-                    self.policy.ban(p);
-                }
-                Err(_) if line.trim().is_empty() => {}
-                Err(e) => tracing::warn!(line, error = %e, "skipping a bad line of the ban list"),
-            }
         }
+        self.rescanning = true;
+        let known = self.known_files();
+        let reg = self.registry.clone();
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let found = tokio::task::spawn_blocking(move || scan(&reg, &known, RESCAN_BATCH))
+                .await
+                .unwrap_or_default();
+            let _ = internal.send(Internal::Rescanned(found)).await;
+        });
     }
 
-    /// Bans `peer` swarm-wide: out of every list, disconnected, refused from now on (the ban
-    /// list is persisted), and announced on the authority topic.
-    fn ban(&mut self, peer: PeerId) {
-        tracing::warn!(%peer, "banning peer swarm-wide");
-        self.bans.ban(peer);
-        self.policy.ban(peer);
-        self.metrics.bans.inc();
-        let mut list: Vec<String> = self.bans.banned().map(|p| p.to_string()).collect();
-        list.sort();
-        let text: String = list.iter().map(|p| format!("{p}\n")).collect();
-        if let Err(e) = crate::registry::write_atomic(&self.bans_path(), text.as_bytes()) {
-            tracing::error!(error = %e, "cannot persist the ban list");
-        }
-        let _ = self.swarm.disconnect_peer_id(peer);
-        self.publish(AuthorityEvent::PeerBanned { peer });
-    }
-
-    fn act(&mut self, verdict: Verdict, file: FileId) {
-        match verdict {
-            Verdict::Nothing => {}
-            Verdict::Ban(peer) => self.ban(peer),
-            Verdict::Probe { suspect, blocks } => {
-                let manifest = self
-                    .shelf
-                    .lock()
-                    .expect("shelf lock")
-                    .files
-                    .get(&file)
-                    .map(|e| e.manifest.clone());
-                let addrs = self.policy.addrs(&suspect);
-                let internal = self.internal_tx.clone();
-                tokio::spawn(async move {
-                    let outcome = match manifest {
-                        Some(m) => crate::probe::probe(suspect, addrs, m, blocks).await,
-                        None => ProbeOutcome::Inconclusive,
-                    };
-                    let _ = internal.send(Internal::Probed { suspect, outcome }).await;
-                });
-            }
-        }
-    }
-
-    fn load_registry(&mut self) {
-        let stored = match self.registry.load_all() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the registry");
-                return;
-            }
-        };
-        for f in stored {
+    /// Registers what a scan found (skipping what became known meanwhile).
+    fn on_rescanned(&mut self, found: Vec<(StoredFile, Blocks)>) {
+        self.rescanning = false;
+        for (f, have) in found {
             let id = f.manifest.id();
-            if self.policy.has_file(&id) {
+            if self.policy.has_file(&id) || self.storing.contains(&id) {
                 continue;
             }
-            let have = Registry::held_blocks(&f);
-            tracing::info!(file = %id, name = %f.manifest.body().name, complete = f.complete, "registered file");
+            let publisher = f.manifest.publisher();
+            tracing::info!(file = %id, name = %f.manifest.body().name, complete = f.complete, held = have.count(), "registered file");
+            self.gate.add_file(publisher, f.manifest.body().size);
+            if !have.is_full() {
+                self.awaiting.insert(id, publisher);
+            }
             self.register(f.manifest, f.path, have);
         }
     }
 
-    fn register(&mut self, manifest: Arc<VerifiedManifest>, path: PathBuf, have: Blocks) {
+    pub(crate) fn register(
+        &mut self,
+        manifest: Arc<VerifiedManifest>,
+        path: PathBuf,
+        have: Blocks,
+    ) {
         let id = manifest.id();
         let body = manifest.body();
         self.policy
             .add_file(id, body.name.clone(), body.size, have.clone());
-        self.shelf.lock().expect("shelf lock").files.insert(
-            id,
-            ShelfEntry {
-                manifest,
-                path,
-                have,
-            },
-        );
+        self.shelf
+            .lock()
+            .expect("shelf lock")
+            .files
+            .insert(id, ShelfEntry::new(manifest, path, have));
         self.metrics.files.set(self.policy_file_count());
     }
 
@@ -444,29 +376,33 @@ impl EventLoop {
         mut commands: mpsc::Receiver<Command>,
         mut internal: mpsc::Receiver<Internal>,
     ) {
-        let Some(mut incoming) = self.swarm.behaviour_mut().pieces.take_incoming() else {
-            tracing::error!("cannot accept piece streams: the queue was taken");
-            return;
-        };
         let mut rescan = tokio::time::interval(self.cfg.rescan_interval);
         let mut expire = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                Some((peer, stream)) = incoming.next() => self.on_piece_stream(peer, stream).await,
                 Some(msg) = internal.recv() => self.on_internal(msg),
                 cmd = commands.recv() => match cmd {
                     Some(Command::Status(file, tx)) => { let _ = tx.send(self.policy.status(&file)); }
-                    Some(Command::Shutdown(tx)) => { let _ = tx.send(()); return; }
+                    Some(Command::Shutdown(tx)) => {
+                        self.writer.flush().await;
+                        let _ = tx.send(());
+                        return;
+                    }
                     None => return,
                 },
-                _ = rescan.tick() => self.load_registry(),
-                _ = expire.tick() => self.policy.expire(Instant::now()),
+                _ = rescan.tick() => self.rescan(),
+                _ = expire.tick() => {
+                    let now = Instant::now();
+                    self.policy.expire(now);
+                    self.policy.expire_avoidance(now);
+                    self.bans.expire(now);
+                }
             }
         }
     }
 
-    fn publish(&mut self, event: AuthorityEvent) {
+    pub(crate) fn publish(&mut self, event: AuthorityEvent) {
         if let Err(e) = self
             .swarm
             .behaviour_mut()
@@ -488,6 +424,7 @@ impl EventLoop {
                 }
                 tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "peer connected");
                 self.policy.peer_up(peer_id, Vec::new());
+                self.resume_pulls_from(peer_id);
                 self.metrics
                     .peers
                     .set(self.swarm.connected_peers().count() as i64);
@@ -500,6 +437,7 @@ impl EventLoop {
                 self.metrics
                     .peers
                     .set(self.swarm.connected_peers().count() as i64);
+                self.bans.peer_gone(&peer_id);
                 if self.policy.peer_down(&peer_id) {
                     tracing::info!(%peer_id, "mirror gone");
                     self.publish(AuthorityEvent::MirrorRemoved { peer: peer_id });
@@ -565,24 +503,7 @@ impl EventLoop {
                         request, channel, ..
                     },
                 ..
-            })) => {
-                let response = if self.policy.is_banned(&peer) {
-                    MasterResponse::Refused {
-                        reason: "banned".into(),
-                    }
-                } else {
-                    self.on_announce(peer, request.header, request.digests)
-                };
-                if self
-                    .swarm
-                    .behaviour_mut()
-                    .publish
-                    .send_response(channel, response)
-                    .is_err()
-                {
-                    tracing::debug!(%peer, "publish response dropped: peer gone");
-                }
-            }
+            })) => self.on_announce(peer, request, channel),
             SwarmEvent::Behaviour(BehaviourEvent::Digest(request_response::Event::Message {
                 peer,
                 message:
@@ -629,7 +550,7 @@ impl EventLoop {
         }
         match request {
             MasterRequest::Locate { file, need } => {
-                let need: Vec<BlockRange> = need.into_iter().take(MAX_RANGES_PER_MESSAGE).collect();
+                // The policy merges and clamps the ranges before it walks them.
                 match self.policy.locate(Instant::now(), peer, &file, &need) {
                     Ok(answer) => {
                         for a in &answer.assignments {
@@ -654,43 +575,19 @@ impl EventLoop {
                 peer_bytes,
             } => {
                 self.policy.count_bytes(&file, 0, peer_bytes);
-                let ranges: Vec<BlockRange> =
-                    ranges.into_iter().take(MAX_RANGES_PER_MESSAGE).collect();
+                // The policy merges and clamps the ranges before it walks them.
                 self.policy.have(&file, peer, &ranges);
+                if self.awaiting.get(&file) == Some(&peer) {
+                    // The publisher of a file whose pull stopped is back with it.
+                    self.resume_pulls_from(peer);
+                }
                 MasterResponse::Ack
             }
             MasterRequest::Report {
                 file,
                 peer: culprit,
                 problem,
-            } => {
-                tracing::info!(reporter = %peer, %culprit, file = %file, ?problem, "report");
-                // Bad data: never again for this reporter. A dead or stalling peer: for a
-                // while. A busy one: for a moment.
-                let until = match problem {
-                    Problem::Corrupt { .. } => None,
-                    Problem::Unreachable | Problem::Truncated { .. } | Problem::NotHeld { .. } => {
-                        Some(Instant::now() + Duration::from_secs(30))
-                    }
-                    Problem::Busy => Some(Instant::now() + Duration::from_secs(2)),
-                };
-                self.policy.avoid(peer, culprit, until);
-                if let Problem::Corrupt { blocks } = &problem {
-                    let first = blocks.first().map_or(BlockRange::new(0, 1), |r| {
-                        BlockRange::new(r.start, r.end.min(r.start.saturating_add(16)))
-                    });
-                    let verdict = self.bans.report(peer, culprit, first);
-                    self.act(verdict, file);
-                }
-                if matches!(problem, Problem::Unreachable) && !self.swarm.is_connected(&culprit) {
-                    // The master cannot see it either: it is gone from every mirror list.
-                    if self.policy.peer_down(&culprit) {
-                        tracing::info!(%culprit, "mirror unreachable for the master too; removed");
-                        self.publish(AuthorityEvent::MirrorRemoved { peer: culprit });
-                    }
-                }
-                MasterResponse::Ack
-            }
+            } => self.on_report(peer, file, culprit, problem),
             MasterRequest::Status { file } => match self.policy.status(&file) {
                 Some(s) => MasterResponse::Status(Box::new(s)),
                 None => MasterResponse::Refused {
@@ -699,7 +596,7 @@ impl EventLoop {
             },
             MasterRequest::Hello { region } => {
                 self.policy
-                    .set_region(peer, region.chars().take(64).collect());
+                    .set_region(peer, region.chars().take(MAX_REGION_LEN).collect());
                 MasterResponse::Ack
             }
             MasterRequest::Leave => {
@@ -709,78 +606,6 @@ impl EventLoop {
                 }
                 MasterResponse::Ack
             }
-        }
-    }
-
-    fn on_announce(
-        &mut self,
-        publisher: PeerId,
-        header: shoal_protocol::manifest::PublisherHeader,
-        digests: Vec<shoal_protocol::BlockDigest>,
-    ) -> MasterResponse {
-        let refused = |reason: String| MasterResponse::Refused { reason };
-        if let Err(e) = header.verify() {
-            return refused(e.to_string());
-        }
-        match header.body.publisher() {
-            Ok(p) if p == publisher => {}
-            _ => {
-                return refused("the announcing peer is not the publisher the header names".into())
-            }
-        }
-        if let Err(e) = check_digest_list(&header.body, &digests) {
-            return refused(e.to_string());
-        }
-        let signed = match header.countersign(&self.key) {
-            Ok(s) => s,
-            Err(e) => return refused(e.to_string()),
-        };
-        let manifest = match (Manifest {
-            header: signed.clone(),
-            digests,
-        })
-        .verify(None)
-        {
-            Ok(m) => Arc::new(m),
-            Err(e) => return refused(e.to_string()),
-        };
-        let id = manifest.id();
-        if !self.policy.has_file(&id) {
-            if let Err(e) = self.registry.save_manifest(&manifest) {
-                tracing::error!(error = %e, "cannot store manifest");
-                return refused("master cannot store the manifest".into());
-            }
-            let path = self.registry.data_path(&id);
-            tracing::info!(file = %id, name = %manifest.body().name, %publisher, "file announced");
-            self.register(
-                manifest.clone(),
-                path.clone(),
-                Blocks::new(manifest.blocks()),
-            );
-            self.publish(AuthorityEvent::FileAnnounced {
-                file: id,
-                name: manifest.body().name.clone(),
-                size: manifest.body().size,
-            });
-        }
-        if !self.policy.master_complete(&id) && !self.pulling.contains_key(&id) {
-            // The publisher is the first mirror; nodes may be redirected to it while the
-            // master pulls its own copy.
-            self.policy.holds_all(&id, publisher);
-            self.pulling.insert(id, publisher);
-            let control = self.swarm.behaviour().stream.new_control();
-            let path = self.registry.data_path(&id);
-            tokio::spawn(pull(
-                control,
-                publisher,
-                manifest,
-                path,
-                self.internal_tx.clone(),
-            ));
-        }
-        MasterResponse::Announced {
-            file: id,
-            header: Box::new(signed),
         }
     }
 
@@ -800,161 +625,14 @@ impl EventLoop {
                     e.have.insert_range(range);
                 }
             }
-            Internal::Probed { suspect, outcome } => {
-                tracing::info!(%suspect, ?outcome, "probe finished");
-                if let Verdict::Ban(p) = self.bans.probe_result(suspect, outcome) {
-                    self.ban(p);
-                }
-            }
-            Internal::PullFinished { file, result } => {
-                self.pulling.remove(&file);
-                match result {
-                    Ok(()) => match self.registry.mark_complete(&file) {
-                        Ok(()) => tracing::info!(file = %file, "master holds the whole file"),
-                        Err(e) => tracing::error!(file = %file, error = %e, "cannot mark complete"),
-                    },
-                    Err(e) => {
-                        tracing::warn!(file = %file, error = %e, "pull from publisher failed; waiting for a new announce")
-                    }
-                }
-            }
+            Internal::Probed { suspect, outcome } => self.on_probed(suspect, outcome),
+            Internal::PullFinished {
+                file,
+                publisher,
+                result,
+            } => self.on_pull_finished(file, publisher, result),
+            Internal::Stored(storing, result) => self.on_stored(*storing, result),
+            Internal::Rescanned(found) => self.on_rescanned(found),
         }
     }
-
-    async fn on_piece_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
-        if self.policy.is_banned(&peer) {
-            return;
-        }
-        // All upload slots busy: drop the stream (the node asks again and is sent elsewhere)
-        // rather than wait here, which would stall the whole event loop.
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "upload slots full; piece stream dropped");
-            return;
-        };
-        let shelf = self.shelf.clone();
-        let limiter = self.limiter.clone();
-        let metrics = self.metrics.clone();
-        let internal = self.internal_tx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match serve_piece(stream, &shelf, limiter, &metrics).await {
-                Ok(Some((file, bytes))) => {
-                    let _ = internal.try_send(Internal::Served { file, bytes });
-                }
-                Ok(None) => {}
-                Err(e) => tracing::debug!(%peer, error = %e, "piece stream ended"),
-            }
-        });
-    }
-}
-
-/// Serves one piece stream from the master's files.
-async fn serve_piece(
-    mut stream: libp2p::Stream,
-    shelf: &Mutex<Shelf>,
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
-    metrics: &Metrics,
-) -> std::io::Result<Option<(FileId, u64)>> {
-    let req: PieceRequest = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_frame(&mut stream, MAX_PIECE_FRAME),
-    )
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
-    let found = {
-        let shelf = shelf.lock().expect("shelf lock");
-        match shelf.files.get(&req.file) {
-            None => Err(RefuseReason::UnknownFile),
-            Some(e) if !e.have.contains_range(req.range) || req.range.is_empty() => {
-                Err(RefuseReason::NotHeld)
-            }
-            Some(e) => Ok((e.manifest.geometry(), e.path.clone())),
-        }
-    };
-    let (geometry, path) = match found {
-        Ok(x) => x,
-        Err(reason) => {
-            refuse(&mut stream, reason).await?;
-            return Ok(None);
-        }
-    };
-    let file = std::fs::File::open(&path)?;
-    let sent = send_blocks(
-        &mut stream,
-        geometry,
-        req.range,
-        |block, buf| std::os::unix::fs::FileExt::read_exact_at(&file, buf, geometry.offset(block)),
-        |n| {
-            metrics.piece_bytes_sent.inc_by(n as u64);
-            let wait = limiter
-                .as_ref()
-                .map(|l| l.lock().expect("limiter lock").reserve(Instant::now(), n));
-            async move {
-                if let Some(w) = wait.filter(|w| !w.is_zero()) {
-                    tokio::time::sleep(w).await;
-                }
-            }
-        },
-    )
-    .await?;
-    stream.close().await?;
-    Ok(Some((req.file, sent)))
-}
-
-/// Pulls every block of a just-announced file from its publisher, writing each verified
-/// block at its offset in `path`.
-async fn pull(
-    mut control: libp2p_stream::Control,
-    publisher: PeerId,
-    manifest: Arc<VerifiedManifest>,
-    path: PathBuf,
-    internal: mpsc::Sender<Internal>,
-) {
-    let file = manifest.id();
-    let result = async {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| e.to_string())?;
-        out.set_len(manifest.body().size)
-            .map_err(|e| e.to_string())?;
-        let geometry = manifest.geometry();
-        let total = manifest.blocks();
-        let mut start = 0;
-        while start < total {
-            let range = BlockRange::new(start, (start + 256).min(total));
-            let mut attempts = 0;
-            loop {
-                let r = async {
-                    let mut s = control
-                        .open_stream(publisher, PIECE_PROTOCOL)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    receive_blocks(&mut s, &manifest, range, |b, data| {
-                        std::os::unix::fs::FileExt::write_all_at(&out, data, geometry.offset(b))
-                    })
-                    .await
-                    .map_err(|e| e.to_string())
-                }
-                .await;
-                match r {
-                    Ok(()) => break,
-                    Err(e) if attempts < 5 => {
-                        attempts += 1;
-                        tracing::debug!(file = %file, error = %e, attempts, "pull retry");
-                        tokio::time::sleep(Duration::from_millis(200 * attempts)).await;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            out.sync_data().map_err(|e| e.to_string())?;
-            let _ = internal.send(Internal::Pulled { file, range }).await;
-            start = range.end;
-        }
-        Ok(())
-    }
-    .await;
-    let _ = internal.send(Internal::PullFinished { file, result }).await;
 }

@@ -280,7 +280,9 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                         from_peers = from_peers.saturating_add(end.bytes);
                         unreported_peer_bytes = unreported_peer_bytes.saturating_add(end.bytes);
                     }
-                    if let (Some(ChaosMode::FalseAccuse), Some(peer), None) = (client.chaos(), end.peer, &end.failure) {
+                    // A false accuser accuses every peer it was sent to, whether the transfer
+                    // worked or failed (a peer that died mid-transfer included).
+                    if let (Some(ChaosMode::FalseAccuse), Some(peer)) = (client.chaos(), end.peer) {
                         let (c, file, range) = (client.clone(), opts.file, end.range);
                         tokio::spawn(async move {
                             let problem = shoal_protocol::wire::Problem::Corrupt { blocks: vec![range] };
