@@ -1,0 +1,26 @@
+//! # shoal-net
+//!
+//! The tokio shell pieces that the master and the node both need, each written once:
+//!
+//! - [`serve`]: the piece server. Inbound `/shoal/piece/1` streams are answered within upload
+//!   slots, under a request deadline, an overall per-stream deadline and a minimum rate, with
+//!   an optional upload rate limit; what to serve comes from a [`serve::PieceSource`].
+//! - [`keyfile`]: identity keys loaded or created with mode 0600, and durable atomic writes.
+//! - [`swarm`]: the libp2p swarm (TCP+noise+yamux and QUIC, the shoal [`Behaviour`]).
+//! - [`task`]: supervision of event-loop tasks, so that a panic ends the process with a
+//!   non-zero exit instead of leaving it running deaf.
+//!
+//! Non-goals: protocol types and rules (those are `shoal-protocol`'s), policy, scheduling.
+//!
+//! [`Behaviour`]: shoal_protocol::behaviour::Behaviour
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod keyfile;
+pub mod serve;
+pub mod swarm;
+pub mod task;
+
+pub use keyfile::{load_or_create_key, write_atomic, KeyError};
+pub use serve::{BlockReader, PieceServer, PieceSource, Serve, ServeConfig};
+pub use swarm::{build_swarm, SwarmError, SwarmOptions};
+pub use task::{spawn_critical, CriticalTask, PanicWatch};

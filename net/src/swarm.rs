@@ -1,0 +1,72 @@
+//! Building the libp2p swarm of a shoal peer, once for the master and the node: TCP (noise,
+//! yamux) and QUIC transports around the shoal [`Behaviour`] with its connection caps.
+
+use std::time::Duration;
+
+use libp2p::{identity::Keypair, noise, tcp, yamux, Swarm};
+use shoal_protocol::behaviour::{Behaviour, ConnectionCaps, Role};
+
+/// How to build a swarm.
+#[derive(Clone, Debug)]
+pub struct SwarmOptions {
+    /// Master or node.
+    pub role: Role,
+    /// Caps on connections. Default [`ConnectionCaps::for_role`].
+    pub caps: ConnectionCaps,
+    /// A connection with no open stream is closed after this long. Default 120 s for the
+    /// master, 60 s for a node.
+    pub idle_timeout: Duration,
+}
+
+impl SwarmOptions {
+    /// The defaults for `role`.
+    pub fn for_role(role: Role) -> Self {
+        Self {
+            role,
+            caps: ConnectionCaps::for_role(role),
+            idle_timeout: match role {
+                Role::Master => Duration::from_secs(120),
+                Role::Node => Duration::from_secs(60),
+            },
+        }
+    }
+
+    /// Use these connection caps.
+    pub fn with_caps(mut self, caps: ConnectionCaps) -> Self {
+        self.caps = caps;
+        self
+    }
+
+    /// Close idle connections after `idle`.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle;
+        self
+    }
+}
+
+/// Why the swarm could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the swarm: {0}")]
+pub struct SwarmError(String);
+
+/// Builds the swarm of `key` (it does not listen or dial yet).
+pub fn build_swarm(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, SwarmError> {
+    let err = |e: &dyn std::fmt::Display| SwarmError(e.to_string());
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| err(&e))?
+        .with_quic()
+        .with_behaviour(|k| {
+            Behaviour::new(k, opts.role, &opts.caps)
+                .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+        })
+        .map_err(|e| err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(opts.idle_timeout))
+        .build();
+    Ok(swarm)
+}
