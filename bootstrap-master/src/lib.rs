@@ -6,16 +6,31 @@
 //! serves pieces, pulls announced files from their publishers, publishes authority events and
 //! is the swarm's Kademlia bootstrap node.
 //!
-//! The decisions live in [`policy`], a pure state machine; [`service`] is the shell that owns
-//! the swarm and moves messages and bytes.
+//! The decisions live in pure cores: [`policy`] (redirects, ownership) and [`bans`] (the ban
+//! rule). [`service`] is the shell: the event loop that owns the swarm and routes events to
+//! one module per concern:
+//! - `announce`: who may publish, announce handling;
+//! - `pull`: pulling announced files from their publishers;
+//! - `serve`: serving pieces;
+//! - `report`: reports from nodes;
+//! - `enforce`: carrying out bans (disconnect, persist, publish) and probes;
+//! - [`registry`]: the data directory, and the rescan for files added with `shoal-master add`;
+//! - [`config`]: [`MasterConfig`] and [`MasterError`].
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod announce;
 pub mod bans;
+pub mod config;
+mod enforce;
 pub mod metrics;
 pub mod policy;
 pub mod probe;
+mod pull;
 pub mod registry;
+mod report;
+mod serve;
 pub mod service;
 
+pub use config::{MasterConfig, MasterError};
 pub use policy::{Policy, PolicyConfig};
-pub use service::{Master, MasterConfig, MasterError};
+pub use service::Master;

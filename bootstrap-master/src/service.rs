@@ -1,4 +1,5 @@
-//! The master's event loop: owns the swarm, feeds the policy, serves and pulls pieces.
+//! The master's event loop: owns the swarm and routes each event to the module whose concern
+//! it is (announce, pull, serve, report, enforce, registry).
 //!
 //! The loop is the only owner of the [`Swarm`] and the [`Policy`]. Piece streams (serving and
 //! pulling) run as tasks, bounded by a semaphore, and report back over a bounded channel.
@@ -11,119 +12,32 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{AsyncWriteExt, StreamExt};
+use futures::StreamExt;
 use libp2p::{
     gossipsub, identify, multiaddr::Protocol, noise, request_response, swarm::SwarmEvent, tcp,
     yamux, Multiaddr, PeerId, Swarm,
 };
 use shoal_protocol::{
-    behaviour::{Behaviour, BehaviourEvent, ConnectionCaps, Role},
+    behaviour::{Behaviour, BehaviourEvent, Role},
     block::{BlockRange, Blocks},
-    limits::{MAX_PIECE_FRAME, MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
-    manifest::check_digest_list,
-    piece::{read_frame, receive_blocks, refuse, send_blocks},
+    limits::{MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
     rate::RateLimiter,
     wire::{
         encode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
-        MasterResponse, PieceRequest, Problem, RefuseReason, Source,
+        MasterResponse, Source,
     },
-    FileId, Manifest, VerifiedManifest,
+    FileId, VerifiedManifest,
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::bans::{BanBook, BanConfig, ProbeOutcome, Verdict};
+use crate::config::{MasterConfig, MasterError};
 use crate::metrics::Metrics;
-use crate::policy::{Policy, PolicyConfig};
-use crate::registry::{Registry, RegistryError};
+use crate::policy::Policy;
+use crate::registry::Registry;
+use crate::serve::{Shelf, ShelfEntry};
 
-/// How the master runs. Defaults suit a public master; tests shrink them.
-#[derive(Clone, Debug)]
-pub struct MasterConfig {
-    /// Data directory (key, manifests, files).
-    pub data_dir: PathBuf,
-    /// Addresses to listen on. Default `/ip4/0.0.0.0/tcp/4001` and
-    /// `/ip4/0.0.0.0/udp/4001/quic-v1`.
-    pub listen: Vec<Multiaddr>,
-    /// Cap on the master's piece upload, bytes per second. Default: none.
-    pub max_upload_rate: Option<u64>,
-    /// Where to serve Prometheus metrics. Default: nowhere.
-    pub metrics_addr: Option<SocketAddr>,
-    /// Piece streams served at once. Default 64.
-    pub upload_slots: usize,
-    /// Redirect policy tunables.
-    pub policy: PolicyConfig,
-    /// How often to rescan the data dir for files added with `shoal-master add`. Default 2 s.
-    pub rescan_interval: Duration,
-    /// Caps on connections. Default [`ConnectionCaps::for_role`]`(Role::Master)`.
-    pub connection_caps: ConnectionCaps,
-}
-
-impl MasterConfig {
-    /// Defaults with the given data directory.
-    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            data_dir: data_dir.into(),
-            listen: vec![
-                "/ip4/0.0.0.0/tcp/4001".parse().expect("valid multiaddr"),
-                "/ip4/0.0.0.0/udp/4001/quic-v1"
-                    .parse()
-                    .expect("valid multiaddr"),
-            ],
-            max_upload_rate: None,
-            metrics_addr: None,
-            upload_slots: 64,
-            policy: PolicyConfig::default(),
-            rescan_interval: Duration::from_secs(2),
-            connection_caps: ConnectionCaps::for_role(Role::Master),
-        }
-    }
-
-    /// Listen on these addresses instead.
-    pub fn with_listen(mut self, listen: Vec<Multiaddr>) -> Self {
-        self.listen = listen;
-        self
-    }
-
-    /// Cap the piece upload rate.
-    pub fn with_max_upload_rate(mut self, rate: Option<u64>) -> Self {
-        self.max_upload_rate = rate;
-        self
-    }
-
-    /// Serve metrics at `addr`.
-    pub fn with_metrics_addr(mut self, addr: Option<SocketAddr>) -> Self {
-        self.metrics_addr = addr;
-        self
-    }
-
-    /// Cap connections so.
-    pub fn with_connection_caps(mut self, caps: ConnectionCaps) -> Self {
-        self.connection_caps = caps;
-        self
-    }
-
-    /// Use these policy tunables.
-    pub fn with_policy(mut self, policy: PolicyConfig) -> Self {
-        self.policy = policy;
-        self
-    }
-}
-
-/// Why the master could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum MasterError {
-    /// The data directory.
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    /// The swarm.
-    #[error("network: {0}")]
-    Network(String),
-    /// The metrics endpoint.
-    #[error("metrics endpoint: {0}")]
-    Metrics(std::io::Error),
-}
-
-enum Command {
+pub(crate) enum Command {
     Status(
         FileId,
         oneshot::Sender<Option<shoal_protocol::wire::FileStatus>>,
@@ -131,7 +45,7 @@ enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
-enum Internal {
+pub(crate) enum Internal {
     Served {
         file: FileId,
         bytes: u64,
@@ -148,18 +62,6 @@ enum Internal {
         suspect: PeerId,
         outcome: ProbeOutcome,
     },
-}
-
-/// Files the master can serve, shared with the piece tasks.
-#[derive(Default)]
-struct Shelf {
-    files: HashMap<FileId, ShelfEntry>,
-}
-
-struct ShelfEntry {
-    manifest: Arc<VerifiedManifest>,
-    path: PathBuf,
-    have: Blocks,
 }
 
 /// A running master.
@@ -308,22 +210,22 @@ impl Master {
     }
 }
 
-struct EventLoop {
-    cfg: MasterConfig,
-    swarm: Swarm<Behaviour>,
-    policy: Policy,
-    shelf: Arc<Mutex<Shelf>>,
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
-    slots: Arc<Semaphore>,
-    registry: Registry,
-    key: libp2p::identity::Keypair,
-    metrics: Metrics,
-    internal_tx: mpsc::Sender<Internal>,
-    pulling: HashMap<FileId, PeerId>,
-    bans: BanBook,
+pub(crate) struct EventLoop {
+    pub(crate) cfg: MasterConfig,
+    pub(crate) swarm: Swarm<Behaviour>,
+    pub(crate) policy: Policy,
+    pub(crate) shelf: Arc<Mutex<Shelf>>,
+    pub(crate) limiter: Option<Arc<Mutex<RateLimiter>>>,
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) registry: Registry,
+    pub(crate) key: libp2p::identity::Keypair,
+    pub(crate) metrics: Metrics,
+    pub(crate) internal_tx: mpsc::Sender<Internal>,
+    pub(crate) pulling: HashMap<FileId, PeerId>,
+    pub(crate) bans: BanBook,
     /// Every address the master listens on (a `0.0.0.0` listener reports one per interface,
     /// over time); `bootstrap.addr` is rewritten as they come and go.
-    listen_addrs: Vec<Multiaddr>,
+    pub(crate) listen_addrs: Vec<Multiaddr>,
 }
 
 impl EventLoop {
@@ -334,69 +236,6 @@ impl EventLoop {
             text.as_bytes(),
         ) {
             tracing::error!(error = %e, "cannot write bootstrap.addr");
-        }
-    }
-
-    fn bans_path(&self) -> PathBuf {
-        self.registry.dir().join("bans")
-    }
-
-    /// Loads the ban list kept in the data dir (one PeerId a line; bad lines are skipped).
-    fn load_bans(&mut self) {
-        let Ok(text) = std::fs::read_to_string(self.bans_path()) else {
-            return;
-        };
-        for line in text.lines() {
-            match line.trim().parse::<PeerId>() {
-                Ok(p) => {
-                    self.bans.ban(p);
-                    self.policy.ban(p);
-                }
-                Err(_) if line.trim().is_empty() => {}
-                Err(e) => tracing::warn!(line, error = %e, "skipping a bad line of the ban list"),
-            }
-        }
-    }
-
-    /// Bans `peer` swarm-wide: out of every list, disconnected, refused from now on (the ban
-    /// list is persisted), and announced on the authority topic.
-    fn ban(&mut self, peer: PeerId) {
-        tracing::warn!(%peer, "banning peer swarm-wide");
-        self.bans.ban(peer);
-        self.policy.ban(peer);
-        self.metrics.bans.inc();
-        let mut list: Vec<String> = self.bans.banned().map(|p| p.to_string()).collect();
-        list.sort();
-        let text: String = list.iter().map(|p| format!("{p}\n")).collect();
-        if let Err(e) = crate::registry::write_atomic(&self.bans_path(), text.as_bytes()) {
-            tracing::error!(error = %e, "cannot persist the ban list");
-        }
-        let _ = self.swarm.disconnect_peer_id(peer);
-        self.publish(AuthorityEvent::PeerBanned { peer });
-    }
-
-    fn act(&mut self, verdict: Verdict, file: FileId) {
-        match verdict {
-            Verdict::Nothing => {}
-            Verdict::Ban(peer) => self.ban(peer),
-            Verdict::Probe { suspect, blocks } => {
-                let manifest = self
-                    .shelf
-                    .lock()
-                    .expect("shelf lock")
-                    .files
-                    .get(&file)
-                    .map(|e| e.manifest.clone());
-                let addrs = self.policy.addrs(&suspect);
-                let internal = self.internal_tx.clone();
-                tokio::spawn(async move {
-                    let outcome = match manifest {
-                        Some(m) => crate::probe::probe(suspect, addrs, m, blocks).await,
-                        None => ProbeOutcome::Inconclusive,
-                    };
-                    let _ = internal.send(Internal::Probed { suspect, outcome }).await;
-                });
-            }
         }
     }
 
@@ -419,7 +258,12 @@ impl EventLoop {
         }
     }
 
-    fn register(&mut self, manifest: Arc<VerifiedManifest>, path: PathBuf, have: Blocks) {
+    pub(crate) fn register(
+        &mut self,
+        manifest: Arc<VerifiedManifest>,
+        path: PathBuf,
+        have: Blocks,
+    ) {
         let id = manifest.id();
         let body = manifest.body();
         self.policy
@@ -466,7 +310,7 @@ impl EventLoop {
         }
     }
 
-    fn publish(&mut self, event: AuthorityEvent) {
+    pub(crate) fn publish(&mut self, event: AuthorityEvent) {
         if let Err(e) = self
             .swarm
             .behaviour_mut()
@@ -665,30 +509,7 @@ impl EventLoop {
                 problem,
             } => {
                 tracing::info!(reporter = %peer, %culprit, file = %file, ?problem, "report");
-                // Bad data: never again for this reporter. A dead or stalling peer: for a
-                // while. A busy one: for a moment.
-                let until = match problem {
-                    Problem::Corrupt { .. } => None,
-                    Problem::Unreachable | Problem::Truncated { .. } | Problem::NotHeld { .. } => {
-                        Some(Instant::now() + Duration::from_secs(30))
-                    }
-                    Problem::Busy => Some(Instant::now() + Duration::from_secs(2)),
-                };
-                self.policy.avoid(peer, culprit, until);
-                if let Problem::Corrupt { blocks } = &problem {
-                    let first = blocks.first().map_or(BlockRange::new(0, 1), |r| {
-                        BlockRange::new(r.start, r.end.min(r.start.saturating_add(16)))
-                    });
-                    let verdict = self.bans.report(peer, culprit, first);
-                    self.act(verdict, file);
-                }
-                if matches!(problem, Problem::Unreachable) && !self.swarm.is_connected(&culprit) {
-                    // The master cannot see it either: it is gone from every mirror list.
-                    if self.policy.peer_down(&culprit) {
-                        tracing::info!(%culprit, "mirror unreachable for the master too; removed");
-                        self.publish(AuthorityEvent::MirrorRemoved { peer: culprit });
-                    }
-                }
+                self.on_report(peer, file, culprit, problem);
                 MasterResponse::Ack
             }
             MasterRequest::Status { file } => match self.policy.status(&file) {
@@ -709,78 +530,6 @@ impl EventLoop {
                 }
                 MasterResponse::Ack
             }
-        }
-    }
-
-    fn on_announce(
-        &mut self,
-        publisher: PeerId,
-        header: shoal_protocol::manifest::PublisherHeader,
-        digests: Vec<shoal_protocol::BlockDigest>,
-    ) -> MasterResponse {
-        let refused = |reason: String| MasterResponse::Refused { reason };
-        if let Err(e) = header.verify() {
-            return refused(e.to_string());
-        }
-        match header.body.publisher() {
-            Ok(p) if p == publisher => {}
-            _ => {
-                return refused("the announcing peer is not the publisher the header names".into())
-            }
-        }
-        if let Err(e) = check_digest_list(&header.body, &digests) {
-            return refused(e.to_string());
-        }
-        let signed = match header.countersign(&self.key) {
-            Ok(s) => s,
-            Err(e) => return refused(e.to_string()),
-        };
-        let manifest = match (Manifest {
-            header: signed.clone(),
-            digests,
-        })
-        .verify(None)
-        {
-            Ok(m) => Arc::new(m),
-            Err(e) => return refused(e.to_string()),
-        };
-        let id = manifest.id();
-        if !self.policy.has_file(&id) {
-            if let Err(e) = self.registry.save_manifest(&manifest) {
-                tracing::error!(error = %e, "cannot store manifest");
-                return refused("master cannot store the manifest".into());
-            }
-            let path = self.registry.data_path(&id);
-            tracing::info!(file = %id, name = %manifest.body().name, %publisher, "file announced");
-            self.register(
-                manifest.clone(),
-                path.clone(),
-                Blocks::new(manifest.blocks()),
-            );
-            self.publish(AuthorityEvent::FileAnnounced {
-                file: id,
-                name: manifest.body().name.clone(),
-                size: manifest.body().size,
-            });
-        }
-        if !self.policy.master_complete(&id) && !self.pulling.contains_key(&id) {
-            // The publisher is the first mirror; nodes may be redirected to it while the
-            // master pulls its own copy.
-            self.policy.holds_all(&id, publisher);
-            self.pulling.insert(id, publisher);
-            let control = self.swarm.behaviour().stream.new_control();
-            let path = self.registry.data_path(&id);
-            tokio::spawn(pull(
-                control,
-                publisher,
-                manifest,
-                path,
-                self.internal_tx.clone(),
-            ));
-        }
-        MasterResponse::Announced {
-            file: id,
-            header: Box::new(signed),
         }
     }
 
@@ -820,141 +569,4 @@ impl EventLoop {
             }
         }
     }
-
-    async fn on_piece_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
-        if self.policy.is_banned(&peer) {
-            return;
-        }
-        // All upload slots busy: drop the stream (the node asks again and is sent elsewhere)
-        // rather than wait here, which would stall the whole event loop.
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "upload slots full; piece stream dropped");
-            return;
-        };
-        let shelf = self.shelf.clone();
-        let limiter = self.limiter.clone();
-        let metrics = self.metrics.clone();
-        let internal = self.internal_tx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match serve_piece(stream, &shelf, limiter, &metrics).await {
-                Ok(Some((file, bytes))) => {
-                    let _ = internal.try_send(Internal::Served { file, bytes });
-                }
-                Ok(None) => {}
-                Err(e) => tracing::debug!(%peer, error = %e, "piece stream ended"),
-            }
-        });
-    }
-}
-
-/// Serves one piece stream from the master's files.
-async fn serve_piece(
-    mut stream: libp2p::Stream,
-    shelf: &Mutex<Shelf>,
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
-    metrics: &Metrics,
-) -> std::io::Result<Option<(FileId, u64)>> {
-    let req: PieceRequest = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_frame(&mut stream, MAX_PIECE_FRAME),
-    )
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
-    let found = {
-        let shelf = shelf.lock().expect("shelf lock");
-        match shelf.files.get(&req.file) {
-            None => Err(RefuseReason::UnknownFile),
-            Some(e) if !e.have.contains_range(req.range) || req.range.is_empty() => {
-                Err(RefuseReason::NotHeld)
-            }
-            Some(e) => Ok((e.manifest.geometry(), e.path.clone())),
-        }
-    };
-    let (geometry, path) = match found {
-        Ok(x) => x,
-        Err(reason) => {
-            refuse(&mut stream, reason).await?;
-            return Ok(None);
-        }
-    };
-    let file = std::fs::File::open(&path)?;
-    let sent = send_blocks(
-        &mut stream,
-        geometry,
-        req.range,
-        |block, buf| std::os::unix::fs::FileExt::read_exact_at(&file, buf, geometry.offset(block)),
-        |n| {
-            metrics.piece_bytes_sent.inc_by(n as u64);
-            let wait = limiter
-                .as_ref()
-                .map(|l| l.lock().expect("limiter lock").reserve(Instant::now(), n));
-            async move {
-                if let Some(w) = wait.filter(|w| !w.is_zero()) {
-                    tokio::time::sleep(w).await;
-                }
-            }
-        },
-    )
-    .await?;
-    stream.close().await?;
-    Ok(Some((req.file, sent)))
-}
-
-/// Pulls every block of a just-announced file from its publisher, writing each verified
-/// block at its offset in `path`.
-async fn pull(
-    mut control: libp2p_stream::Control,
-    publisher: PeerId,
-    manifest: Arc<VerifiedManifest>,
-    path: PathBuf,
-    internal: mpsc::Sender<Internal>,
-) {
-    let file = manifest.id();
-    let result = async {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| e.to_string())?;
-        out.set_len(manifest.body().size)
-            .map_err(|e| e.to_string())?;
-        let geometry = manifest.geometry();
-        let total = manifest.blocks();
-        let mut start = 0;
-        while start < total {
-            let range = BlockRange::new(start, (start + 256).min(total));
-            let mut attempts = 0;
-            loop {
-                let r = async {
-                    let mut s = control
-                        .open_stream(publisher, PIECE_PROTOCOL)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    receive_blocks(&mut s, &manifest, range, |b, data| {
-                        std::os::unix::fs::FileExt::write_all_at(&out, data, geometry.offset(b))
-                    })
-                    .await
-                    .map_err(|e| e.to_string())
-                }
-                .await;
-                match r {
-                    Ok(()) => break,
-                    Err(e) if attempts < 5 => {
-                        attempts += 1;
-                        tracing::debug!(file = %file, error = %e, attempts, "pull retry");
-                        tokio::time::sleep(Duration::from_millis(200 * attempts)).await;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            out.sync_data().map_err(|e| e.to_string())?;
-            let _ = internal.send(Internal::Pulled { file, range }).await;
-            start = range.end;
-        }
-        Ok(())
-    }
-    .await;
-    let _ = internal.send(Internal::PullFinished { file, result }).await;
 }
