@@ -44,6 +44,8 @@ pub struct FetchOptions {
     pub scheduler: SchedulerConfig,
     /// Progress callback.
     pub progress: Option<ProgressFn>,
+    /// Live counters (resumed blocks, bytes by source), for progress displays.
+    pub live: Option<Arc<crate::progress::FetchProgress>>,
 }
 
 impl FetchOptions {
@@ -54,6 +56,7 @@ impl FetchOptions {
             out: out.into(),
             scheduler: SchedulerConfig::default(),
             progress: None,
+            live: None,
         }
     }
 }
@@ -155,7 +158,10 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
         .data_dir()
         .join("journals")
         .join(format!("{}.journal", opts.file));
-    let store = Arc::new(PieceStore::open(manifest.clone(), &opts.out, &journal)?);
+    // Written as OUT.part and renamed to OUT once the whole file verified: a file at OUT is
+    // always complete. A resume continues the .part.
+    let part = part_path(&opts.out);
+    let store = Arc::new(PieceStore::open(manifest.clone(), &part, &journal)?);
     client.share(store.clone());
     let geometry = manifest.geometry();
     let mut whole_file = AbortOnDrop(tokio::spawn({
@@ -179,6 +185,14 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
     let held = Arc::new(AtomicU64::new(
         geometry.range_bytes(geometry.all()) - missing_bytes(&store),
     ));
+    if let Some(live) = &opts.live {
+        live.start(
+            geometry.size,
+            manifest.blocks(),
+            blocks_resumed,
+            held.load(Ordering::Relaxed),
+        );
+    }
     tracing::info!(file = %opts.file, blocks = manifest.blocks(), resumed = blocks_resumed, "fetch started");
 
     loop {
@@ -192,16 +206,17 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                     });
                 }
                 Action::Start(t) => {
-                    let (c, tx, m, s, h, p) = (
+                    let (c, tx, m, s, h, p, l) = (
                         client.clone(),
                         tx.clone(),
                         manifest.clone(),
                         store.clone(),
                         held.clone(),
                         opts.progress.clone(),
+                        opts.live.clone(),
                     );
                     tokio::spawn(async move {
-                        let end = run_transfer(&c, &m, &s, t, &h, p).await;
+                        let end = run_transfer(&c, &m, &s, t, &h, p, l).await;
                         let _ = tx.send(Event::Ended(end)).await;
                     });
                 }
@@ -289,6 +304,7 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
             "every block verified but the whole-file SHA-256 differs (manifest inconsistent)",
         )));
     }
+    std::fs::rename(&part, &opts.out)?;
     let _ = std::fs::remove_file(&journal);
     let report = FetchReport {
         peer_id: client.peer_id().to_string(),
@@ -303,6 +319,13 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
     };
     tracing::info!(file = %opts.file, elapsed_s = report.elapsed_s, "fetch complete");
     Ok(report)
+}
+
+/// Where a download to `out` is written until it is complete: `out` with `.part` appended.
+pub fn part_path(out: &Path) -> PathBuf {
+    let mut name = out.as_os_str().to_os_string();
+    name.push(".part");
+    PathBuf::from(name)
 }
 
 fn missing_bytes(store: &PieceStore) -> u64 {
@@ -322,6 +345,7 @@ async fn run_transfer(
     t: Transfer,
     held: &AtomicU64,
     progress: Option<crate::fetch::ProgressFn>,
+    live: Option<Arc<crate::progress::FetchProgress>>,
 ) -> TransferEnd {
     let peer = t.peer().unwrap_or(client.master());
     let from_master = t.peer().is_none();
@@ -350,6 +374,9 @@ async fn run_transfer(
             delivered.fetch_add(1, Ordering::Relaxed);
             *last_progress.lock().expect("progress lock") = Instant::now();
             let now = held.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+            if let Some(l) = &live {
+                l.add(from_master, data.len() as u64);
+            }
             if let Some(p) = &progress {
                 p(now, total);
             }
