@@ -1,8 +1,8 @@
 //! How the master runs ([`MasterConfig`]) and why it cannot start ([`MasterError`]).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
 
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use shoal_protocol::behaviour::{ConnectionCaps, Role};
 
 use crate::policy::PolicyConfig;
@@ -28,6 +28,77 @@ pub struct MasterConfig {
     pub rescan_interval: Duration,
     /// Caps on connections. Default [`ConnectionCaps::for_role`]`(Role::Master)`.
     pub connection_caps: ConnectionCaps,
+    /// Who may publish over the network. Default [`PublishPolicy::OwnOnly`].
+    pub publishing: PublishPolicy,
+    /// Deadlines of pulls from publishers.
+    pub pull: PullLimits,
+    /// Free space an announce must leave on the data dir's file system, beyond the file
+    /// and the files still being pulled. Default 1 GiB.
+    pub min_free_disk: u64,
+}
+
+/// Who may publish files to the master over the network (`/shoal/publish/1`). The
+/// operator's own `shoal-master add` always works.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PublishPolicy {
+    /// Nobody but the master's own key (the default: a fresh master stores nothing it was
+    /// not told to).
+    #[default]
+    OwnOnly,
+    /// These publisher keys (`--publisher-key`, `--publisher-keys-file`), without quotas.
+    Trusted(BTreeSet<PeerId>),
+    /// Anyone (`--open-publishing`), within per-publisher quotas.
+    Open(PublishQuotas),
+}
+
+/// Per-publisher caps under [`PublishPolicy::Open`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublishQuotas {
+    /// Files one publisher may have on the master. Default 16.
+    pub files: u32,
+    /// Bytes one publisher may have on the master, all files together. Default 64 GiB.
+    pub bytes: u64,
+    /// Pulls from one publisher at once. Default 2.
+    pub concurrent_pulls: u32,
+    /// Files all open publishers together may have (bounds manifests from many keys).
+    /// Default 4,096.
+    pub total_files: u32,
+}
+
+impl Default for PublishQuotas {
+    fn default() -> Self {
+        Self {
+            files: 16,
+            bytes: 64 << 30,
+            concurrent_pulls: 2,
+            total_files: 4_096,
+        }
+    }
+}
+
+/// Deadlines of a pull from a publisher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PullLimits {
+    /// Opening a piece stream and receiving its response frame. Default 10 s.
+    pub open_timeout: Duration,
+    /// Longest time without a single verified block. Default 30 s.
+    pub stall_timeout: Duration,
+    /// Slowest acceptable rate over a piece, bytes per second: a piece must arrive within
+    /// `open_timeout + size / min_rate`. Default 64 KiB/s.
+    pub min_rate: u64,
+    /// Attempts per piece before the pull gives up (a new announce resumes it). Default 5.
+    pub attempts: u32,
+}
+
+impl Default for PullLimits {
+    fn default() -> Self {
+        Self {
+            open_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(30),
+            min_rate: 64 * 1024,
+            attempts: 5,
+        }
+    }
 }
 
 impl MasterConfig {
@@ -47,6 +118,9 @@ impl MasterConfig {
             policy: PolicyConfig::default(),
             rescan_interval: Duration::from_secs(2),
             connection_caps: ConnectionCaps::for_role(Role::Master),
+            publishing: PublishPolicy::default(),
+            pull: PullLimits::default(),
+            min_free_disk: 1 << 30,
         }
     }
 
@@ -74,6 +148,24 @@ impl MasterConfig {
         self
     }
 
+    /// Let these publish (see [`PublishPolicy`]).
+    pub fn with_publishing(mut self, publishing: PublishPolicy) -> Self {
+        self.publishing = publishing;
+        self
+    }
+
+    /// Pull from publishers within these deadlines.
+    pub fn with_pull_limits(mut self, pull: PullLimits) -> Self {
+        self.pull = pull;
+        self
+    }
+
+    /// Keep this much disk free (see [`MasterConfig::min_free_disk`]).
+    pub fn with_min_free_disk(mut self, bytes: u64) -> Self {
+        self.min_free_disk = bytes;
+        self
+    }
+
     /// Use these policy tunables.
     pub fn with_policy(mut self, policy: PolicyConfig) -> Self {
         self.policy = policy;
@@ -93,4 +185,56 @@ pub enum MasterError {
     /// The metrics endpoint.
     #[error("metrics endpoint: {0}")]
     Metrics(std::io::Error),
+    /// The event loop panicked (or was cancelled): the master is not serving.
+    #[error("the master's event loop crashed: {0}")]
+    Crashed(String),
+}
+
+/// Why a publisher keys file could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct PublisherKeysError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Parses a publisher keys file: one PeerId a line; blank lines and `#` comments (whole
+/// lines or after a key) are ignored.
+pub fn parse_publisher_keys(text: &str) -> Result<BTreeSet<PeerId>, PublisherKeysError> {
+    let mut keys = BTreeSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let key = line.split('#').next().unwrap_or("").trim();
+        if key.is_empty() {
+            continue;
+        }
+        let peer = key.parse::<PeerId>().map_err(|e| PublisherKeysError {
+            line: i + 1,
+            reason: format!("{key:?} is not a PeerId: {e}"),
+        })?;
+        keys.insert(peer);
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publisher_keys_file_takes_comments_and_blank_lines() {
+        let a = PeerId::random();
+        let b = PeerId::random();
+        let text = format!("# trusted publishers\n\n{a}\n  {b}  # the build box\n{a}\n");
+        assert_eq!(parse_publisher_keys(&text).unwrap(), BTreeSet::from([a, b]));
+    }
+
+    #[test]
+    fn a_bad_line_is_named() {
+        let a = PeerId::random();
+        let e = parse_publisher_keys(&format!("{a}\nnot-a-key\n")).unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.to_string().contains("not-a-key"), "{e}");
+    }
 }

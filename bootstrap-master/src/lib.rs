@@ -31,6 +31,8 @@ mod report;
 mod serve;
 pub mod service;
 
-pub use config::{MasterConfig, MasterError};
+pub use config::{
+    parse_publisher_keys, MasterConfig, MasterError, PublishPolicy, PublishQuotas, PullLimits,
+};
 pub use policy::{Policy, PolicyConfig};
 pub use service::Master;

@@ -1,11 +1,14 @@
 //! `shoal-master`: run a shoal master, or register a file with one.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use libp2p::Multiaddr;
-use shoal_master::{registry::Registry, Master, MasterConfig};
+use libp2p::{Multiaddr, PeerId};
+use shoal_master::{
+    parse_publisher_keys, registry::Registry, Master, MasterConfig, PublishPolicy, PublishQuotas,
+};
+use shoal_protocol::behaviour::{ConnectionCaps, Role};
 
 /// The master of a shoal swarm: holds the original files, redirects piece requests to peers
 /// that already hold them, and is the address nodes join with.
@@ -31,6 +34,85 @@ struct Cli {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<SocketAddr>,
+    /// Accept files announced by this publisher (its PeerId); repeat for several. Without
+    /// this, --publisher-keys-file or --open-publishing, only `shoal-master add` publishes.
+    #[arg(long, value_name = "PEER_ID")]
+    publisher_key: Vec<PeerId>,
+    /// Accept files announced by the publishers listed in FILE (one PeerId a line, `#`
+    /// comments).
+    #[arg(long, value_name = "FILE")]
+    publisher_keys_file: Option<PathBuf>,
+    /// Accept files from any publisher, within the per-publisher quotas below.
+    #[arg(long, conflicts_with_all = ["publisher_key", "publisher_keys_file"])]
+    open_publishing: bool,
+    /// With --open-publishing: files one publisher may have here.
+    #[arg(long, value_name = "N", default_value_t = PublishQuotas::default().files)]
+    max_files_per_publisher: u32,
+    /// With --open-publishing: bytes one publisher may have here, all files together.
+    #[arg(long, value_name = "BYTES", default_value_t = PublishQuotas::default().bytes)]
+    max_bytes_per_publisher: u64,
+    /// With --open-publishing: pulls from one publisher at once.
+    #[arg(long, value_name = "N", default_value_t = PublishQuotas::default().concurrent_pulls)]
+    max_pulls_per_publisher: u32,
+    /// With --open-publishing: files all open publishers together may have here.
+    #[arg(long, value_name = "N", default_value_t = PublishQuotas::default().total_files)]
+    max_open_files: u32,
+    /// Refuse an announce that would leave less than this free on the data dir's disk.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
+    min_free_disk: u64,
+    /// Connections in all (incoming ones included).
+    #[arg(long, value_name = "N", default_value_t = ConnectionCaps::for_role(Role::Master).established_total)]
+    max_connections: u32,
+    /// Connections with any one peer.
+    #[arg(long, value_name = "N", default_value_t = ConnectionCaps::for_role(Role::Master).per_peer)]
+    max_connections_per_peer: u32,
+    /// Incoming connections still in their handshake.
+    #[arg(long, value_name = "N", default_value_t = ConnectionCaps::for_role(Role::Master).pending_incoming)]
+    max_pending_incoming: u32,
+    /// Refuse new connections while the process uses more than this fraction of memory.
+    #[arg(long, value_name = "FRACTION", default_value_t = ConnectionCaps::for_role(Role::Master).max_memory_fraction)]
+    max_memory_fraction: f64,
+}
+
+impl Cli {
+    fn publishing(&self) -> anyhow::Result<PublishPolicy> {
+        if self.open_publishing {
+            return Ok(PublishPolicy::Open(PublishQuotas {
+                files: self.max_files_per_publisher,
+                bytes: self.max_bytes_per_publisher,
+                concurrent_pulls: self.max_pulls_per_publisher,
+                total_files: self.max_open_files,
+            }));
+        }
+        let mut keys: BTreeSet<PeerId> = self.publisher_key.iter().copied().collect();
+        if let Some(path) = &self.publisher_keys_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            keys.extend(
+                parse_publisher_keys(&text).with_context(|| format!("in {}", path.display()))?,
+            );
+        }
+        Ok(if keys.is_empty() {
+            PublishPolicy::OwnOnly
+        } else {
+            PublishPolicy::Trusted(keys)
+        })
+    }
+
+    fn connection_caps(&self) -> anyhow::Result<ConnectionCaps> {
+        anyhow::ensure!(
+            self.max_memory_fraction > 0.0 && self.max_memory_fraction <= 1.0,
+            "--max-memory-fraction must be in (0, 1]"
+        );
+        let defaults = ConnectionCaps::for_role(Role::Master);
+        Ok(ConnectionCaps {
+            per_peer: self.max_connections_per_peer,
+            pending_incoming: self.max_pending_incoming,
+            established_incoming: defaults.established_incoming.min(self.max_connections),
+            established_total: self.max_connections,
+            max_memory_fraction: self.max_memory_fraction,
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -98,11 +180,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // One master per data dir: a second one would share its PeerId and overwrite its
             // bootstrap.addr.
             let _lock = shoal_net::lock_data_dir(&cli.data_dir)?;
+            let publishing = cli.publishing()?;
             let cfg = MasterConfig::new(&cli.data_dir)
-                .with_listen(cli.listen)
+                .with_listen(cli.listen.clone())
                 .with_max_upload_rate(cli.max_upload_rate)
-                .with_metrics_addr(cli.metrics_addr);
-            let master = Master::start(cfg).await.context("starting the master")?;
+                .with_metrics_addr(cli.metrics_addr)
+                .with_publishing(publishing.clone())
+                .with_min_free_disk(cli.min_free_disk)
+                .with_connection_caps(cli.connection_caps()?);
+            let mut master = Master::start(cfg).await.context("starting the master")?;
             eprintln!(
                 "shoal master {} is up; nodes join with one of (--bootstrap):",
                 master.peer_id()
@@ -118,11 +204,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(m) = master.metrics_addr() {
                 eprintln!("metrics at http://{m}/metrics");
             }
-            tokio::select! {
-                _ = shutdown_signal() => {
+            match &publishing {
+                PublishPolicy::OwnOnly => eprintln!(
+                    "publishing: only `shoal-master add` (trust publishers with --publisher-key, or --open-publishing)"
+                ),
+                PublishPolicy::Trusted(keys) => {
+                    eprintln!("publishing: {} trusted publisher key(s)", keys.len())
+                }
+                PublishPolicy::Open(q) => eprintln!("publishing: open, quotas {q:?}"),
+            }
+            let crashed = tokio::select! {
+                _ = shutdown_signal() => None,
+                r = master.wait() => Some(r),
+            };
+            match crashed {
+                None => {
                     eprintln!("shutting down");
                     master.shutdown().await;
                 }
+                Some(Err(e)) => {
+                    // As a panic in the main thread would: exit code 101.
+                    eprintln!("fatal: {e}; exiting");
+                    std::process::exit(shoal_net::task::PANIC_EXIT_CODE);
+                }
+                Some(Ok(())) => anyhow::bail!("the master's event loop ended on its own"),
             }
         }
     }

@@ -7,13 +7,16 @@ use std::{
 
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{counter::Counter, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
+
+/// One label, as `[(name, value)]`.
+pub type Label = [(&'static str, &'static str); 1];
 
 /// The master's counters. Cheap to clone; all clones count into the same values.
 #[derive(Clone, Debug)]
@@ -30,6 +33,20 @@ pub struct Metrics {
     pub bans: Counter,
     /// Files registered.
     pub files: Gauge,
+    /// Verified bytes the master pulled from publishers.
+    pub pulled_bytes: Counter<u64, AtomicU64>,
+    /// Announces refused (untrusted publisher, quota, disk, bad manifest).
+    pub announces_refused: Counter,
+    /// Reports about a source that the master ignored, by `reason`.
+    pub reports_ignored: Family<Label, Counter>,
+    /// Reports about a source that matched an assignment, by `problem`.
+    pub reports_counted: Family<Label, Counter>,
+    /// Probes of suspects that ended, by `outcome`.
+    pub probes: Family<Label, Counter>,
+    /// Probes dropped because the probe queue was full.
+    pub probes_dropped: Counter,
+    /// Probes running or waiting to run.
+    pub probes_pending: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -49,6 +66,23 @@ impl Metrics {
         let peers = Gauge::default();
         let bans = Counter::default();
         let files = Gauge::default();
+        let pulled_bytes = Counter::<u64, AtomicU64>::default();
+        let announces_refused = Counter::default();
+        registry.register(
+            "pulled_bytes",
+            "Verified bytes pulled from publishers",
+            pulled_bytes.clone(),
+        );
+        registry.register(
+            "announces_refused",
+            "Announces refused (trust, quota, disk, bad manifest)",
+            announces_refused.clone(),
+        );
+        let reports_ignored = Family::<Label, Counter>::default();
+        let reports_counted = Family::<Label, Counter>::default();
+        let probes = Family::<Label, Counter>::default();
+        let probes_dropped = Counter::default();
+        let probes_pending = Gauge::default();
         registry.register(
             "piece_bytes_sent",
             "Piece payload bytes the master sent",
@@ -67,6 +101,31 @@ impl Metrics {
         registry.register("peers", "Connected peers", peers.clone());
         registry.register("bans", "Peers banned swarm-wide", bans.clone());
         registry.register("files", "Files registered", files.clone());
+        registry.register(
+            "reports_ignored",
+            "Reports about a source that the master ignored, by reason",
+            reports_ignored.clone(),
+        );
+        registry.register(
+            "reports_counted",
+            "Reports about a source that matched an assignment, by problem",
+            reports_counted.clone(),
+        );
+        registry.register(
+            "probes",
+            "Probes of suspects that ended, by outcome",
+            probes.clone(),
+        );
+        registry.register(
+            "probes_dropped",
+            "Probes dropped because the probe queue was full",
+            probes_dropped.clone(),
+        );
+        registry.register(
+            "probes_pending",
+            "Probes running or waiting to run",
+            probes_pending.clone(),
+        );
         Self {
             piece_bytes_sent,
             redirects,
@@ -74,8 +133,41 @@ impl Metrics {
             peers,
             bans,
             files,
+            pulled_bytes,
+            announces_refused,
+            reports_ignored,
+            reports_counted,
+            probes,
+            probes_dropped,
+            probes_pending,
             registry: Arc::new(registry),
         }
+    }
+
+    /// Counts a report ignored for `reason`.
+    pub fn report_ignored(&self, reason: &'static str) {
+        self.reports_ignored
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// How many reports were ignored for `reason`.
+    pub fn reports_ignored_for(&self, reason: &'static str) -> u64 {
+        self.reports_ignored
+            .get_or_create(&[("reason", reason)])
+            .get()
+    }
+
+    /// How many reports of `problem` matched an assignment.
+    pub fn reports_counted_for(&self, problem: &'static str) -> u64 {
+        self.reports_counted
+            .get_or_create(&[("problem", problem)])
+            .get()
+    }
+
+    /// How many probes ended with `outcome`.
+    pub fn probes_for(&self, outcome: &'static str) -> u64 {
+        self.probes.get_or_create(&[("outcome", outcome)]).get()
     }
 
     /// The metrics in Prometheus text format.
@@ -140,6 +232,7 @@ mod tests {
         let m = Metrics::new();
         m.piece_bytes_sent.inc_by(1234);
         m.redirects.inc();
+        m.report_ignored("not_assigned");
         let addr = m
             .spawn_server("127.0.0.1:0".parse().unwrap())
             .await
@@ -163,6 +256,9 @@ mod tests {
             "shoal_master_assignments_total 0",
             "shoal_master_peers 0",
             "shoal_master_bans_total 0",
+            "shoal_master_pulled_bytes_total 0",
+            "shoal_master_announces_refused_total 0",
+            "shoal_master_reports_ignored_total{reason=\"not_assigned\"} 1",
         ] {
             assert!(body.contains(name), "missing {name:?} in:\n{body}");
         }

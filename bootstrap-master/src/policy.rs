@@ -14,14 +14,20 @@
 //! 3. otherwise (its first copy is on its way to another node) skip it: the node asks again
 //!    after `retry_after` and will then be redirected to the new holder.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
-use shoal_protocol::block::{BlockRange, Blocks};
-use shoal_protocol::limits::{MAX_ASSIGNMENTS, MAX_HINT_ADDRS};
+use shoal_protocol::block::{normalize, BlockRange, Blocks};
+use shoal_protocol::limits::{
+    MAX_ASSIGNMENTS, MAX_HINT_ADDRS, MAX_PIECE_BLOCKS, MAX_RANGES_PER_MESSAGE,
+};
 use shoal_protocol::wire::{Assignment, FileStatus, MirrorStatus, Source};
 use shoal_protocol::FileId;
+
+/// Most peers one peer avoids at once: past it, the avoidance ending first is dropped (an
+/// avoidance "for good" only when every one is for good).
+pub const MAX_AVOID_PER_PEER: usize = 1_024;
 
 /// Tunables of the policy. The defaults suit 64 KiB blocks.
 #[derive(Clone, Debug)]
@@ -43,6 +49,10 @@ pub struct PolicyConfig {
     pub assignment_timeout: Duration,
     /// What to tell a node to wait when nothing can be assigned now.
     pub retry_after: Duration,
+    /// How long after an assignment's window closed (it expired, was replaced, or its blocks
+    /// were confirmed) a report about it still counts: a failed transfer never produces a
+    /// `Have`, and its report may arrive after the node already asked again.
+    pub report_grace: Duration,
 }
 
 impl Default for PolicyConfig {
@@ -56,6 +66,7 @@ impl Default for PolicyConfig {
             max_blocks_per_answer: 512,
             assignment_timeout: Duration::from_secs(20),
             retry_after: Duration::from_millis(200),
+            report_grace: Duration::from_secs(10),
         }
     }
 }
@@ -95,6 +106,21 @@ struct Pending {
     deadline: Instant,
 }
 
+/// Most closed assignments remembered per requester and file (for checking reports).
+const MAX_PAST_PER_REQUESTER: usize = 256;
+
+/// A redirect whose window closed, remembered for `report_grace` so that a late report
+/// about it can still be checked.
+#[derive(Debug, Clone, Copy)]
+struct Past {
+    source: PeerId,
+    range: BlockRange,
+    /// Until when a report about it counts.
+    until: Instant,
+    /// The requester confirmed these blocks (`Have`) while this was its assignment.
+    confirmed: bool,
+}
+
 #[derive(Debug)]
 struct FileState {
     name: String,
@@ -106,6 +132,8 @@ struct FileState {
     pending: HashMap<PeerId, HashMap<u32, Pending>>,
     /// Per block, the requester a master copy is on its way to.
     handouts: HashMap<u32, (PeerId, Instant)>,
+    /// Per requester, its closed redirects (oldest first, capped).
+    past: HashMap<PeerId, VecDeque<Past>>,
     bytes_from_master: u64,
     bytes_from_peers: u64,
 }
@@ -143,6 +171,7 @@ impl Policy {
             holders: HashMap::new(),
             pending: HashMap::new(),
             handouts: HashMap::new(),
+            past: HashMap::new(),
             bytes_from_master: 0,
             bytes_from_peers: 0,
         });
@@ -158,6 +187,11 @@ impl Policy {
         if let Some(f) = self.files.get_mut(file) {
             f.master_has.insert(block);
         }
+    }
+
+    /// How many blocks `file` has, if the master knows it.
+    pub fn file_blocks(&self, file: &FileId) -> Option<u32> {
+        self.files.get(file).map(|f| f.blocks)
     }
 
     /// Whether the master holds every block of `file`.
@@ -197,10 +231,26 @@ impl Policy {
                 }
             }
             f.handouts.retain(|_, (to, _)| to != peer);
+            // Redirects to it die with it: a report about them (its downloaders see it die)
+            // is not about this peer's next session, should it come back with its key.
+            for pending in f.pending.values_mut() {
+                pending.retain(|_, p| {
+                    let keep = p.source != Some(*peer);
+                    if !keep {
+                        release(&mut self.peers, &mut self.master_load, p.source);
+                    }
+                    keep
+                });
+            }
+            f.past.remove(peer);
+            for log in f.past.values_mut() {
+                log.retain(|x| x.source != *peer);
+            }
+            f.past.retain(|_, log| !log.is_empty());
         }
-        if let Some(p) = self.peers.get_mut(peer) {
-            p.live = false;
-        }
+        // Its addresses, region and avoidances go with it: a peer that comes back starts
+        // afresh, and the table holds only connected peers.
+        self.peers.remove(peer);
         was_mirror
     }
 
@@ -228,11 +278,14 @@ impl Policy {
             .entry(peer)
             .or_insert_with(|| Blocks::new(geometry_blocks));
         let pending = f.pending.entry(peer).or_default();
-        for r in ranges {
-            for b in BlockRange::new(r.start, r.end.min(geometry_blocks)).iter() {
+        let grace = self.cfg.report_grace;
+        // Merged and clamped first: overlapping ranges cost one pass over the file at most.
+        for r in normalize(ranges, geometry_blocks, MAX_RANGES_PER_MESSAGE) {
+            for b in r.iter() {
                 held.insert(b);
                 if let Some(p) = pending.remove(&b) {
                     release(&mut self.peers, &mut self.master_load, p.source);
+                    remember(&mut f.past, peer, b, p, true, grace);
                 }
             }
         }
@@ -241,21 +294,26 @@ impl Policy {
     /// Accounts piece bytes served, for status.
     pub fn count_bytes(&mut self, file: &FileId, from_master: u64, from_peers: u64) {
         if let Some(f) = self.files.get_mut(file) {
-            f.bytes_from_master += from_master;
-            f.bytes_from_peers += from_peers;
+            f.bytes_from_master = f.bytes_from_master.saturating_add(from_master);
+            f.bytes_from_peers = f.bytes_from_peers.saturating_add(from_peers);
         }
     }
 
     /// `reporter` could not get data from `peer`: never send it there again.
     /// `until` bounds it (`None`: for good, as after corrupt data).
     pub fn avoid(&mut self, reporter: PeerId, peer: PeerId, until: Option<Instant>) {
-        let entry = self
-            .peers
-            .entry(reporter)
-            .or_default()
-            .avoid
-            .entry(peer)
-            .or_insert(until);
+        let avoid = &mut self.peers.entry(reporter).or_default().avoid;
+        if avoid.len() >= MAX_AVOID_PER_PEER && !avoid.contains_key(&peer) {
+            // Full: drop the avoidance that ends first ("for good" sorts last).
+            let first = avoid
+                .iter()
+                .min_by_key(|(p, until)| (until.is_none(), **until, **p))
+                .map(|(p, _)| *p);
+            if let Some(p) = first {
+                avoid.remove(&p);
+            }
+        }
+        let entry = avoid.entry(peer).or_insert(until);
         // Never shorten an avoidance: "for good" stays for good.
         *entry = match (*entry, until) {
             (None, _) | (_, None) => None,
@@ -282,19 +340,34 @@ impl Policy {
             .unwrap_or_default()
     }
 
+    /// Drops avoidances whose time ran out (walks every peer: call it on a timer, not per
+    /// request).
+    pub fn expire_avoidance(&mut self, now: Instant) {
+        for p in self.peers.values_mut() {
+            p.avoid.retain(|_, until| until.is_none_or(|u| u > now));
+        }
+    }
+
     /// Drops assignments whose time ran out.
     pub fn expire(&mut self, now: Instant) {
+        let grace = self.cfg.report_grace;
         for f in self.files.values_mut() {
-            for pending in f.pending.values_mut() {
-                pending.retain(|_, p| {
+            for (requester, pending) in f.pending.iter_mut() {
+                pending.retain(|b, p| {
                     let keep = p.deadline > now;
                     if !keep {
                         release(&mut self.peers, &mut self.master_load, p.source);
+                        remember(&mut f.past, *requester, *b, *p, false, grace);
                     }
                     keep
                 });
             }
+            f.pending.retain(|_, pending| !pending.is_empty());
             f.handouts.retain(|_, (_, deadline)| *deadline > now);
+            for log in f.past.values_mut() {
+                log.retain(|x| x.until > now);
+            }
+            f.past.retain(|_, log| !log.is_empty());
         }
     }
 
@@ -342,6 +415,9 @@ impl Policy {
             .unwrap_or_default();
         let mine = f.holders.get(&requester).cloned();
         let deadline = now + cfg.assignment_timeout;
+        // Merged and clamped first: the walk below visits each block of the file once at
+        // most, whatever the request repeats.
+        let need = normalize(need, f.blocks, MAX_RANGES_PER_MESSAGE);
 
         // The holders this requester may be sent to, checked once per answer rather than per
         // block: (peer, its blocks, whether it is in another region, its load). The load is
@@ -371,8 +447,8 @@ impl Policy {
         let mut budget = cfg.max_blocks_per_answer;
         let mut master_given = 0u32;
 
-        'outer: for r in need {
-            for b in BlockRange::new(r.start, r.end.min(f.blocks)).iter() {
+        'outer: for r in &need {
+            for b in r.iter() {
                 if budget == 0 || runs.len() >= MAX_ASSIGNMENTS {
                     break 'outer;
                 }
@@ -411,6 +487,7 @@ impl Policy {
                 let pending = f.pending.entry(requester).or_default();
                 if let Some(old) = pending.remove(&b) {
                     release(&mut self.peers, &mut self.master_load, old.source);
+                    remember(&mut f.past, requester, b, old, false, cfg.report_grace);
                 }
                 pending.insert(b, Pending { source, deadline });
                 match source {
@@ -466,12 +543,93 @@ impl Policy {
         })
     }
 
+    /// Whether the master sent `reporter` to `peer` for every block of `blocks` of `file`
+    /// (for any block when `blocks` is empty) and that assignment is still open, or closed
+    /// less than `report_grace` ago without `reporter` confirming the blocks. Only such a
+    /// report is about something the master did; any other is ignored. At most
+    /// [`MAX_PIECE_BLOCKS`] blocks are looked at: a longer list is not a report about one
+    /// piece, and does not match.
+    pub fn assigned(
+        &self,
+        reporter: &PeerId,
+        file: &FileId,
+        peer: &PeerId,
+        blocks: &[BlockRange],
+        now: Instant,
+    ) -> bool {
+        let Some(f) = self.files.get(file) else {
+            return false;
+        };
+        let grace = self.cfg.report_grace;
+        let pending = f.pending.get(reporter);
+        let past = f.past.get(reporter);
+        let open = |p: &Pending| p.source == Some(*peer) && p.deadline + grace > now;
+        let closed = |x: &Past| x.source == *peer && !x.confirmed && x.until > now;
+        if blocks.is_empty() {
+            return pending.is_some_and(|m| m.values().any(open))
+                || past.is_some_and(|log| log.iter().any(closed));
+        }
+        let total: u64 = blocks.iter().map(|r| u64::from(r.len())).sum();
+        if total == 0
+            || total > u64::from(MAX_PIECE_BLOCKS)
+            || blocks.iter().any(|r| r.end > f.blocks)
+        {
+            return false;
+        }
+        blocks.iter().flat_map(|r| r.iter()).all(|b| {
+            pending.and_then(|m| m.get(&b)).is_some_and(open)
+                || past.is_some_and(|log| log.iter().any(|x| closed(x) && x.range.contains(b)))
+        })
+    }
+
+    /// `peer` refused `blocks` of `file` as not held: it no longer holds them as far as the
+    /// master is concerned, so nobody is sent there for them again. Returns how many of its
+    /// claims were dropped. (It claims them again with a new `Have`.)
+    pub fn forget_claims(&mut self, file: &FileId, peer: &PeerId, blocks: &[BlockRange]) -> u32 {
+        let Some(f) = self.files.get_mut(file) else {
+            return 0;
+        };
+        let Some(held) = f.holders.get_mut(peer) else {
+            return 0;
+        };
+        let mut dropped = 0;
+        for r in blocks {
+            for b in BlockRange::new(r.start, r.end.min(f.blocks)).iter() {
+                if held.remove(b) {
+                    dropped += 1;
+                }
+            }
+        }
+        if held.count() == 0 {
+            f.holders.remove(peer);
+        }
+        dropped
+    }
+
+    /// Whether `peer` claims every block of `blocks` of `file`.
+    pub fn claims(&self, file: &FileId, peer: &PeerId, blocks: BlockRange) -> bool {
+        self.files
+            .get(file)
+            .and_then(|f| f.holders.get(peer))
+            .is_some_and(|h| !blocks.is_empty() && h.contains_range(blocks))
+    }
+
     /// The addresses the master knows for `peer`.
     pub fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
         self.peers
             .get(peer)
             .map(|p| p.addrs.clone())
             .unwrap_or_default()
+    }
+
+    /// Peers the table keeps state for (connected ones only: a peer that leaves is dropped).
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// How many peers `reporter` avoids now.
+    pub fn avoid_count(&self, reporter: &PeerId) -> usize {
+        self.peers.get(reporter).map_or(0, |p| p.avoid.len())
     }
 
     /// Current load of `peer` as a source, in blocks.
@@ -499,13 +657,16 @@ impl Policy {
         mirrors.sort_by_key(|m| (std::cmp::Reverse(m.blocks), m.peer));
         let mirrors_total = mirrors.len() as u32;
         mirrors.truncate(shoal_protocol::limits::MAX_STATUS_MIRRORS);
-        let master_only_blocks = (0..f.blocks)
-            .filter(|b| {
-                !f.holders
-                    .iter()
-                    .any(|(p, h)| h.contains(*b) && self.is_live(p))
-            })
-            .count() as u32;
+        // A word-level union over the live holders: bounded by holders x blocks / 64, not
+        // holders x blocks.
+        let mut covered = Blocks::new(f.blocks);
+        for (_, h) in f.holders.iter().filter(|(p, _)| self.is_live(p)) {
+            if covered.is_full() {
+                break;
+            }
+            covered.union_with(h);
+        }
+        let master_only_blocks = f.blocks - covered.count();
         let mut banned: Vec<PeerId> = self.banned.iter().copied().collect();
         banned.sort();
         let banned_total = banned.len() as u32;
@@ -525,6 +686,43 @@ impl Policy {
             banned_total,
         })
     }
+}
+
+/// Remembers that `requester`'s assignment `p` of `block` closed (`confirmed` by its `Have`,
+/// or replaced or expired), for checking late reports. Master handouts are not remembered:
+/// reports about the master are ignored anyway.
+fn remember(
+    past: &mut HashMap<PeerId, VecDeque<Past>>,
+    requester: PeerId,
+    block: u32,
+    p: Pending,
+    confirmed: bool,
+    grace: Duration,
+) {
+    let Some(source) = p.source else {
+        return;
+    };
+    let until = p.deadline + grace;
+    let log = past.entry(requester).or_default();
+    if let Some(last) = log.back_mut() {
+        if last.source == source
+            && last.confirmed == confirmed
+            && last.until == until
+            && last.range.end == block
+        {
+            last.range.end = block + 1;
+            return;
+        }
+    }
+    if log.len() >= MAX_PAST_PER_REQUESTER {
+        log.pop_front();
+    }
+    log.push_back(Past {
+        source,
+        range: BlockRange::new(block, block + 1),
+        until,
+        confirmed,
+    });
 }
 
 fn release(peers: &mut HashMap<PeerId, PeerState>, master_load: &mut u32, source: Option<PeerId>) {
@@ -807,5 +1005,241 @@ mod tests {
         assert_eq!(sizes[0], 32);
         assert!(sizes.windows(2).all(|w| w[1] <= w[0]), "{sizes:?}");
         assert!(*sizes.last().unwrap() < 16, "{sizes:?}");
+    }
+
+    #[test]
+    fn overlapping_full_ranges_cost_one_pass() {
+        let blocks = 1 << 18;
+        let mut p = setup(blocks);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![addr()]);
+        p.peer_up(b, vec![addr()]);
+        let flood = vec![BlockRange::new(0, u32::MAX); MAX_RANGES_PER_MESSAGE];
+        // Unmerged, each of these walks 4,096 x 2^18 blocks (about 10^9 steps); merged,
+        // one pass. The bound is generous: it only tells one from the other.
+        let start = std::time::Instant::now();
+        p.have(&file(), a, &flood);
+        let now = Instant::now();
+        let ans = p.locate(now, a, &file(), &flood).unwrap();
+        assert!(ans.assignments.is_empty(), "a holds everything");
+        let flooded = p.locate(now, b, &file(), &flood).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        // The same answer as for the one merged range.
+        let mut q = setup(blocks);
+        q.peer_up(a, vec![addr()]);
+        q.peer_up(b, vec![addr()]);
+        q.have(&file(), a, &all(blocks));
+        let plain = q.locate(now, b, &file(), &all(blocks)).unwrap();
+        assert_eq!(flooded.assignments, plain.assignments);
+        assert_eq!(p.status(&file()).unwrap().mirrors[0].blocks, blocks);
+    }
+
+    #[test]
+    fn a_peer_that_leaves_leaves_no_state() {
+        let mut p = setup(8);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![addr()]);
+        p.peer_up(b, vec![addr()]);
+        p.set_region(a, "eu".into());
+        p.avoid(a, b, None);
+        assert_eq!(p.peer_count(), 2);
+        p.peer_down(&a);
+        p.peer_down(&b);
+        assert_eq!(p.peer_count(), 0);
+        // Back: it starts afresh (its old avoidances do not follow it).
+        p.peer_up(a, vec![addr()]);
+        assert_eq!(p.avoid_count(&a), 0);
+    }
+
+    #[test]
+    fn avoidances_are_capped_and_expire() {
+        let mut p = setup(8);
+        let a = peer();
+        p.peer_up(a, vec![addr()]);
+        let now = Instant::now();
+        let forever = peer();
+        p.avoid(a, forever, None);
+        for i in 0..(MAX_AVOID_PER_PEER as u64 + 500) {
+            p.avoid(a, peer(), Some(now + Duration::from_secs(1 + i)));
+        }
+        assert_eq!(p.avoid_count(&a), MAX_AVOID_PER_PEER);
+        // The avoidance for good was kept; the earliest-ending timed ones went first.
+        p.expire_avoidance(now + Duration::from_secs(100_000));
+        assert_eq!(p.avoid_count(&a), 1);
+        let b = peer();
+        p.peer_up(b, vec![addr()]);
+        p.have(&file(), forever, &all(8));
+        assert!(p
+            .locate(now, a, &file(), &all(8))
+            .unwrap()
+            .assignments
+            .iter()
+            .all(|x| x.source == Source::Master));
+    }
+
+    #[test]
+    fn byte_counters_saturate() {
+        let mut p = setup(8);
+        p.count_bytes(&file(), u64::MAX, u64::MAX);
+        p.count_bytes(&file(), 1, 1);
+        let s = p.status(&file()).unwrap();
+        assert_eq!(
+            (s.bytes_from_master, s.bytes_from_peers),
+            (u64::MAX, u64::MAX)
+        );
+    }
+
+    #[test]
+    fn master_only_blocks_count_what_no_live_mirror_holds() {
+        let mut p = setup(200);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![addr()]);
+        p.peer_up(b, vec![addr()]);
+        p.have(&file(), a, &[BlockRange::new(0, 70)]);
+        p.have(
+            &file(),
+            b,
+            &[BlockRange::new(60, 130), BlockRange::new(190, 200)],
+        );
+        assert_eq!(
+            p.status(&file()).unwrap().master_only_blocks,
+            200 - 130 - 10
+        );
+        p.peer_down(&b);
+        assert_eq!(p.status(&file()).unwrap().master_only_blocks, 130);
+    }
+
+    /// `a` holds everything and is the only holder; `b` is sent to `a` for blocks 0..8.
+    fn redirected() -> (Policy, PeerId, PeerId, Instant) {
+        let mut p = setup(16);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![addr()]);
+        p.peer_up(b, vec![addr()]);
+        p.have(&file(), a, &all(16));
+        let now = Instant::now();
+        let ans = p.locate(now, b, &file(), &[BlockRange::new(0, 8)]).unwrap();
+        assert!(matches!(ans.assignments[0].source, Source::Peer { peer, .. } if peer == a));
+        assert_eq!(ans.assignments[0].range, BlockRange::new(0, 8));
+        (p, a, b, now)
+    }
+
+    #[test]
+    fn a_report_counts_only_for_an_assignment_the_master_made() {
+        let (mut p, a, b, now) = redirected();
+        let r = |x, y| vec![BlockRange::new(x, y)];
+        assert!(p.assigned(&b, &file(), &a, &r(0, 8), now));
+        assert!(p.assigned(&b, &file(), &a, &r(3, 4), now));
+        assert!(p.assigned(&b, &file(), &a, &[], now));
+        // Another reporter, another culprit, other blocks, another file: not assigned.
+        let (c, d) = (peer(), peer());
+        assert!(!p.assigned(&c, &file(), &a, &r(0, 8), now));
+        assert!(!p.assigned(&b, &file(), &d, &r(0, 8), now));
+        assert!(!p.assigned(&b, &file(), &d, &[], now));
+        assert!(!p.assigned(&b, &file(), &a, &r(7, 9), now));
+        assert!(!p.assigned(&b, &file(), &a, &r(16, 17), now));
+        assert!(!p.assigned(&b, &FileId([9; 32]), &a, &r(0, 1), now));
+        // The master's own handouts name no peer: a report against the master never matches.
+        p.peer_up(c, vec![]);
+        p.avoid(c, a, None);
+        let ans = p.locate(now, c, &file(), &r(0, 16)).unwrap();
+        assert!(ans.assignments.iter().any(|x| x.source == Source::Master));
+        assert!(!p.assigned(&c, &file(), &a, &r(8, 9), now));
+        assert!(!p.assigned(&c, &file(), &peer(), &[], now));
+    }
+
+    #[test]
+    fn a_failed_transfer_can_be_reported_within_the_grace_after_its_window() {
+        let (mut p, a, b, now) = redirected();
+        let cfg = PolicyConfig::default();
+        let window_end = now + cfg.assignment_timeout;
+        let blocks = [BlockRange::new(2, 3)];
+        // The node asks again at once and is sent elsewhere (it avoids `a` now): the old
+        // assignment still counts for a report that arrives after that answer.
+        p.avoid(b, a, None);
+        let ans = p.locate(now, b, &file(), &all(16)).unwrap();
+        assert!(ans.assignments.iter().all(|x| x.source == Source::Master));
+        assert!(p.assigned(&b, &file(), &a, &blocks, now + Duration::from_secs(1)));
+        // It expired (no Have ever came): still within the grace...
+        let late = window_end + cfg.report_grace / 2;
+        p.expire(late);
+        assert!(p.assigned(&b, &file(), &a, &blocks, late));
+        // ...and not after it.
+        let too_late = window_end + cfg.report_grace + Duration::from_millis(1);
+        p.expire(too_late);
+        assert!(!p.assigned(&b, &file(), &a, &blocks, too_late));
+        assert!(!p.assigned(&b, &file(), &a, &[], too_late));
+    }
+
+    #[test]
+    fn blocks_confirmed_from_that_source_cannot_be_reported() {
+        let (mut p, a, b, now) = redirected();
+        p.have(&file(), b, &[BlockRange::new(0, 4)]);
+        assert!(!p.assigned(&b, &file(), &a, &[BlockRange::new(0, 1)], now));
+        assert!(!p.assigned(&b, &file(), &a, &[BlockRange::new(3, 5)], now));
+        assert!(p.assigned(&b, &file(), &a, &[BlockRange::new(4, 8)], now));
+    }
+
+    #[test]
+    fn a_source_that_disconnects_takes_its_assignments_with_it() {
+        let (mut p, a, b, now) = redirected();
+        assert_eq!(p.load(&a), 8);
+        p.peer_down(&a);
+        assert_eq!(p.load(&a), 0);
+        // Back with its key: what its downloaders saw of its death is not about this session.
+        p.peer_up(a, vec![addr()]);
+        assert!(!p.assigned(&b, &file(), &a, &[BlockRange::new(0, 8)], now));
+        assert!(!p.assigned(&b, &file(), &a, &[], now));
+    }
+
+    #[test]
+    fn a_not_held_refusal_drops_the_claims_at_once() {
+        let (mut p, a, b, now) = redirected();
+        assert!(p.claims(&file(), &a, BlockRange::new(0, 8)));
+        assert_eq!(p.forget_claims(&file(), &a, &[BlockRange::new(0, 8)]), 8);
+        assert!(!p.claims(&file(), &a, BlockRange::new(0, 1)));
+        assert!(p.claims(&file(), &a, BlockRange::new(8, 16)));
+        // Nobody is sent there for those blocks again; still for the others.
+        let c = peer();
+        p.peer_up(c, vec![addr()]);
+        let ans = p.locate(now, c, &file(), &all(16)).unwrap();
+        for x in &ans.assignments {
+            match &x.source {
+                Source::Peer { peer, .. } => {
+                    assert_eq!(*peer, a);
+                    assert!(x.range.start >= 8, "{x:?}");
+                }
+                Source::Master => assert!(x.range.end <= 8, "{x:?}"),
+            }
+        }
+        // The assignment it refused can still be reported (that is how the refusal counts).
+        assert!(p.assigned(&b, &file(), &a, &[BlockRange::new(0, 8)], now));
+        // A peer that claimed nothing else leaves the mirror list.
+        assert_eq!(p.forget_claims(&file(), &a, &all(16)), 8);
+        assert!(p.mirrors(&file()).is_empty());
+    }
+
+    #[test]
+    fn closed_assignments_are_remembered_in_bounded_space() {
+        let mut p = setup(1024);
+        let (a, b) = (peer(), peer());
+        p.peer_up(a, vec![addr()]);
+        p.peer_up(b, vec![addr()]);
+        p.have(&file(), a, &all(1024));
+        let t0 = Instant::now();
+        // Each block assigned twice (the second retracts the first), at distinct moments so
+        // that no two closed assignments merge: 1,024 closed assignments.
+        for blk in 0..1024u32 {
+            let at = t0 + Duration::from_millis(u64::from(blk));
+            for _ in 0..2 {
+                p.locate(at, b, &file(), &[BlockRange::new(blk, blk + 1)])
+                    .unwrap();
+            }
+        }
+        let len = p.files[&file()].past.get(&b).map_or(0, |l| l.len());
+        assert_eq!(len, MAX_PAST_PER_REQUESTER);
     }
 }

@@ -7,15 +7,24 @@
 //! - `files/<id>.complete`: present once every block of `.data` was verified;
 //! - `bootstrap.addr`: the dialable addresses, one a line, rewritten as listeners come up.
 //!
-//! Every write is to a temporary file then renamed, so a crash leaves the old or the new
-//! version, never half of one.
+//! Every write is to a temporary file then renamed (and the directory synced), so a crash
+//! leaves the old or the new version, never half of one. The manifest is written last: a
+//! manifest on disk is the commit point of a file, so a rescan that sees it also sees the
+//! `.complete` marker of a file added with `shoal-master add`.
+//!
+//! Nothing here runs on the master's event loop: the shell calls it from the blocking pool
+//! (rescans, resume checks) or through the [`DiskWriter`] task.
 
 use std::{
+    collections::{BTreeMap, HashSet},
     fs, io,
+    io::Read,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
+
+use sha2::{Digest, Sha256};
 
 use libp2p::identity::Keypair;
 use shoal_protocol::{
@@ -56,41 +65,125 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+/// Writes `bytes` to `path` atomically and durably (temporary file, fsync, rename, fsync of
+/// the directory), as [`shoal_net::keyfile::write_atomic`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
-    let tmp = path.with_extension("tmp");
-    let write = || -> io::Result<()> {
-        let f = fs::File::create(&tmp)?;
-        f.write_all_at(bytes, 0)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().map_err(io_err(path))
+    shoal_net::keyfile::write_atomic(path, bytes).map_err(io_err(path))
 }
 
-/// Loads the keypair at `path`, creating one if there is none.
-pub fn load_or_create_key(path: &Path) -> Result<Keypair, RegistryError> {
-    match fs::read(path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| RegistryError::Damaged {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let key = Keypair::generate_ed25519();
-            let bytes = key
-                .to_protobuf_encoding()
-                .map_err(|e| RegistryError::Damaged {
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })?;
-            if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir).map_err(io_err(dir))?;
-            }
-            write_atomic(path, &bytes)?;
-            Ok(key)
+/// Bytes available to this process on the file system holding `path`.
+pub fn available_space(path: &Path) -> Result<u64, RegistryError> {
+    let st = rustix::fs::statvfs(path).map_err(|e| io_err(path)(e.into()))?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Which blocks of the data file at `path` hold what `manifest` says, each checked against
+/// its digest (a partial pull is resumed from these). A missing file holds none.
+pub fn verified_blocks(manifest: &VerifiedManifest, path: &Path) -> Blocks {
+    let mut have = Blocks::new(manifest.blocks());
+    let Ok(f) = fs::File::open(path) else {
+        return have;
+    };
+    let geometry = manifest.geometry();
+    let mut buf = vec![0u8; manifest.body().block_size as usize];
+    for block in 0..manifest.blocks() {
+        let data = &mut buf[..geometry.block_len(block)];
+        if f.read_exact_at(data, geometry.offset(block)).is_ok()
+            && manifest.check_block(block, data)
+        {
+            have.insert(block);
         }
-        Err(e) => Err(io_err(path)(e)),
     }
+    have
+}
+
+/// Whether the file at `path` hashes to the manifest's whole-file SHA-256.
+pub fn whole_file_matches(manifest: &VerifiedManifest, path: &Path) -> Result<bool, RegistryError> {
+    let mut f = fs::File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok(total == manifest.body().size
+        && <[u8; 32]>::from(hasher.finalize()) == manifest.body().file_sha256)
+}
+
+/// Whole-file writes of small state files (ban list, `bootstrap.addr`) off the event loop:
+/// [`DiskWriter::write`] never blocks; a background task writes the latest bytes of each
+/// path, atomically, on the blocking pool. Writes to one path are coalesced, so the queue is
+/// bounded by the number of distinct paths.
+#[derive(Clone)]
+pub struct DiskWriter {
+    pending: Arc<Mutex<BTreeMap<PathBuf, Vec<u8>>>>,
+    wake: Arc<tokio::sync::Notify>,
+    /// Held while a batch is written: batches reach the disk one after the other, in order.
+    flushing: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl DiskWriter {
+    /// Starts the writer task (on the current tokio runtime).
+    pub fn spawn() -> Self {
+        let w = Self {
+            pending: Arc::default(),
+            wake: Arc::default(),
+            flushing: Arc::default(),
+        };
+        let task = w.clone();
+        tokio::spawn(async move {
+            loop {
+                task.wake.notified().await;
+                task.flush().await;
+            }
+        });
+        w
+    }
+
+    /// Writes `bytes` to `path` soon (replacing any write to it not yet done).
+    pub fn write(&self, path: PathBuf, bytes: Vec<u8>) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(path, bytes);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Writes everything pending now; returns once it is on disk.
+    pub async fn flush(&self) {
+        let _turn = self.flushing.lock().await;
+        let batch = match self.pending.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => return,
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let done = tokio::task::spawn_blocking(move || {
+            for (path, bytes) in batch {
+                if let Err(e) = write_atomic(&path, &bytes) {
+                    tracing::error!(error = %e, "cannot write a state file");
+                }
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::error!(error = %e, "state file writer failed");
+        }
+    }
+}
+
+/// Loads the keypair at `path`, creating one (mode 0600, written durably) if there is none;
+/// a key readable by others is made 0600 ([`shoal_net::keyfile::load_or_create_key`]).
+pub fn load_or_create_key(path: &Path) -> Result<Keypair, RegistryError> {
+    shoal_net::keyfile::load_or_create_key(path).map_err(|e| RegistryError::Damaged {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// Hashes the file at `path` into a manifest body and digest list, streaming it.
@@ -189,6 +282,45 @@ impl Registry {
         Ok(out)
     }
 
+    /// Stored files whose names are not in `known`, at most `max` of them (the rest are
+    /// found by the next scan). Only the names of known files are looked at: nothing is
+    /// re-read or re-verified. Run it off the event loop: it reads and verifies manifests.
+    pub fn scan_new(&self, known: &HashSet<FileId>, max: usize) -> Vec<StoredFile> {
+        let dir = self.dir.join("manifests");
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot list manifests");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            if out.len() >= max {
+                break;
+            }
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("manifest") {
+                continue;
+            }
+            let named: Option<FileId> = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse().ok());
+            if named.is_some_and(|id| known.contains(&id)) {
+                continue;
+            }
+            match self.load_one(&path) {
+                Ok(f) if named == Some(f.manifest.id()) => out.push(f),
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), "manifest under a wrong name; skipped")
+                }
+                Err(e) => tracing::warn!(error = %e, "skipping stored manifest"),
+            }
+        }
+        out
+    }
+
     fn load_one(&self, path: &Path) -> Result<StoredFile, RegistryError> {
         let bytes = fs::read(path).map_err(io_err(path))?;
         let damaged = |reason: String| RegistryError::Damaged {
@@ -230,18 +362,21 @@ impl Registry {
             .and_then(|f| f.sync_all())
             .and_then(|_| fs::rename(&tmp, &dst))
             .map_err(io_err(&dst))?;
-        self.save_manifest(&m)?;
+        // Marker first, manifest last: a running master's rescan that finds the manifest
+        // finds the file complete.
         self.mark_complete(&m.id())?;
+        self.save_manifest(&m)?;
         Ok(m)
     }
 
-    /// The blocks of a stored file present on disk: all of them when complete, none
-    /// otherwise (an incomplete pull restarts).
+    /// The blocks of a stored file present on disk: all of them when complete; otherwise
+    /// those that pass their digest (a pull resumes with the rest). Reads the file: run it
+    /// off the event loop.
     pub fn held_blocks(f: &StoredFile) -> Blocks {
         if f.complete {
             Blocks::full(f.manifest.blocks())
         } else {
-            Blocks::new(f.manifest.blocks())
+            verified_blocks(&f.manifest, &f.path)
         }
     }
 }
@@ -265,6 +400,52 @@ mod tests {
         assert_eq!(all[0].manifest.id(), m.id());
         assert!(all[0].complete);
         assert_eq!(fs::read(&all[0].path).unwrap(), vec![5u8; 200_000]);
+    }
+
+    #[test]
+    fn the_key_is_private_and_a_rescan_sees_only_new_complete_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("data")).unwrap();
+        let key = reg.key().unwrap();
+        let mode = fs::metadata(dir.path().join("data/identity.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let src = dir.path().join("src.bin");
+        fs::write(&src, vec![7u8; 100_000]).unwrap();
+        let m = reg.add_local(&src, &key).unwrap();
+        // The manifest is the commit point: whoever sees it sees the file complete.
+        let found = reg.scan_new(&HashSet::new(), 10);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].complete);
+        // Known names are skipped without being read (even if damaged since).
+        fs::write(reg.manifest_path(&m.id()), b"garbage").unwrap();
+        assert!(reg.scan_new(&HashSet::from([m.id()]), 10).is_empty());
+    }
+
+    #[test]
+    fn a_partial_data_file_keeps_its_good_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("data")).unwrap();
+        let key = reg.key().unwrap();
+        let src = dir.path().join("src.bin");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        fs::write(&src, &data).unwrap();
+        let m = reg.add_local(&src, &key).unwrap();
+        let path = reg.data_path(&m.id());
+        assert!(whole_file_matches(&m, &path).unwrap());
+        // Damage block 1 and cut the file inside the last block.
+        let bs = m.body().block_size as u64;
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xff], bs + 3).unwrap();
+        f.set_len(m.body().size - 1).unwrap();
+        let have = verified_blocks(&m, &path);
+        assert!(have.contains(0) && !have.contains(1));
+        assert!(!have.contains(m.blocks() - 1));
+        assert_eq!(have.count(), m.blocks() - 2);
+        assert!(!whole_file_matches(&m, &path).unwrap());
     }
 
     #[test]

@@ -1,116 +1,197 @@
-//! Piece serving: inbound `/shoal/piece/1` streams answered from the master's files, within
-//! upload slots and an optional rate limit.
+//! Piece serving: the master's files as a [`PieceSource`] for the shared piece server
+//! ([`shoal_net::serve`], the same one nodes run: upload slots, `Busy` when full, request
+//! deadline, `BadRange`, an overall deadline with a minimum rate, disk reads on the blocking
+//! pool). This module only says what the master holds and whom it refuses.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    fs,
+    os::unix::fs::FileExt,
     path::PathBuf,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    sync::{Arc, Mutex, OnceLock},
 };
 
-use futures::AsyncWriteExt;
 use libp2p::PeerId;
+use shoal_net::serve::{BlockReader, PieceSource, Serve};
 use shoal_protocol::{
     block::Blocks,
-    limits::MAX_PIECE_FRAME,
-    piece::{read_frame, refuse, send_blocks},
-    rate::RateLimiter,
     wire::{PieceRequest, RefuseReason},
     FileId, VerifiedManifest,
 };
+use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::service::{EventLoop, Internal};
+use crate::service::Internal;
 
-/// Files the master can serve, shared with the piece tasks.
+/// Files the master can serve and the peers it refuses, shared by the event loop (which
+/// writes) and the piece server (which reads).
 #[derive(Default)]
 pub(crate) struct Shelf {
     pub(crate) files: HashMap<FileId, ShelfEntry>,
+    pub(crate) banned: HashSet<PeerId>,
 }
 
 pub(crate) struct ShelfEntry {
     pub(crate) manifest: Arc<VerifiedManifest>,
     pub(crate) path: PathBuf,
     pub(crate) have: Blocks,
+    /// The data file, opened on the first read (on a blocking thread) and kept.
+    pub(crate) file: Arc<OnceLock<fs::File>>,
 }
 
-impl EventLoop {
-    pub(crate) async fn on_piece_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
-        if self.policy.is_banned(&peer) {
-            return;
+impl ShelfEntry {
+    pub(crate) fn new(manifest: Arc<VerifiedManifest>, path: PathBuf, have: Blocks) -> Self {
+        Self {
+            manifest,
+            path,
+            have,
+            file: Arc::default(),
         }
-        // All upload slots busy: drop the stream (the node asks again and is sent elsewhere)
-        // rather than wait here, which would stall the whole event loop.
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "upload slots full; piece stream dropped");
-            return;
-        };
-        let shelf = self.shelf.clone();
-        let limiter = self.limiter.clone();
-        let metrics = self.metrics.clone();
-        let internal = self.internal_tx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match serve_piece(stream, &shelf, limiter, &metrics).await {
-                Ok(Some((file, bytes))) => {
-                    let _ = internal.try_send(Internal::Served { file, bytes });
-                }
-                Ok(None) => {}
-                Err(e) => tracing::debug!(%peer, error = %e, "piece stream ended"),
-            }
-        });
     }
 }
 
-/// Serves one piece stream from the master's files.
-async fn serve_piece(
-    mut stream: libp2p::Stream,
-    shelf: &Mutex<Shelf>,
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
-    metrics: &Metrics,
-) -> std::io::Result<Option<(FileId, u64)>> {
-    let req: PieceRequest = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_frame(&mut stream, MAX_PIECE_FRAME),
-    )
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
-    let found = {
-        let shelf = shelf.lock().expect("shelf lock");
-        match shelf.files.get(&req.file) {
-            None => Err(RefuseReason::UnknownFile),
-            Some(e) if !e.have.contains_range(req.range) || req.range.is_empty() => {
-                Err(RefuseReason::NotHeld)
-            }
-            Some(e) => Ok((e.manifest.geometry(), e.path.clone())),
+/// The master's side of the piece server.
+pub(crate) struct MasterSource {
+    pub(crate) shelf: Arc<Mutex<Shelf>>,
+    pub(crate) metrics: Metrics,
+    pub(crate) internal: mpsc::Sender<Internal>,
+}
+
+impl PieceSource for MasterSource {
+    fn open(&self, peer: &PeerId, req: &PieceRequest) -> Result<Serve, RefuseReason> {
+        let shelf = self.shelf.lock().map_err(|_| RefuseReason::Busy)?;
+        if shelf.banned.contains(peer) {
+            return Err(RefuseReason::Banned);
         }
-    };
-    let (geometry, path) = match found {
-        Ok(x) => x,
-        Err(reason) => {
-            refuse(&mut stream, reason).await?;
-            return Ok(None);
+        let e = shelf
+            .files
+            .get(&req.file)
+            .ok_or(RefuseReason::UnknownFile)?;
+        let geometry = e.manifest.geometry();
+        if req.range.is_empty() || req.range.end > geometry.blocks() {
+            return Err(RefuseReason::BadRange);
         }
-    };
-    let file = std::fs::File::open(&path)?;
-    let sent = send_blocks(
-        &mut stream,
-        geometry,
-        req.range,
-        |block, buf| std::os::unix::fs::FileExt::read_exact_at(&file, buf, geometry.offset(block)),
-        |n| {
-            metrics.piece_bytes_sent.inc_by(n as u64);
-            let wait = limiter
-                .as_ref()
-                .map(|l| l.lock().expect("limiter lock").reserve(Instant::now(), n));
-            async move {
-                if let Some(w) = wait.filter(|w| !w.is_zero()) {
-                    tokio::time::sleep(w).await;
-                }
+        if !e.have.contains_range(req.range) {
+            return Err(RefuseReason::NotHeld);
+        }
+        Ok(Serve {
+            geometry,
+            range: req.range,
+            blocks: Arc::new(DataFile {
+                path: e.path.clone(),
+                file: e.file.clone(),
+                geometry,
+            }),
+            stall: false,
+        })
+    }
+
+    fn served(&self, _peer: &PeerId, file: &FileId, bytes: u64) {
+        self.metrics.piece_bytes_sent.inc_by(bytes);
+        // Statistics only: dropped when the loop is behind.
+        let _ = self
+            .internal
+            .try_send(Internal::Served { file: *file, bytes });
+    }
+}
+
+/// Reads blocks of one of the master's data files (on the server's blocking threads).
+struct DataFile {
+    path: PathBuf,
+    file: Arc<OnceLock<fs::File>>,
+    geometry: shoal_protocol::block::Geometry,
+}
+
+impl BlockReader for DataFile {
+    fn read_block(&self, block: u32, buf: &mut [u8]) -> std::io::Result<()> {
+        let f = match self.file.get() {
+            Some(f) => f,
+            None => {
+                let opened = fs::File::open(&self.path)?;
+                self.file.get_or_init(|| opened)
             }
-        },
-    )
-    .await?;
-    stream.close().await?;
-    Ok(Some((req.file, sent)))
+        };
+        f.read_exact_at(buf, self.geometry.offset(block))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_protocol::block::BlockRange;
+
+    fn source_with(
+        have: Blocks,
+        banned: Option<PeerId>,
+    ) -> (MasterSource, FileId, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("f");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(&src, &data).unwrap();
+        let reg = crate::registry::Registry::open(&dir.path().join("data")).unwrap();
+        let key = reg.key().unwrap();
+        let m = Arc::new(reg.add_local(&src, &key).unwrap());
+        let id = m.id();
+        let mut shelf = Shelf::default();
+        shelf
+            .files
+            .insert(id, ShelfEntry::new(m, reg.data_path(&id), have));
+        shelf.banned.extend(banned);
+        let (tx, _rx) = mpsc::channel(1);
+        (
+            MasterSource {
+                shelf: Arc::new(Mutex::new(shelf)),
+                metrics: Metrics::new(),
+                internal: tx,
+            },
+            id,
+            dir,
+        )
+    }
+
+    fn req(file: FileId, start: u32, end: u32) -> PieceRequest {
+        PieceRequest {
+            file,
+            range: BlockRange::new(start, end),
+        }
+    }
+
+    #[test]
+    fn refusals_name_what_is_wrong() {
+        let p = PeerId::random();
+        let banned = PeerId::random();
+        let (s, id, _d) = source_with(Blocks::new(0), Some(banned));
+        let blocks = s.shelf.lock().unwrap().files[&id].manifest.blocks();
+        assert!(blocks > 2);
+        let mut half = Blocks::new(blocks);
+        half.insert(0);
+        s.shelf.lock().unwrap().files.get_mut(&id).unwrap().have = half;
+        assert!(matches!(
+            s.open(&banned, &req(id, 0, 1)),
+            Err(RefuseReason::Banned)
+        ));
+        assert!(matches!(
+            s.open(&p, &req(FileId([9; 32]), 0, 1)),
+            Err(RefuseReason::UnknownFile)
+        ));
+        assert!(matches!(
+            s.open(&p, &req(id, 0, blocks + 1)),
+            Err(RefuseReason::BadRange)
+        ));
+        assert!(matches!(
+            s.open(&p, &req(id, 1, 1)),
+            Err(RefuseReason::BadRange)
+        ));
+        assert!(matches!(
+            s.open(&p, &req(id, 0, 2)),
+            Err(RefuseReason::NotHeld)
+        ));
+        let ok = s
+            .open(&p, &req(id, 0, 1))
+            .map_err(|e| format!("{e:?}"))
+            .unwrap();
+        let mut buf = vec![0u8; ok.geometry.block_len(0)];
+        ok.blocks.read_block(0, &mut buf).unwrap();
+        assert_eq!(buf[..5], [0, 1, 2, 3, 4]);
+    }
 }

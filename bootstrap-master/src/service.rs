@@ -1,11 +1,15 @@
 //! The master's event loop: owns the swarm and routes each event to the module whose concern
 //! it is (announce, pull, serve, report, enforce, registry).
 //!
-//! The loop is the only owner of the [`Swarm`] and the [`Policy`]. Piece streams (serving and
-//! pulling) run as tasks, bounded by a semaphore, and report back over a bounded channel.
+//! The loop is the only owner of the [`Swarm`] and the [`Policy`]. It never awaits the disk
+//! or a peer: piece serving is the shared server's ([`shoal_net::serve`]) task, pulls,
+//! manifest writes and rescans run as tasks (their disk work on the blocking pool) and report
+//! back over a bounded channel, and small state files go through the [`DiskWriter`]. The
+//! loop and the piece server are critical tasks: a panic in either ends the master
+//! ([`Master::wait`] returns it, the binary exits non-zero).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -14,28 +18,36 @@ use std::{
 
 use futures::StreamExt;
 use libp2p::{
-    gossipsub, identify, multiaddr::Protocol, noise, request_response, swarm::SwarmEvent, tcp,
-    yamux, Multiaddr, PeerId, Swarm,
+    gossipsub, identify, multiaddr::Protocol, request_response, swarm::SwarmEvent, Multiaddr,
+    PeerId, Swarm,
+};
+use shoal_net::{
+    serve::{PieceServer, ServeConfig},
+    swarm::{build_swarm, SwarmOptions},
+    task::{spawn_critical, CriticalTask},
 };
 use shoal_protocol::{
     behaviour::{Behaviour, BehaviourEvent, Role},
     block::{BlockRange, Blocks},
-    limits::{MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
-    rate::RateLimiter,
+    limits::MAX_REGION_LEN,
     wire::{
         encode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
         MasterResponse, Source,
     },
     FileId, VerifiedManifest,
 };
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::bans::{BanBook, BanConfig, ProbeOutcome, Verdict};
+use crate::announce::{PublishGate, Storing};
+use crate::bans::{BanBook, BanConfig, ProbeOutcome};
 use crate::config::{MasterConfig, MasterError};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::registry::Registry;
-use crate::serve::{Shelf, ShelfEntry};
+use crate::probe::ProbeQueue;
+use crate::pull::PullTask;
+use crate::registry::{DiskWriter, Registry, StoredFile};
+use crate::report::ProbeJob;
+use crate::serve::{MasterSource, Shelf, ShelfEntry};
 
 pub(crate) enum Command {
     Status(
@@ -56,8 +68,11 @@ pub(crate) enum Internal {
     },
     PullFinished {
         file: FileId,
+        publisher: PeerId,
         result: Result<(), String>,
     },
+    Stored(Box<Storing>, Result<(), String>),
+    Rescanned(Vec<(StoredFile, Blocks)>),
     Probed {
         suspect: PeerId,
         outcome: ProbeOutcome,
@@ -71,7 +86,16 @@ pub struct Master {
     metrics: Metrics,
     metrics_addr: Option<SocketAddr>,
     commands: mpsc::Sender<Command>,
-    task: tokio::task::JoinHandle<()>,
+    /// The event loop, until it was waited for.
+    event_loop: Option<CriticalTask>,
+    server: CriticalTask,
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        // The server holds no swarm: stop it with the master.
+        self.server.abort_handle().abort();
+    }
 }
 
 impl Master {
@@ -81,22 +105,11 @@ impl Master {
         let key = registry.key()?;
         let peer_id = key.public().to_peer_id();
         let net = |e: &dyn std::fmt::Display| MasterError::Network(e.to_string());
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| net(&e))?
-            .with_quic()
-            .with_behaviour(|k| {
-                Behaviour::new(k, Role::Master, &cfg.connection_caps)
-                    .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
-            })
-            .map_err(|e| net(&e))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-            .build();
+        let mut swarm = build_swarm(
+            key.clone(),
+            &SwarmOptions::for_role(Role::Master).with_caps(cfg.connection_caps.clone()),
+        )
+        .map_err(|e| net(&e))?;
         let _ = swarm
             .behaviour_mut()
             .gossipsub
@@ -158,10 +171,12 @@ impl Master {
             })
         });
         let addr_file: String = addrs.iter().map(|a| format!("{a}\n")).collect();
-        crate::registry::write_atomic(
-            &registry.dir().join("bootstrap.addr"),
-            addr_file.as_bytes(),
-        )?;
+        let path = registry.dir().join("bootstrap.addr");
+        tokio::task::spawn_blocking(move || {
+            crate::registry::write_atomic(&path, addr_file.as_bytes())
+        })
+        .await
+        .map_err(|e| MasterError::Network(e.to_string()))??;
 
         let metrics = Metrics::new();
         let metrics_addr = match cfg.metrics_addr {
@@ -175,33 +190,59 @@ impl Master {
         };
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (int_tx, int_rx) = mpsc::channel(1024);
+        let shelf = Arc::new(Mutex::new(Shelf::default()));
+        let incoming = swarm
+            .behaviour_mut()
+            .pieces
+            .take_incoming()
+            .ok_or_else(|| net(&"the piece stream queue was taken"))?;
+        let server = PieceServer::new(
+            Arc::new(MasterSource {
+                shelf: shelf.clone(),
+                metrics: metrics.clone(),
+                internal: int_tx.clone(),
+            }),
+            ServeConfig::default()
+                .with_upload_slots(cfg.upload_slots)
+                .with_max_upload_rate(cfg.max_upload_rate),
+        );
         let mut lp = EventLoop {
             policy: Policy::new(cfg.policy.clone()),
-            shelf: Arc::new(Mutex::new(Shelf::default())),
-            limiter: cfg
-                .max_upload_rate
-                .map(|r| Arc::new(Mutex::new(RateLimiter::new(r)))),
-            slots: Arc::new(Semaphore::new(cfg.upload_slots.max(1))),
+            shelf,
             registry,
             key,
             metrics: metrics.clone(),
             internal_tx: int_tx,
+            gate: PublishGate::new(cfg.publishing.clone(), peer_id),
+            storing: HashSet::new(),
             pulling: HashMap::new(),
+            awaiting: HashMap::new(),
+            rescanning: false,
+            writer: DiskWriter::spawn(),
             bans: BanBook::new(BanConfig::default()),
+            probes: ProbeQueue::default(),
             listen_addrs: addrs.clone(),
             cfg,
             swarm,
         };
         lp.load_bans();
-        lp.load_registry();
-        let task = tokio::spawn(lp.run(cmd_rx, int_rx));
+        // The first scan is awaited (off the loop, which is not running yet): a master that
+        // is up serves what its data dir holds, partial pulls re-checked block by block.
+        let reg = lp.registry.clone();
+        let stored = tokio::task::spawn_blocking(move || scan(&reg, &HashSet::new(), usize::MAX))
+            .await
+            .map_err(|e| MasterError::Network(format!("registry scan failed: {e}")))?;
+        lp.on_rescanned(stored);
+        let server = spawn_critical("master piece server", server.run(incoming));
+        let event_loop = spawn_critical("master event loop", lp.run(cmd_rx, int_rx));
         Ok(Self {
             peer_id,
             addrs,
             metrics,
             metrics_addr,
             commands: cmd_tx,
-            task,
+            event_loop: Some(event_loop),
+            server,
         })
     }
 
@@ -233,18 +274,42 @@ impl Master {
     }
 
     /// Stops the master and waits for its loop to end.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        let _ = self.task.await;
+        let _ = self.wait().await;
     }
 
-    /// Waits until the loop ends (it runs until shut down).
-    pub async fn wait(self) {
-        let _ = self.task.await;
+    /// Waits until the loop ends (it runs until shut down). An error says the event loop or
+    /// the piece server panicked: the master is not serving, and the binary exits non-zero.
+    pub async fn wait(&mut self) -> Result<(), MasterError> {
+        let Some(event_loop) = self.event_loop.take() else {
+            return Ok(());
+        };
+        let server = self.server.watch();
+        tokio::select! {
+            r = event_loop.wait() => r.map_err(|p| MasterError::Crashed(p.to_string())),
+            p = server.panicked() => Err(MasterError::Crashed(p.to_string())),
+        }
     }
+}
+
+/// Most new files one rescan registers (the rest wait for the next one).
+const RESCAN_BATCH: usize = 64;
+
+/// Stored files not in `known` (up to `max`), with the blocks each holds (complete files all;
+/// partial ones checked block by block). Blocking: runs on the blocking pool.
+fn scan(registry: &Registry, known: &HashSet<FileId>, max: usize) -> Vec<(StoredFile, Blocks)> {
+    registry
+        .scan_new(known, max)
+        .into_iter()
+        .map(|f| {
+            let have = Registry::held_blocks(&f);
+            (f, have)
+        })
+        .collect()
 }
 
 pub(crate) struct EventLoop {
@@ -252,14 +317,26 @@ pub(crate) struct EventLoop {
     pub(crate) swarm: Swarm<Behaviour>,
     pub(crate) policy: Policy,
     pub(crate) shelf: Arc<Mutex<Shelf>>,
-    pub(crate) limiter: Option<Arc<Mutex<RateLimiter>>>,
-    pub(crate) slots: Arc<Semaphore>,
     pub(crate) registry: Registry,
     pub(crate) key: libp2p::identity::Keypair,
     pub(crate) metrics: Metrics,
     pub(crate) internal_tx: mpsc::Sender<Internal>,
-    pub(crate) pulling: HashMap<FileId, PeerId>,
+    /// Who may publish; what each publisher holds and pulls.
+    pub(crate) gate: PublishGate,
+    /// Announces whose manifest is being written.
+    pub(crate) storing: HashSet<FileId>,
+    /// Pulls running.
+    pub(crate) pulling: HashMap<FileId, PullTask>,
+    /// Incomplete files whose pull stopped, by publisher: resumed when it reconnects or
+    /// announces again.
+    pub(crate) awaiting: HashMap<FileId, PeerId>,
+    /// Whether a rescan of the data dir is running (at most one at a time).
+    pub(crate) rescanning: bool,
+    /// Small state files, written off the loop.
+    pub(crate) writer: DiskWriter,
     pub(crate) bans: BanBook,
+    /// Probes running and waiting (bounded).
+    pub(crate) probes: ProbeQueue<ProbeJob>,
     /// Every address the master listens on (a `0.0.0.0` listener reports one per interface,
     /// over time); `bootstrap.addr` is rewritten as they come and go.
     pub(crate) listen_addrs: Vec<Multiaddr>,
@@ -268,29 +345,43 @@ pub(crate) struct EventLoop {
 impl EventLoop {
     fn write_bootstrap_addrs(&self) {
         let text: String = self.listen_addrs.iter().map(|a| format!("{a}\n")).collect();
-        if let Err(e) = crate::registry::write_atomic(
-            &self.registry.dir().join("bootstrap.addr"),
-            text.as_bytes(),
-        ) {
-            tracing::error!(error = %e, "cannot write bootstrap.addr");
-        }
+        self.writer.write(
+            self.registry.dir().join("bootstrap.addr"),
+            text.into_bytes(),
+        );
     }
 
-    fn load_registry(&mut self) {
-        let stored = match self.registry.load_all() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the registry");
-                return;
-            }
-        };
-        for f in stored {
+    /// Looks for files added with `shoal-master add` (new names only), off the loop.
+    fn rescan(&mut self) {
+        if self.rescanning {
+            return;
+        }
+        self.rescanning = true;
+        let known = self.known_files();
+        let reg = self.registry.clone();
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let found = tokio::task::spawn_blocking(move || scan(&reg, &known, RESCAN_BATCH))
+                .await
+                .unwrap_or_default();
+            let _ = internal.send(Internal::Rescanned(found)).await;
+        });
+    }
+
+    /// Registers what a scan found (skipping what became known meanwhile).
+    fn on_rescanned(&mut self, found: Vec<(StoredFile, Blocks)>) {
+        self.rescanning = false;
+        for (f, have) in found {
             let id = f.manifest.id();
-            if self.policy.has_file(&id) {
+            if self.policy.has_file(&id) || self.storing.contains(&id) {
                 continue;
             }
-            let have = Registry::held_blocks(&f);
-            tracing::info!(file = %id, name = %f.manifest.body().name, complete = f.complete, "registered file");
+            let publisher = f.manifest.publisher();
+            tracing::info!(file = %id, name = %f.manifest.body().name, complete = f.complete, held = have.count(), "registered file");
+            self.gate.add_file(publisher, f.manifest.body().size);
+            if !have.is_full() {
+                self.awaiting.insert(id, publisher);
+            }
             self.register(f.manifest, f.path, have);
         }
     }
@@ -305,14 +396,11 @@ impl EventLoop {
         let body = manifest.body();
         self.policy
             .add_file(id, body.name.clone(), body.size, have.clone());
-        self.shelf.lock().expect("shelf lock").files.insert(
-            id,
-            ShelfEntry {
-                manifest,
-                path,
-                have,
-            },
-        );
+        self.shelf
+            .lock()
+            .expect("shelf lock")
+            .files
+            .insert(id, ShelfEntry::new(manifest, path, have));
         self.metrics.files.set(self.policy_file_count());
     }
 
@@ -325,24 +413,28 @@ impl EventLoop {
         mut commands: mpsc::Receiver<Command>,
         mut internal: mpsc::Receiver<Internal>,
     ) {
-        let Some(mut incoming) = self.swarm.behaviour_mut().pieces.take_incoming() else {
-            tracing::error!("cannot accept piece streams: the queue was taken");
-            return;
-        };
         let mut rescan = tokio::time::interval(self.cfg.rescan_interval);
         let mut expire = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                Some((peer, stream)) = incoming.next() => self.on_piece_stream(peer, stream).await,
                 Some(msg) = internal.recv() => self.on_internal(msg),
                 cmd = commands.recv() => match cmd {
                     Some(Command::Status(file, tx)) => { let _ = tx.send(self.policy.status(&file)); }
-                    Some(Command::Shutdown(tx)) => { let _ = tx.send(()); return; }
+                    Some(Command::Shutdown(tx)) => {
+                        self.writer.flush().await;
+                        let _ = tx.send(());
+                        return;
+                    }
                     None => return,
                 },
-                _ = rescan.tick() => self.load_registry(),
-                _ = expire.tick() => self.policy.expire(Instant::now()),
+                _ = rescan.tick() => self.rescan(),
+                _ = expire.tick() => {
+                    let now = Instant::now();
+                    self.policy.expire(now);
+                    self.policy.expire_avoidance(now);
+                    self.bans.expire(now);
+                }
             }
         }
     }
@@ -369,6 +461,7 @@ impl EventLoop {
                 }
                 tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "peer connected");
                 self.policy.peer_up(peer_id, Vec::new());
+                self.resume_pulls_from(peer_id);
                 self.metrics
                     .peers
                     .set(self.swarm.connected_peers().count() as i64);
@@ -381,6 +474,7 @@ impl EventLoop {
                 self.metrics
                     .peers
                     .set(self.swarm.connected_peers().count() as i64);
+                self.bans.peer_gone(&peer_id);
                 if self.policy.peer_down(&peer_id) {
                     tracing::info!(%peer_id, "mirror gone");
                     self.publish(AuthorityEvent::MirrorRemoved { peer: peer_id });
@@ -446,24 +540,7 @@ impl EventLoop {
                         request, channel, ..
                     },
                 ..
-            })) => {
-                let response = if self.policy.is_banned(&peer) {
-                    MasterResponse::Refused {
-                        reason: "banned".into(),
-                    }
-                } else {
-                    self.on_announce(peer, request.header, request.digests)
-                };
-                if self
-                    .swarm
-                    .behaviour_mut()
-                    .publish
-                    .send_response(channel, response)
-                    .is_err()
-                {
-                    tracing::debug!(%peer, "publish response dropped: peer gone");
-                }
-            }
+            })) => self.on_announce(peer, request, channel),
             SwarmEvent::Behaviour(BehaviourEvent::Digest(request_response::Event::Message {
                 peer,
                 message:
@@ -510,7 +587,7 @@ impl EventLoop {
         }
         match request {
             MasterRequest::Locate { file, need } => {
-                let need: Vec<BlockRange> = need.into_iter().take(MAX_RANGES_PER_MESSAGE).collect();
+                // The policy merges and clamps the ranges before it walks them.
                 match self.policy.locate(Instant::now(), peer, &file, &need) {
                     Ok(answer) => {
                         for a in &answer.assignments {
@@ -535,20 +612,19 @@ impl EventLoop {
                 peer_bytes,
             } => {
                 self.policy.count_bytes(&file, 0, peer_bytes);
-                let ranges: Vec<BlockRange> =
-                    ranges.into_iter().take(MAX_RANGES_PER_MESSAGE).collect();
+                // The policy merges and clamps the ranges before it walks them.
                 self.policy.have(&file, peer, &ranges);
+                if self.awaiting.get(&file) == Some(&peer) {
+                    // The publisher of a file whose pull stopped is back with it.
+                    self.resume_pulls_from(peer);
+                }
                 MasterResponse::Ack
             }
             MasterRequest::Report {
                 file,
                 peer: culprit,
                 problem,
-            } => {
-                tracing::info!(reporter = %peer, %culprit, file = %file, ?problem, "report");
-                self.on_report(peer, file, culprit, problem);
-                MasterResponse::Ack
-            }
+            } => self.on_report(peer, file, culprit, problem),
             MasterRequest::Status { file } => match self.policy.status(&file) {
                 Some(s) => MasterResponse::Status(Box::new(s)),
                 None => MasterResponse::Refused {
@@ -557,7 +633,7 @@ impl EventLoop {
             },
             MasterRequest::Hello { region } => {
                 self.policy
-                    .set_region(peer, region.chars().take(64).collect());
+                    .set_region(peer, region.chars().take(MAX_REGION_LEN).collect());
                 MasterResponse::Ack
             }
             MasterRequest::Leave => {
@@ -586,24 +662,14 @@ impl EventLoop {
                     e.have.insert_range(range);
                 }
             }
-            Internal::Probed { suspect, outcome } => {
-                tracing::info!(%suspect, ?outcome, "probe finished");
-                if let Verdict::Ban(p) = self.bans.probe_result(suspect, outcome) {
-                    self.ban(p);
-                }
-            }
-            Internal::PullFinished { file, result } => {
-                self.pulling.remove(&file);
-                match result {
-                    Ok(()) => match self.registry.mark_complete(&file) {
-                        Ok(()) => tracing::info!(file = %file, "master holds the whole file"),
-                        Err(e) => tracing::error!(file = %file, error = %e, "cannot mark complete"),
-                    },
-                    Err(e) => {
-                        tracing::warn!(file = %file, error = %e, "pull from publisher failed; waiting for a new announce")
-                    }
-                }
-            }
+            Internal::Probed { suspect, outcome } => self.on_probed(suspect, outcome),
+            Internal::PullFinished {
+                file,
+                publisher,
+                result,
+            } => self.on_pull_finished(file, publisher, result),
+            Internal::Stored(storing, result) => self.on_stored(*storing, result),
+            Internal::Rescanned(found) => self.on_rescanned(found),
         }
     }
 }

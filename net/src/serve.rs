@@ -230,8 +230,12 @@ impl PieceServer {
     }
 
     /// The accept loop: hands every inbound stream to [`PieceServer::accept`] until the
-    /// streams end (the swarm stopped).
-    pub async fn run(self, mut incoming: libp2p_stream::IncomingStreams) {
+    /// streams end (the swarm stopped). `incoming` is the swarm's queue of inbound piece
+    /// streams (`shoal_protocol::inbound`).
+    pub async fn run<I>(self, mut incoming: I)
+    where
+        I: futures::Stream<Item = (PeerId, libp2p::Stream)> + Unpin,
+    {
         while let Some((peer, stream)) = incoming.next().await {
             self.accept(peer, stream);
         }

@@ -22,7 +22,7 @@ pub enum ChaosMode {
     Stall,
     /// Tells the master it holds every block while it has none.
     LieHave,
-    /// Reports every peer it downloads from as corrupt.
+    /// Reports every peer it downloads from as corrupt, after every transfer (good or not).
     FalseAccuse,
 }
 

@@ -3,12 +3,16 @@
 
 use std::{
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
+
+use futures::{AsyncRead, AsyncWrite};
 
 use serde::Serialize;
 use shoal_protocol::{
@@ -16,18 +20,23 @@ use shoal_protocol::{
     manifest::{choose_block_size, ManifestBuilder},
     piece::{receive_blocks, ReceiveError},
     wire::{
-        DigestRequest, DigestResponse, FileStatus, MasterRequest, MasterResponse, PublishRequest,
+        DigestRequest, DigestResponse, FileStatus, MasterRequest, MasterResponse, PieceResponse,
+        PublishRequest,
     },
     FileId, Manifest, VerifiedManifest,
 };
 use tokio::sync::mpsc;
 
 use crate::chaos::ChaosMode;
-use crate::scheduler::{Action, Failure, Scheduler, SchedulerConfig, Transfer, TransferId};
+use crate::scheduler::{
+    Action, Ending, Failure, Scheduler, SchedulerConfig, Transfer, TransferClock,
+    TransferDeadlines, TransferId,
+};
 use crate::service::{Client, NodeError};
 use crate::store::PieceStore;
 
-/// A transfer that makes no progress for this long is abandoned.
+/// A transfer that makes no progress for this long is abandoned (the default of
+/// [`TransferDeadlines::stall`]).
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Called with (bytes held, file size) as a download progresses.
@@ -161,7 +170,11 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
     // Written as OUT.part and renamed to OUT once the whole file verified: a file at OUT is
     // always complete. A resume continues the .part.
     let part = part_path(&opts.out);
-    let store = Arc::new(PieceStore::open(manifest.clone(), &part, &journal)?);
+    let store = {
+        // Reopening re-checks every journaled block: blocking work.
+        let (m, out, j) = (manifest.clone(), part.clone(), journal.clone());
+        Arc::new(blocking(move || PieceStore::open(m, &out, &j)).await??)
+    };
     client.share(store.clone());
     let geometry = manifest.geometry();
     let mut whole_file = AbortOnDrop(tokio::spawn({
@@ -215,8 +228,9 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                         opts.progress.clone(),
                         opts.live.clone(),
                     );
+                    let d = opts.scheduler.deadlines.clone();
                     tokio::spawn(async move {
-                        let end = run_transfer(&c, &m, &s, t, &h, p, l).await;
+                        let end = run_transfer(&c, &m, &s, t, &d, &h, p, l).await;
                         let _ = tx.send(Event::Ended(end)).await;
                     });
                 }
@@ -276,12 +290,14 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                 }
                 Event::Ended(end) => {
                     if end.from_master {
-                        from_master += end.bytes
+                        from_master = from_master.saturating_add(end.bytes);
                     } else {
-                        from_peers += end.bytes;
-                        unreported_peer_bytes += end.bytes;
+                        from_peers = from_peers.saturating_add(end.bytes);
+                        unreported_peer_bytes = unreported_peer_bytes.saturating_add(end.bytes);
                     }
-                    if let (Some(ChaosMode::FalseAccuse), Some(peer), None) = (client.chaos(), end.peer, &end.failure) {
+                    // A false accuser accuses every peer it was sent to, whether the transfer
+                    // worked or failed (a peer that died mid-transfer included).
+                    if let (Some(ChaosMode::FalseAccuse), Some(peer)) = (client.chaos(), end.peer) {
                         let (c, file, range) = (client.clone(), opts.file, end.range);
                         tokio::spawn(async move {
                             let problem = shoal_protocol::wire::Problem::Corrupt { blocks: vec![range] };
@@ -311,7 +327,7 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
         file: opts.file.to_string(),
         bytes_from_master: from_master,
         bytes_from_peers: from_peers,
-        bytes_uploaded: client.bytes_uploaded() - uploaded_before,
+        bytes_uploaded: client.bytes_uploaded().saturating_sub(uploaded_before),
         blocks: manifest.blocks(),
         blocks_resumed,
         retries: sched.retries(),
@@ -328,6 +344,15 @@ pub fn part_path(out: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Runs `f` (disk work: reading and hashing whole files) on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| NodeError::Io(std::io::Error::other(e.to_string())))
+}
+
 fn missing_bytes(store: &PieceStore) -> u64 {
     let g = store.manifest().geometry();
     store
@@ -338,11 +363,77 @@ fn missing_bytes(store: &PieceStore) -> u64 {
         .sum()
 }
 
+/// What a transfer's stream has shown so far: when bytes last arrived, and whether the first
+/// bytes were the `Ok` frame. Shared between the receiving task and its watchdog.
+#[derive(Debug)]
+struct Meter {
+    clock: TransferClock,
+    /// The first bytes read (the response frame starts the stream), up to the Ok frame's
+    /// length.
+    head: Vec<u8>,
+}
+
+/// The encoded `Ok` response frame (length prefix and body).
+fn ok_frame() -> Vec<u8> {
+    let body = shoal_protocol::codec::encode(&PieceResponse::Ok).unwrap_or_default();
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&body);
+    f
+}
+
+/// A stream that records reads in a [`Meter`].
+struct Metered<'a, S> {
+    inner: S,
+    meter: &'a Mutex<Meter>,
+    ok_len: usize,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                let mut m = this.meter.lock().expect("meter lock");
+                m.clock.progress(Instant::now());
+                let room = this.ok_len.saturating_sub(m.head.len()).min(*n);
+                m.head.extend_from_slice(&buf[..room]);
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// Receives one transfer under its deadlines (see [`TransferDeadlines`]) and says how it
+/// ended: the facts go through [`Ending::failure`], so only a digest failure reads as
+/// corruption.
+#[allow(clippy::too_many_arguments)] // each is a different shared piece of one fetch
 async fn run_transfer(
     client: &Client,
     manifest: &VerifiedManifest,
     store: &PieceStore,
     t: Transfer,
+    deadlines: &TransferDeadlines,
     held: &AtomicU64,
     progress: Option<crate::fetch::ProgressFn>,
     live: Option<Arc<crate::progress::FetchProgress>>,
@@ -354,12 +445,16 @@ async fn run_transfer(
         client.hint(peer, t.hint().to_vec()).await;
     }
     let delivered = AtomicU64::new(0);
-    let last_progress = std::sync::Mutex::new(Instant::now());
+    let ok = ok_frame();
+    let meter = Mutex::new(Meter {
+        clock: TransferClock::start(Instant::now(), g.range_bytes(t.range), deadlines),
+        head: Vec::with_capacity(ok.len()),
+    });
     let total = g.size;
     let work = async {
         let mut control = client.control();
-        let mut stream =
-            match tokio::time::timeout(STALL_TIMEOUT, control.open_stream(peer, PIECE_PROTOCOL))
+        let stream =
+            match tokio::time::timeout(deadlines.stall, control.open_stream(peer, PIECE_PROTOCOL))
                 .await
             {
                 Ok(Ok(s)) => s,
@@ -369,10 +464,14 @@ async fn run_transfer(
                 }
                 Err(_) => return Err(ReceiveError::Io(std::io::ErrorKind::TimedOut.into())),
             };
+        let mut stream = Metered {
+            inner: stream,
+            meter: &meter,
+            ok_len: ok.len(),
+        };
         receive_blocks(&mut stream, manifest, t.range, |b, data| {
             store.write_checked_block(b, data)?;
             delivered.fetch_add(1, Ordering::Relaxed);
-            *last_progress.lock().expect("progress lock") = Instant::now();
             let now = held.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
             if let Some(l) = &live {
                 l.add(from_master, data.len() as u64);
@@ -386,49 +485,55 @@ async fn run_transfer(
     };
     let watchdog = async {
         loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if last_progress.lock().expect("progress lock").elapsed() > STALL_TIMEOUT {
-                return;
+            let next = meter.lock().expect("meter lock").clock.next_check();
+            tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
+            if let Some(e) = meter
+                .lock()
+                .expect("meter lock")
+                .clock
+                .expired(Instant::now())
+            {
+                return e;
             }
         }
     };
-    let result = tokio::select! {
-        r = work => r,
-        _ = watchdog => Err(ReceiveError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "stalled"))),
-    };
-    let n = delivered.load(Ordering::Relaxed) as u32;
-    let failure = match result {
-        Ok(()) => None,
-        Err(e) => {
-            tracing::debug!(%peer, range = ?t.range, error = %e, "transfer ended early");
-            Some(match e {
-                ReceiveError::Corrupt { block } => Failure::Corrupt { block },
-                ReceiveError::Refused(r) => Failure::Refused(r),
-                ReceiveError::Sink { .. } => Failure::Local,
-                // It said Ok, then the stream ended early. A peer that died looks exactly like
-                // this, so it is reported as what it is, not as bad data.
-                ReceiveError::Io(e)
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof && !from_master =>
-                {
-                    Failure::Truncated {
-                        block: t.range.start + n,
+    let ending = tokio::select! {
+        r = work => match r {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::debug!(%peer, range = ?t.range, error = %e, "transfer ended early");
+                Some(match e {
+                    ReceiveError::Corrupt { block } => Ending::BadDigest { block },
+                    ReceiveError::Refused(r) => Ending::Refused(r),
+                    ReceiveError::Sink { .. } => Ending::Local,
+                    // The stream ended cleanly after the Ok frame: truncated. A peer that died
+                    // looks exactly like this, so it is never taken for bad data.
+                    ReceiveError::Io(e)
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof
+                            && meter.lock().expect("meter lock").head == ok =>
+                    {
+                        Ending::EndedAfterOk
                     }
-                }
-                ReceiveError::Io(_) | ReceiveError::BadRange(_) => {
-                    if !from_master {
-                        client.find_peer(peer).await;
-                    }
-                    Failure::Unreachable
-                }
-            })
+                    ReceiveError::Io(_) | ReceiveError::BadRange(_) => Ending::Broken,
+                })
+            }
+        },
+        e = watchdog => {
+            tracing::debug!(%peer, range = ?t.range, expiry = ?e, "transfer abandoned at its deadline");
+            Some(Ending::Expired(e))
         }
     };
+    let n = delivered.load(Ordering::Relaxed) as u32;
+    if matches!(ending, Some(Ending::Broken | Ending::Expired(_))) && !from_master {
+        // Its hinted addresses may be stale: look it up before it is tried again.
+        client.find_peer(peer).await;
+    }
     TransferEnd {
         id: t.id,
         peer: t.peer(),
         range: t.range,
         delivered: n,
-        failure,
+        failure: ending.map(|e| e.failure(t.range, n)),
         from_master,
         bytes: g.range_bytes(shoal_protocol::BlockRange::new(
             t.range.start,
@@ -446,8 +551,10 @@ pub async fn publish(
 ) -> Result<FileId, NodeError> {
     let f = std::fs::File::open(path)?;
     let size = f.metadata()?.len();
-    let builder =
-        ManifestBuilder::hash_reader(std::io::BufReader::new(f), choose_block_size(size))?;
+    let builder = blocking(move || {
+        ManifestBuilder::hash_reader(std::io::BufReader::new(f), choose_block_size(size))
+    })
+    .await??;
     let name = shoal_protocol::manifest::name_for(path);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -471,7 +578,10 @@ pub async fn publish(
         }
         .verify(Some(&file))?,
     );
-    client.share(Arc::new(PieceStore::open_complete(manifest.clone(), path)?));
+    let (m, p) = (manifest.clone(), path.to_path_buf());
+    client.share(Arc::new(
+        blocking(move || PieceStore::open_complete(m, &p)).await??,
+    ));
     wait_until_master_holds(client, file, manifest.blocks()).await?;
     Ok(file)
 }
@@ -514,7 +624,8 @@ pub async fn status(client: &Client, file: FileId) -> Result<FileStatus, NodeErr
 /// Serves a complete local copy of `file` at `path`, after checking every block.
 pub async fn seed(client: &Client, file: FileId, path: &Path) -> Result<(), NodeError> {
     let manifest = Arc::new(get_manifest(client, file).await?);
-    let store = Arc::new(PieceStore::open_complete(manifest.clone(), path)?);
+    let (m, p) = (manifest.clone(), path.to_path_buf());
+    let store = Arc::new(blocking(move || PieceStore::open_complete(m, &p)).await??);
     client.share(store);
     match client
         .master_request(MasterRequest::Have {

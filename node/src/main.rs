@@ -15,7 +15,11 @@ use shoal_node::{
     progress::{human_bytes, progress_line, resume_line, FetchProgress},
     FetchOptions, NodeConfig,
 };
-use shoal_protocol::{ticket::Ticket, FileId};
+use shoal_protocol::{
+    behaviour::{ConnectionCaps, Role},
+    ticket::Ticket,
+    FileId,
+};
 
 /// A shoal node: fetches files from a swarm (the master redirects it to peers that already
 /// hold each piece), verifies every block against the publisher's signed digests, and serves
@@ -45,6 +49,15 @@ struct Common {
     /// Region label; the master prefers redirecting to nodes of the same region.
     #[arg(long, default_value = "")]
     region: String,
+    /// Most connections open at once, incoming and outgoing; more are refused.
+    #[arg(long, value_name = "N", default_value_t = node_caps().established_total)]
+    max_connections: u32,
+    /// Most connections with any one peer.
+    #[arg(long, value_name = "N", default_value_t = node_caps().per_peer)]
+    max_connections_per_peer: u32,
+    /// Most incoming connections still in their handshake; more are refused.
+    #[arg(long, value_name = "N", default_value_t = node_caps().pending_incoming)]
+    max_pending_incoming: u32,
     /// Misbehave on purpose, for tests: corrupt, corrupt-some, corrupt-except-master,
     /// truncate, wrong-block, stall, lie-have, false-accuse.
     #[cfg(feature = "chaos")]
@@ -123,6 +136,13 @@ enum Cmd {
         #[arg(long)]
         manifest: PathBuf,
     },
+    /// Print this node's PeerId (creating its key in the data dir if needed): what a master's
+    /// --publisher-key needs to trust this node's `shoal publish`.
+    Id {
+        /// Data directory holding the identity key.
+        #[arg(long, env = "SHOAL_DATA_DIR", default_value = "shoal-data")]
+        data_dir: PathBuf,
+    },
     /// Show what the master knows of a file.
     Status {
         /// The file: a ticket or a file id.
@@ -134,6 +154,10 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+}
+
+fn node_caps() -> ConnectionCaps {
+    ConnectionCaps::for_role(Role::Node)
 }
 
 /// How `shoal fetch` shows progress.
@@ -200,11 +224,22 @@ async fn join(
         "no master address: pass --bootstrap ADDR (the master prints its addresses when it \
          starts) or a ticket (shoal:...) instead of a file id"
     );
+    let defaults = node_caps();
+    let caps = ConnectionCaps {
+        per_peer: c.max_connections_per_peer.max(1),
+        pending_incoming: c.max_pending_incoming.max(1),
+        established_incoming: defaults.established_incoming.min(c.max_connections.max(1)),
+        established_total: c.max_connections.max(1),
+        ..defaults
+    };
     for (i, bootstrap) in candidates.iter().enumerate() {
         let cfg = NodeConfig::new(&c.data_dir, bootstrap.clone())
             .with_listen(c.listen.clone())
             .with_max_upload_rate(c.max_upload_rate)
             .with_region(c.region.clone())
+            .with_connection_caps(caps.clone())
+            // A node whose event loop died must not linger: exit 101.
+            .with_exit_on_panic(true)
             .with_ephemeral_identity(!identity);
         #[cfg(feature = "chaos")]
         let cfg = cfg.with_chaos(c.chaos);
@@ -367,6 +402,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 shoal_node::provenance::save_manifest(&m, &p)?;
                 eprintln!("manifest saved to {}", p.display());
             }
+        }
+        Cmd::Id { data_dir } => {
+            let key = shoal_node::service::load_or_create_key(&data_dir.join("identity.key"))?;
+            println!("{}", key.public().to_peer_id());
         }
         Cmd::Verify { path, manifest } => {
             let m = shoal_node::provenance::load_manifest(&manifest, None)

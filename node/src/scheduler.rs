@@ -4,13 +4,19 @@
 //! assignments, decides when to ask the master again, starts transfers up to a cap, and turns
 //! finished and failed transfers into Have reports and problem reports. The shell
 //! ([`crate::fetch`]) carries out the [`Action`]s it returns from [`Scheduler::poll`].
+//!
+//! It also owns the receive side's judgement of a transfer: its deadlines ([`TransferClock`],
+//! told the time like the rest) and what the way it ended means ([`Ending::failure`]): only
+//! bytes that fail their digest are `Corrupt`; a stream that ends after `Ok` is `Truncated`;
+//! resets, refused connections and passed deadlines are `Unreachable`. A peer that died looks
+//! exactly like the last two, and is reported as such, never as a liar.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
 use shoal_protocol::block::{BlockRange, Blocks};
-use shoal_protocol::limits::MAX_RANGES_PER_MESSAGE;
+use shoal_protocol::limits::{MAX_ASSIGNMENTS, MAX_PIECE_BLOCKS, MAX_RANGES_PER_MESSAGE};
 use shoal_protocol::wire::{Assignment, Problem, RefuseReason, Source};
 
 /// Tunables of the scheduler.
@@ -23,6 +29,125 @@ pub struct SchedulerConfig {
     pub locate_backoff: Duration,
     /// Cap of the locate back-off.
     pub max_locate_backoff: Duration,
+    /// Deadlines of each transfer.
+    pub deadlines: TransferDeadlines,
+}
+
+/// Receive-side deadlines of one transfer: it is abandoned when no byte arrived for `stall`,
+/// or when it is not done within `base + bytes / min_rate` (a source that drips just enough
+/// to dodge the stall check). Defaults: 10 s, 20 s and 64 KiB/s (a full piece of 256 blocks of
+/// 64 KiB has 276 s; a source throttled by its own upload cap, shared by its slots, may be
+/// slow without being at fault, hence the low rate).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferDeadlines {
+    /// Longest wait for the next byte (from opening the stream on).
+    pub stall: Duration,
+    /// Fixed part of the overall deadline.
+    pub base: Duration,
+    /// Slowest acceptable average rate, bytes per second.
+    pub min_rate: u64,
+}
+
+impl Default for TransferDeadlines {
+    fn default() -> Self {
+        Self {
+            stall: Duration::from_secs(10),
+            base: Duration::from_secs(20),
+            min_rate: 64 * 1024,
+        }
+    }
+}
+
+impl TransferDeadlines {
+    /// The overall deadline of a transfer of `bytes`.
+    pub fn overall(&self, bytes: u64) -> Duration {
+        self.base + Duration::from_secs_f64(bytes as f64 / self.min_rate.max(1) as f64)
+    }
+}
+
+/// Which deadline passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// No byte for [`TransferDeadlines::stall`].
+    Stalled,
+    /// Not done within [`TransferDeadlines::overall`].
+    TooSlow,
+}
+
+/// The deadlines of one running transfer, told the time.
+#[derive(Clone, Debug)]
+pub struct TransferClock {
+    last_progress: Instant,
+    stall: Duration,
+    overall: Instant,
+}
+
+impl TransferClock {
+    /// A transfer of `bytes` starting at `now`.
+    pub fn start(now: Instant, bytes: u64, d: &TransferDeadlines) -> Self {
+        Self {
+            last_progress: now,
+            stall: d.stall,
+            overall: now + d.overall(bytes),
+        }
+    }
+
+    /// Bytes arrived at `now`.
+    pub fn progress(&mut self, now: Instant) {
+        self.last_progress = self.last_progress.max(now);
+    }
+
+    /// Which deadline has passed at `now`, if any.
+    pub fn expired(&self, now: Instant) -> Option<Expiry> {
+        if now >= self.overall {
+            Some(Expiry::TooSlow)
+        } else if now >= self.last_progress + self.stall {
+            Some(Expiry::Stalled)
+        } else {
+            None
+        }
+    }
+
+    /// When [`TransferClock::expired`] may next say yes, without progress.
+    pub fn next_check(&self) -> Instant {
+        self.overall.min(self.last_progress + self.stall)
+    }
+}
+
+/// How a transfer stopped before its last block, as the shell saw it: facts, not judgement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The stream could not be opened, was reset or failed, or ended before the response.
+    Broken,
+    /// The source refused.
+    Refused(RefuseReason),
+    /// The source answered `Ok`, then the stream ended (cleanly) before the last block.
+    EndedAfterOk,
+    /// This block failed its digest.
+    BadDigest {
+        /// The block.
+        block: u32,
+    },
+    /// A deadline passed.
+    Expired(Expiry),
+    /// Storing a verified block failed here.
+    Local,
+}
+
+impl Ending {
+    /// What it means, for a transfer of `range` of which `delivered` blocks (from its start)
+    /// were verified and stored.
+    pub fn failure(&self, range: BlockRange, delivered: u32) -> Failure {
+        match self {
+            Self::Broken | Self::Expired(_) => Failure::Unreachable,
+            Self::Refused(r) => Failure::Refused(*r),
+            Self::EndedAfterOk => Failure::Truncated {
+                block: range.start.saturating_add(delivered).min(range.end),
+            },
+            Self::BadDigest { block } => Failure::Corrupt { block: *block },
+            Self::Local => Failure::Local,
+        }
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -31,6 +156,7 @@ impl Default for SchedulerConfig {
             max_transfers: 8,
             locate_backoff: Duration::from_millis(250),
             max_locate_backoff: Duration::from_secs(5),
+            deadlines: TransferDeadlines::default(),
         }
     }
 }
@@ -197,15 +323,16 @@ impl Scheduler {
             let Some(a) = self.queue.pop_front() else {
                 break;
             };
-            // Only the blocks still needed, as the first contiguous run of them; the rest of
-            // the assignment stays queued.
-            let wanted = |b: u32| !self.have.contains(b) && !self.in_flight.contains(b);
+            // Only the blocks still needed, as the first contiguous run of them, at most one
+            // piece long and within the file; the rest of the assignment stays queued.
+            let blocks = self.have.capacity();
+            let wanted =
+                |b: u32| b < blocks && !self.have.contains(b) && !self.in_flight.contains(b);
             let Some(start) = a.range.iter().find(|b| wanted(*b)) else {
                 continue;
             };
-            let end = (start..a.range.end)
-                .find(|b| !wanted(*b))
-                .unwrap_or(a.range.end);
+            let cap = start.saturating_add(MAX_PIECE_BLOCKS).min(a.range.end);
+            let end = (start..cap).find(|b| !wanted(*b)).unwrap_or(cap);
             if end < a.range.end {
                 self.queue.push_front(Assignment {
                     range: BlockRange::new(end, a.range.end),
@@ -259,7 +386,9 @@ impl Scheduler {
             self.next_locate = Some(now + retry_after.max(Duration::from_millis(10)));
         } else {
             self.next_locate = None;
-            self.queue.extend(assignments);
+            // A Locate is only sent with an empty queue, so this bounds the queue too.
+            self.queue
+                .extend(assignments.into_iter().take(MAX_ASSIGNMENTS));
         }
     }
 
@@ -583,6 +712,142 @@ mod tests {
                 .filter(|a| matches!(a, Action::Start(_)))
                 .count(),
             1
+        );
+    }
+
+    /// Runs one peer transfer of `range` that ends as `ending` after `delivered` blocks and
+    /// returns what the scheduler reports about the peer.
+    fn report_for(range: BlockRange, delivered: u32, ending: Ending) -> Option<Problem> {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Blocks::new(16), SchedulerConfig::default());
+        drain(&mut s, now);
+        let p = peer();
+        let source = Source::Peer {
+            peer: p,
+            addrs: vec![],
+        };
+        s.on_assignments(now, vec![assign(range, source)], Duration::ZERO);
+        assert!(matches!(s.poll(now), Some(Action::Start(_))));
+        s.on_transfer_end(0, delivered, Some(ending.failure(range, delivered)));
+        drain(&mut s, now).into_iter().find_map(|a| match a {
+            Action::Report { peer, problem } if peer == p => Some(problem),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn each_ending_maps_to_what_it_proves() {
+        let r = BlockRange::new(4, 12);
+        // Only a digest failure is corruption.
+        assert_eq!(
+            report_for(r, 2, Ending::BadDigest { block: 6 }),
+            Some(Problem::Corrupt {
+                blocks: vec![BlockRange::new(6, 7)]
+            })
+        );
+        // A stream cut after Ok is truncation of the rest, not corruption.
+        assert_eq!(
+            report_for(r, 3, Ending::EndedAfterOk),
+            Some(Problem::Truncated {
+                blocks: vec![BlockRange::new(7, 12)]
+            })
+        );
+        // Resets, failures before the response and passed deadlines: unreachable.
+        for e in [
+            Ending::Broken,
+            Ending::Expired(Expiry::Stalled),
+            Ending::Expired(Expiry::TooSlow),
+        ] {
+            assert_eq!(
+                report_for(r, 1, e.clone()),
+                Some(Problem::Unreachable),
+                "{e:?}"
+            );
+        }
+        assert_eq!(
+            report_for(r, 0, Ending::Refused(RefuseReason::NotHeld)),
+            Some(Problem::NotHeld { blocks: vec![r] })
+        );
+        assert_eq!(
+            report_for(r, 0, Ending::Refused(RefuseReason::Busy)),
+            Some(Problem::Busy)
+        );
+        // Our own disk failing, or being refused for a reason that is ours, blames nobody.
+        assert_eq!(report_for(r, 5, Ending::Local), None);
+        assert_eq!(
+            report_for(r, 0, Ending::Refused(RefuseReason::BadRange)),
+            None
+        );
+    }
+
+    #[test]
+    fn a_source_that_stalls_after_ok_expires_at_the_stall_deadline() {
+        let d = TransferDeadlines::default();
+        let t0 = Instant::now();
+        // 64 blocks of 64 KiB: overall deadline 20 s + 4 MiB / 64 KiB/s = 84 s.
+        let bytes = 64 * 64 * 1024;
+        assert_eq!(d.overall(bytes), Duration::from_secs(84));
+        let mut c = TransferClock::start(t0, bytes, &d);
+        // The Ok frame arrived after 1 s, then nothing.
+        c.progress(t0 + Duration::from_secs(1));
+        assert_eq!(c.expired(t0 + Duration::from_millis(10_999)), None);
+        assert_eq!(c.next_check(), t0 + Duration::from_secs(11));
+        assert_eq!(
+            c.expired(t0 + Duration::from_secs(11)),
+            Some(Expiry::Stalled)
+        );
+        let failure = Ending::Expired(Expiry::Stalled).failure(BlockRange::new(0, 64), 0);
+        assert_eq!(failure, Failure::Unreachable);
+    }
+
+    #[test]
+    fn a_source_that_drips_expires_at_the_overall_deadline() {
+        let d = TransferDeadlines::default();
+        let t0 = Instant::now();
+        let bytes = 64 * 64 * 1024;
+        let mut c = TransferClock::start(t0, bytes, &d);
+        // A byte every 9 s dodges the stall check...
+        let mut t = t0;
+        while t < t0 + Duration::from_secs(80) {
+            t += Duration::from_secs(9);
+            assert_eq!(c.expired(t), None, "at {:?}", t - t0);
+            c.progress(t);
+        }
+        // ...but not the overall deadline.
+        assert_eq!(c.next_check(), t0 + Duration::from_secs(84));
+        assert_eq!(
+            c.expired(t0 + Duration::from_secs(84)),
+            Some(Expiry::TooSlow)
+        );
+        // Progress reported late (out of order) never moves the clock back.
+        c.progress(t0);
+        assert_eq!(c.next_check(), t0 + Duration::from_secs(84));
+    }
+
+    #[test]
+    fn transfers_are_at_most_one_piece_and_within_the_file() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Blocks::new(600), SchedulerConfig::default());
+        drain(&mut s, now);
+        s.on_assignments(
+            now,
+            vec![assign(BlockRange::new(0, 10_000), Source::Master)],
+            Duration::ZERO,
+        );
+        let ranges: Vec<BlockRange> = drain(&mut s, now)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Start(t) => Some(t.range),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            ranges,
+            vec![
+                BlockRange::new(0, 256),
+                BlockRange::new(256, 512),
+                BlockRange::new(512, 600)
+            ]
         );
     }
 }

@@ -1,36 +1,44 @@
 //! The node's network shell: an [`EventLoop`] task that owns the swarm, and a cloneable
 //! [`Client`] that sends it commands over a bounded channel, each with a oneshot reply.
 //!
-//! It also runs the piece server: inbound `/shoal/piece/1` streams answered from the
-//! [`PieceStore`]s this node shares, within upload slots and an optional rate limit.
+//! It also runs the piece server ([`shoal_net::serve`], the same as the master's) over a
+//! [`PieceSource`] answering from the [`PieceStore`]s this node shares.
+//!
+//! Bounded state: the command channel holds 256 commands; every pending reply is keyed by an
+//! outbound request id that libp2p ends with a response or a failure within the request
+//! timeout (30 s), so the pending maps empty themselves, and each holds at most
+//! [`MAX_PENDING_REQUESTS`]; the set of banned peers is capped at [`MAX_BANNED`] (oldest
+//! forgotten first); a redirect hint adds at most `MAX_HINT_ADDRS` addresses (Kademlia's
+//! routing table and the swarm's address cache are bounded by libp2p); the piece server's
+//! slots and refusals are capped; connections are capped by [`ConnectionCaps`].
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use futures::{AsyncWriteExt, StreamExt};
-use libp2p::{
-    gossipsub, identify, noise, request_response, swarm::SwarmEvent, tcp, yamux, Multiaddr, PeerId,
-    Swarm,
+use futures::StreamExt;
+use libp2p::{gossipsub, identify, request_response, swarm::SwarmEvent, Multiaddr, PeerId, Swarm};
+use shoal_net::{
+    serve::{BlockReader, PieceServer, PieceSource, Serve, ServeConfig},
+    swarm::{build_swarm, SwarmOptions},
+    task::{spawn_critical, PanicWatch, TaskPanicked},
 };
 use shoal_protocol::{
     behaviour::{peer_of, Behaviour, BehaviourEvent, ConnectionCaps, Role},
-    limits::MAX_PIECE_FRAME,
-    piece::{read_frame, refuse, send_blocks, write_frame},
-    rate::RateLimiter,
+    limits::MAX_HINT_ADDRS,
     wire::{
         decode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
-        MasterResponse, PieceRequest, PieceResponse, PublishRequest, RefuseReason,
+        MasterResponse, PieceRequest, PublishRequest, RefuseReason,
     },
     BlockRange, FileId,
 };
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::chaos::ChaosMode;
 use crate::store::PieceStore;
@@ -53,6 +61,9 @@ pub struct NodeConfig {
     pub region: String,
     /// Caps on connections. Default [`ConnectionCaps::for_role`]`(Role::Node)`.
     pub connection_caps: ConnectionCaps,
+    /// Whether a panic in the node's event loop or piece server ends the process (exit code
+    /// 101). Default false (a library must not exit its host); the `shoal` binary sets it.
+    pub exit_on_panic: bool,
     /// Deliberate misbehaviour (settable only with the `chaos` feature).
     chaos: Option<ChaosMode>,
     /// Use a throw-away key instead of `data_dir/identity.key` (read-only commands).
@@ -75,6 +86,7 @@ impl NodeConfig {
             upload_slots: 16,
             region: String::new(),
             connection_caps: ConnectionCaps::for_role(Role::Node),
+            exit_on_panic: false,
             chaos: None,
             ephemeral_identity: false,
         }
@@ -96,6 +108,18 @@ impl NodeConfig {
     /// Cap piece upload.
     pub fn with_max_upload_rate(mut self, rate: Option<u64>) -> Self {
         self.max_upload_rate = rate;
+        self
+    }
+
+    /// Serve this many piece streams at once (at least 1).
+    pub fn with_upload_slots(mut self, slots: usize) -> Self {
+        self.upload_slots = slots.max(1);
+        self
+    }
+
+    /// End the process when the event loop panics (for binaries).
+    pub fn with_exit_on_panic(mut self, exit: bool) -> Self {
+        self.exit_on_panic = exit;
         self
     }
 
@@ -168,7 +192,53 @@ enum Command {
     Hint(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
     FindPeer(PeerId),
     Shutdown(oneshot::Sender<()>),
+    /// Panics the event loop (tests of the panic path).
+    #[cfg(test)]
+    Panic,
 }
+
+/// Most banned peers a node remembers; past it the oldest ban is forgotten (the master still
+/// refuses that peer, and re-broadcasts its bans when asked).
+pub const MAX_BANNED: usize = 16_384;
+
+/// The peers the master banned, as this node heard of them: capped at [`MAX_BANNED`].
+#[derive(Debug, Default)]
+pub struct BanList {
+    set: HashSet<PeerId>,
+    order: VecDeque<PeerId>,
+}
+
+impl BanList {
+    /// Records a ban; forgets the oldest one when full.
+    pub fn insert(&mut self, peer: PeerId) {
+        if !self.set.insert(peer) {
+            return;
+        }
+        self.order.push_back(peer);
+        while self.order.len() > MAX_BANNED {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    /// Whether `peer` is banned.
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.set.contains(peer)
+    }
+
+    /// Bans remembered.
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// Whether no ban is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+}
+
+type Bans = Arc<Mutex<BanList>>;
 
 /// Files this node serves, shared with the piece server.
 pub type Shelf = Arc<Mutex<HashMap<FileId, Arc<PieceStore>>>>;
@@ -182,9 +252,10 @@ pub struct Client {
     peer_id: PeerId,
     master: PeerId,
     uploaded: Arc<AtomicU64>,
-    banned: Arc<Mutex<HashSet<PeerId>>>,
+    banned: Bans,
     data_dir: PathBuf,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    panics: Vec<PanicWatch>,
     chaos: Option<ChaosMode>,
 }
 
@@ -212,6 +283,20 @@ impl Client {
     /// Whether the master has banned `peer`.
     pub fn is_banned(&self, peer: &PeerId) -> bool {
         self.banned.lock().expect("ban lock").contains(peer)
+    }
+
+    /// Resolves if the node's event loop or piece server panicked (the node is then deaf;
+    /// with [`NodeConfig::with_exit_on_panic`] the process has already ended). Never resolves
+    /// otherwise.
+    pub async fn panicked(&self) -> TaskPanicked {
+        let waits = self.panics.iter().map(|w| Box::pin(w.panicked()));
+        futures::future::select_all(waits).await.0
+    }
+
+    /// Panics the event loop, to test what follows.
+    #[cfg(test)]
+    async fn panic_event_loop(&self) {
+        let _ = self.commands.send(Command::Panic).await;
     }
 
     /// The misbehaviour this node was started with, if any.
@@ -319,22 +404,11 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     };
     let peer_id = key.public().to_peer_id();
     let net = |e: &dyn std::fmt::Display| NodeError::Network(e.to_string());
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| net(&e))?
-        .with_quic()
-        .with_behaviour(|k| {
-            Behaviour::new(k, Role::Node, &cfg.connection_caps)
-                .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
-        })
-        .map_err(|e| net(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let mut swarm = build_swarm(
+        key,
+        &SwarmOptions::for_role(Role::Node).with_caps(cfg.connection_caps.clone()),
+    )
+    .map_err(|e| net(&e))?;
     for a in &cfg.listen {
         swarm.listen_on(a.clone()).map_err(|e| {
             net(&format!(
@@ -359,24 +433,25 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     let control = swarm.behaviour().stream.new_control();
     let shelf: Shelf = Arc::default();
     let uploaded = Arc::new(AtomicU64::new(0));
-    let banned: Arc<Mutex<HashSet<PeerId>>> = Arc::default();
+    let banned: Bans = Arc::default();
     let incoming = swarm
         .behaviour_mut()
         .pieces
         .take_incoming()
         .ok_or_else(|| net(&"the piece stream queue was taken"))?;
-    let server = tokio::spawn(serve_pieces(
-        incoming,
-        Arc::new(Server {
+    let server = PieceServer::new(
+        Arc::new(NodeSource {
             shelf: shelf.clone(),
-            slots: Arc::new(Semaphore::new(cfg.upload_slots.max(1))),
-            limiter: cfg.max_upload_rate.map(|r| Mutex::new(RateLimiter::new(r))),
             uploaded: uploaded.clone(),
             banned: banned.clone(),
             master,
             chaos: cfg.chaos,
         }),
-    ));
+        ServeConfig::default()
+            .with_upload_slots(cfg.upload_slots)
+            .with_max_upload_rate(cfg.max_upload_rate),
+    );
+    let server = spawn_critical("node piece server", server.run(incoming));
 
     let (tx, rx) = mpsc::channel(256);
     let lp = EventLoop {
@@ -390,7 +465,13 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         region: cfg.region.clone(),
         master_connected_before: false,
     };
-    let event_loop = tokio::spawn(lp.run(rx));
+    let event_loop = spawn_critical("node event loop", lp.run(rx));
+    let panics = vec![event_loop.watch(), server.watch()];
+    if cfg.exit_on_panic {
+        for w in &panics {
+            drop(shoal_net::task::exit_on_panic(w.clone()));
+        }
+    }
     let client = Client {
         commands: tx,
         control,
@@ -404,6 +485,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
             server.abort_handle(),
             event_loop.abort_handle(),
         ])),
+        panics,
         chaos: cfg.chaos,
     };
     // The first request doubles as the connection check.
@@ -427,26 +509,10 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     }
 }
 
-/// Loads the keypair at `path`, creating it on first use.
+/// Loads the keypair at `path`, creating it on first use (mode 0600, written durably). A
+/// file that holds no valid key is an error, never silently replaced.
 pub fn load_or_create_key(path: &std::path::Path) -> Result<libp2p::identity::Keypair, NodeError> {
-    use libp2p::identity::Keypair;
-    let dd = |e: &dyn std::fmt::Display| NodeError::DataDir(format!("{}: {e}", path.display()));
-    match std::fs::read(path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| dd(&e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = Keypair::generate_ed25519();
-            let bytes = key.to_protobuf_encoding().map_err(|e| dd(&e))?;
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| dd(&e))?;
-            }
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, bytes)
-                .and_then(|_| std::fs::rename(&tmp, path))
-                .map_err(|e| dd(&e))?;
-            Ok(key)
-        }
-        Err(e) => Err(dd(&e)),
-    }
+    shoal_net::load_or_create_key(path).map_err(|e| NodeError::DataDir(e.to_string()))
 }
 
 struct EventLoop {
@@ -456,7 +522,7 @@ struct EventLoop {
     pending_digest: Pending<DigestResponse>,
     pending_publish: Pending<MasterResponse>,
     shelf: Shelf,
-    banned: Arc<Mutex<HashSet<PeerId>>>,
+    banned: Bans,
     region: String,
     master_connected_before: bool,
 }
@@ -514,27 +580,33 @@ impl EventLoop {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Master(req, tx) => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .master
-                    .send_request(&self.master, req);
-                self.pending_master.insert(id, tx);
+                if let Some(tx) = refuse_if_full(&self.pending_master, tx) {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .master
+                        .send_request(&self.master, req);
+                    self.pending_master.insert(id, tx);
+                }
             }
             Command::Publish(req, tx) => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .publish
-                    .send_request(&self.master, req);
-                self.pending_publish.insert(id, tx);
+                if let Some(tx) = refuse_if_full(&self.pending_publish, tx) {
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .publish
+                        .send_request(&self.master, req);
+                    self.pending_publish.insert(id, tx);
+                }
             }
             Command::Digest(peer, req, tx) => {
-                let id = self.swarm.behaviour_mut().digest.send_request(&peer, req);
-                self.pending_digest.insert(id, tx);
+                if let Some(tx) = refuse_if_full(&self.pending_digest, tx) {
+                    let id = self.swarm.behaviour_mut().digest.send_request(&peer, req);
+                    self.pending_digest.insert(id, tx);
+                }
             }
             Command::Hint(peer, addrs, ack) => {
-                for a in addrs {
+                for a in addrs.into_iter().take(MAX_HINT_ADDRS) {
                     self.swarm.add_peer_address(peer, a.clone());
                     self.swarm.behaviour_mut().kad.add_address(&peer, a);
                 }
@@ -544,6 +616,8 @@ impl EventLoop {
                 self.swarm.behaviour_mut().kad.get_closest_peers(peer);
             }
             Command::Shutdown(_) => {}
+            #[cfg(test)]
+            Command::Panic => panic!("event loop panic requested by a test"),
         }
     }
 
@@ -639,6 +713,25 @@ impl EventLoop {
 type Pending<T> =
     HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<T, NodeError>>>;
 
+/// Most outbound requests of one kind awaiting their answer. Each entry also leaves within
+/// the request timeout (libp2p answers every request id with a response or a failure).
+pub const MAX_PENDING_REQUESTS: usize = 4_096;
+
+/// Fails the request at once if too many of its kind are in flight; else hands `tx` back.
+fn refuse_if_full<T>(
+    pending: &Pending<T>,
+    tx: oneshot::Sender<Result<T, NodeError>>,
+) -> Option<oneshot::Sender<Result<T, NodeError>>> {
+    if pending.len() >= MAX_PENDING_REQUESTS {
+        let _ = tx.send(Err(NodeError::Network(format!(
+            "{MAX_PENDING_REQUESTS} requests already in flight"
+        ))));
+        None
+    } else {
+        Some(tx)
+    }
+}
+
 /// Hands a request-response outcome to whoever waits for it; returns an inbound request, if
 /// that is what the event is, for the caller to answer.
 fn settle<Req, Resp>(
@@ -683,113 +776,140 @@ fn answer_digest(shelf: &Shelf, req: DigestRequest) -> DigestResponse {
     req.answer(store.as_ref().map(|s| &**s.manifest()))
 }
 
-/// The piece server's shared state.
-struct Server {
+/// What this node serves: the files on its shelf, to peers the master has not banned.
+struct NodeSource {
     shelf: Shelf,
-    slots: Arc<Semaphore>,
-    limiter: Option<Mutex<RateLimiter>>,
     uploaded: Arc<AtomicU64>,
-    banned: Arc<Mutex<HashSet<PeerId>>>,
+    banned: Bans,
     master: PeerId,
     chaos: Option<ChaosMode>,
 }
 
-async fn serve_pieces(mut incoming: shoal_protocol::inbound::IncomingPieces, server: Arc<Server>) {
-    while let Some((peer, mut stream)) = incoming.next().await {
-        let Ok(permit) = server.slots.clone().try_acquire_owned() else {
-            // All slots busy: say so quickly (bounded by the refusal timeout) so the
-            // requester asks the master for another source.
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                let _ = read_frame::<_, PieceRequest>(&mut stream, MAX_PIECE_FRAME).await;
-                let _ = refuse(&mut stream, RefuseReason::Busy).await;
-            })
-            .await;
-            continue;
-        };
-        let server = server.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = server.serve_one(&mut stream, peer).await {
-                tracing::debug!(%peer, error = %e, "piece stream ended");
-            }
-        });
-    }
-}
-
-impl Server {
-    async fn serve_one(&self, stream: &mut libp2p::Stream, peer: PeerId) -> std::io::Result<()> {
-        let req: PieceRequest =
-            tokio::time::timeout(Duration::from_secs(10), read_frame(stream, MAX_PIECE_FRAME))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
-        if self.banned.lock().expect("ban lock").contains(&peer) {
-            return refuse(stream, RefuseReason::Banned).await;
+impl PieceSource for NodeSource {
+    fn open(&self, peer: &PeerId, req: &PieceRequest) -> Result<Serve, RefuseReason> {
+        if self.banned.lock().expect("ban lock").contains(peer) {
+            return Err(RefuseReason::Banned);
         }
         let store = self
             .shelf
             .lock()
             .expect("shelf lock")
             .get(&req.file)
-            .cloned();
-        let Some(store) = store else {
-            return refuse(stream, RefuseReason::UnknownFile).await;
-        };
-        if req.range.is_empty() || !store.holds(req.range) {
-            return refuse(stream, RefuseReason::NotHeld).await;
-        }
+            .cloned()
+            .ok_or(RefuseReason::UnknownFile)?;
         let geometry = store.manifest().geometry();
-        let mut range = req.range;
-        match self.chaos {
-            Some(ChaosMode::Stall) => {
-                write_frame(stream, &PieceResponse::Ok, MAX_PIECE_FRAME).await?;
-                tokio::time::sleep(Duration::from_secs(120)).await;
-                return Ok(());
-            }
-            Some(ChaosMode::Truncate) => {
-                range = BlockRange::new(range.start, range.start + range.len() / 2);
-            }
-            _ => {}
+        if req.range.end > geometry.blocks() {
+            return Err(RefuseReason::BadRange);
         }
-        let to_master = peer == self.master;
-        send_blocks(
-            stream,
+        if !store.holds(req.range) {
+            return Err(RefuseReason::NotHeld);
+        }
+        let mut range = req.range;
+        if self.chaos == Some(ChaosMode::Truncate) {
+            range = BlockRange::new(range.start, range.start + range.len() / 2);
+        }
+        Ok(Serve {
             geometry,
             range,
-            |b, buf| {
-                match self.chaos {
-                    // Another block's bytes (block 0 is full-sized unless the file is one
-                    // block, in which case the block is damaged instead).
-                    Some(ChaosMode::WrongBlock)
-                        if b != 0 && buf.len() == geometry.block_size as usize =>
-                    {
-                        store.read_block(0, buf)?
-                    }
-                    Some(ChaosMode::WrongBlock) => {
-                        store.read_block(b, buf)?;
-                        buf[0] ^= 0xff;
-                    }
-                    _ => store.read_block(b, buf)?,
+            blocks: Arc::new(StoreReader {
+                store,
+                chaos: self.chaos,
+                to_master: *peer == self.master,
+            }),
+            stall: self.chaos == Some(ChaosMode::Stall),
+        })
+    }
+
+    fn served(&self, _peer: &PeerId, _file: &FileId, bytes: u64) {
+        let _ = self
+            .uploaded
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_add(bytes))
+            });
+    }
+}
+
+/// Reads served blocks from a store, damaging them as the chaos mode says.
+struct StoreReader {
+    store: Arc<PieceStore>,
+    chaos: Option<ChaosMode>,
+    to_master: bool,
+}
+
+impl BlockReader for StoreReader {
+    fn read_block(&self, b: u32, buf: &mut [u8]) -> std::io::Result<()> {
+        let block_size = self.store.manifest().geometry().block_size as usize;
+        match self.chaos {
+            // Another block's bytes (block 0 is full-sized unless the file is one block, in
+            // which case the block is damaged instead).
+            Some(ChaosMode::WrongBlock) if b != 0 && buf.len() == block_size => {
+                self.store.read_block(0, buf)?
+            }
+            Some(ChaosMode::WrongBlock) => {
+                self.store.read_block(b, buf)?;
+                if let Some(x) = buf.first_mut() {
+                    *x ^= 0xff;
                 }
-                if self.chaos.is_some_and(|c| c.corrupts(b, to_master)) && !buf.is_empty() {
-                    let mid = buf.len() / 2;
-                    buf[mid] ^= 0x5a;
-                }
-                Ok(())
-            },
-            |n| {
-                self.uploaded.fetch_add(n as u64, Ordering::Relaxed);
-                let wait = self
-                    .limiter
-                    .as_ref()
-                    .map(|l| l.lock().expect("limiter lock").reserve(Instant::now(), n));
-                async move {
-                    if let Some(w) = wait.filter(|w| !w.is_zero()) {
-                        tokio::time::sleep(w).await;
-                    }
-                }
-            },
+            }
+            _ => self.store.read_block(b, buf)?,
+        }
+        if self.chaos.is_some_and(|c| c.corrupts(b, self.to_master)) && !buf.is_empty() {
+            let mid = buf.len() / 2;
+            buf[mid] ^= 0x5a;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ban_list_is_capped_oldest_first() {
+        let mut b = BanList::default();
+        let first = PeerId::random();
+        b.insert(first);
+        b.insert(first);
+        assert_eq!(b.len(), 1);
+        for _ in 0..MAX_BANNED {
+            b.insert(PeerId::random());
+        }
+        assert_eq!(b.len(), MAX_BANNED);
+        assert!(!b.contains(&first));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_event_loop_is_reported_and_the_node_stops_answering() {
+        let dir = tempfile::tempdir().unwrap();
+        let loopback: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+        let master = shoal_master::Master::start(
+            shoal_master::MasterConfig::new(dir.path().join("master"))
+                .with_listen(vec![loopback.clone()]),
         )
-        .await?;
-        stream.close().await
+        .await
+        .unwrap();
+        let node = start(
+            NodeConfig::new(dir.path().join("node"), master.addrs()[0].clone())
+                .with_listen(vec![loopback]),
+        )
+        .await
+        .unwrap();
+        node.panic_event_loop().await;
+        let p = tokio::time::timeout(Duration::from_secs(10), node.panicked())
+            .await
+            .expect("the panic is reported");
+        assert_eq!(p.task, "node event loop");
+        assert!(p.message.contains("requested by a test"), "{p}");
+        assert!(matches!(
+            node.master_request(MasterRequest::Hello {
+                region: String::new()
+            })
+            .await,
+            Err(NodeError::Stopped)
+        ));
+        // With `exit_on_panic` (what `shoal` sets) the same report ends the process with exit
+        // code 101: shoal_net::task's tests run that path in a child process.
+        master.shutdown().await;
     }
 }

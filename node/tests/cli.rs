@@ -18,6 +18,26 @@ fn help_explains_the_subcommands() {
 }
 
 #[test]
+fn connection_caps_are_flags_with_their_defaults_shown() {
+    let out = shoal()
+        .args(["fetch", "--help"])
+        .output()
+        .expect("run shoal");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (flag, default) in [
+        ("--max-connections <N>", "[default: 1024]"),
+        ("--max-connections-per-peer <N>", "[default: 2]"),
+        ("--max-pending-incoming <N>", "[default: 64]"),
+    ] {
+        let line = text.lines().position(|l| l.contains(flag));
+        let line = line.unwrap_or_else(|| panic!("no {flag} in:\n{text}"));
+        let block: String = text.lines().skip(line).take(3).collect();
+        assert!(block.contains(default), "{flag} without {default}:\n{text}");
+    }
+}
+
+#[test]
 fn a_bootstrap_address_without_peer_id_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = shoal()

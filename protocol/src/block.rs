@@ -198,6 +198,29 @@ impl Blocks {
         range.end <= self.len && range.iter().all(|b| self.contains(b))
     }
 
+    /// Adds every block of `other` (a word at a time; blocks past this set's capacity are
+    /// ignored).
+    pub fn union_with(&mut self, other: &Blocks) {
+        let full_words = (self.len / 64) as usize;
+        let mut count = 0u32;
+        for (i, w) in self.words.iter_mut().enumerate() {
+            if let Some(o) = other.words.get(i) {
+                *w |= o;
+            }
+            if i >= full_words {
+                // The last, partial word: keep only blocks below `len`.
+                let bits = self.len % 64;
+                if bits > 0 {
+                    *w &= (1u64 << bits) - 1;
+                } else {
+                    *w = 0;
+                }
+            }
+            count += w.count_ones();
+        }
+        self.count = count;
+    }
+
     /// The blocks in the set, as maximal ranges.
     pub fn ranges(&self) -> Vec<BlockRange> {
         runs(0..self.len, |b| self.contains(b))
@@ -264,6 +287,24 @@ pub fn normalize(ranges: &[BlockRange], blocks: u32, max_ranges: usize) -> Vec<B
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn union_is_a_set_union_within_capacity() {
+        let mut a = Blocks::new(130);
+        a.insert_range(BlockRange::new(0, 3));
+        let mut b = Blocks::new(200);
+        b.insert_range(BlockRange::new(2, 5));
+        b.insert_range(BlockRange::new(120, 200));
+        a.union_with(&b);
+        assert_eq!(a.count(), 5 + 10);
+        assert_eq!(
+            a.ranges(),
+            vec![BlockRange::new(0, 5), BlockRange::new(120, 130)]
+        );
+        let mut c = Blocks::new(64);
+        c.union_with(&Blocks::full(64));
+        assert!(c.is_full());
+    }
 
     #[test]
     fn normalize_merges_clamps_and_caps() {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use libp2p::Multiaddr;
-use shoal_master::{Master, MasterConfig, PolicyConfig};
+use shoal_master::{Master, MasterConfig, PolicyConfig, PublishPolicy, PublishQuotas};
 use shoal_node::{Client, FetchOptions, FetchReport, NodeConfig};
 use shoal_protocol::FileId;
 
@@ -25,13 +25,23 @@ pub fn write_random_file(path: &Path, size: usize, seed: u64) -> std::io::Result
     std::fs::write(path, data)
 }
 
-/// Starts a master listening on loopback in `dir`.
-pub async fn start_master(dir: &Path, upload_rate: Option<u64>) -> anyhow::Result<Master> {
-    let cfg = MasterConfig::new(dir)
+/// The configuration [`start_master`] uses: loopback, the upload cap, and open publishing
+/// (tests publish from fresh keys) with the default quotas. Tests that need another
+/// publishing policy change it and call [`Master::start`].
+pub fn master_config(dir: &Path, upload_rate: Option<u64>) -> MasterConfig {
+    MasterConfig::new(dir)
         .with_listen(vec![loopback()])
         .with_max_upload_rate(upload_rate)
-        .with_policy(PolicyConfig::default());
-    Master::start(cfg).await.context("starting master")
+        .with_policy(PolicyConfig::default())
+        .with_publishing(PublishPolicy::Open(PublishQuotas::default()))
+        .with_min_free_disk(0)
+}
+
+/// Starts a master listening on loopback in `dir` (see [`master_config`]).
+pub async fn start_master(dir: &Path, upload_rate: Option<u64>) -> anyhow::Result<Master> {
+    Master::start(master_config(dir, upload_rate))
+        .await
+        .context("starting master")
 }
 
 /// Starts a node on loopback with its data in `dir`.

@@ -1,5 +1,6 @@
-//! The README's "Across machines" flow, run exactly as a new user would (issue 8): one
-//! `shoal-master` with no upload cap, `shoal publish` of a 200 MiB file, then three `shoal fetch`
+//! The README's "Across machines" flow, run exactly as a new user would (issue 8): `shoal id`
+//! for the publisher's PeerId, one `shoal-master` with no upload cap trusting it
+//! (`--publisher-key`), `shoal publish` of a 200 MiB file, then three `shoal fetch`
 //! started at once, each with its own `--data-dir` and `--out` and the DEFAULT `--seed-time`
 //! (they keep seeding after they finish, so the test waits for their `--report` files, not for
 //! them to exit).
@@ -64,6 +65,15 @@ fn readme_flow_three_fetches_of_200_mib_from_an_uncapped_master() -> anyhow::Res
     shoal_tests::write_random_file(&src, SIZE, 8)?;
     let want = sha256_file(&src)?;
 
+    // As the README says: the publisher's PeerId first, for the master's --publisher-key.
+    let id = Command::new(bins.join("shoal"))
+        .arg("id")
+        .arg("--data-dir")
+        .arg(tmp.path().join("publisher"))
+        .output()?;
+    anyhow::ensure!(id.status.success(), "shoal id failed");
+    let publisher = String::from_utf8(id.stdout)?.trim().to_string();
+
     let master_dir = tmp.path().join("master");
     let master_log = tmp.path().join("master.log");
     let _master = Proc(
@@ -75,6 +85,8 @@ fn readme_flow_three_fetches_of_200_mib_from_an_uncapped_master() -> anyhow::Res
                 "/ip4/127.0.0.1/tcp/0",
                 "--metrics-addr",
                 "127.0.0.1:0",
+                "--publisher-key",
+                &publisher,
             ])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&master_log)?)

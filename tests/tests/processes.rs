@@ -17,6 +17,12 @@ fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
     let src = tmp.path().join("source.bin");
     shoal_tests::write_random_file(&src, 8 * 1024 * 1024 + 12345, 3)?;
 
+    // The publisher's key exists before the master starts, so the master can trust it.
+    let publisher_dir = tmp.path().join("publisher");
+    let publisher = write_key(&publisher_dir)?;
+    let stranger_dir = tmp.path().join("stranger");
+    let stranger = write_key(&stranger_dir)?;
+
     let master_dir = tmp.path().join("master");
     let _master = Proc(
         Command::new(bins.join("shoal-master"))
@@ -27,6 +33,8 @@ fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
                 "/ip4/127.0.0.1/tcp/0",
                 "--max-upload-rate",
                 "4000000",
+                "--publisher-key",
+                &publisher.to_string(),
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -39,6 +47,36 @@ fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
         .context("empty bootstrap.addr")?
         .to_string();
 
+    // A publisher the master was not told to trust is refused, with the flag that would
+    // trust it, and the master stores nothing.
+    let refused = Command::new(bins.join("shoal"))
+        .args(["publish"])
+        .arg(&src)
+        .args([
+            "--bootstrap",
+            &bootstrap,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--data-dir",
+        ])
+        .arg(&stranger_dir)
+        .output()?;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "an untrusted publisher was accepted"
+    );
+    assert!(
+        err.contains(&format!("--publisher-key {stranger}")),
+        "the refusal does not name the flag: {err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(master_dir.join("manifests"))?.count(),
+        0,
+        "a refused announce left a manifest"
+    );
+    assert_eq!(std::fs::read_dir(master_dir.join("files"))?.count(), 0);
+
     let publish = Command::new(bins.join("shoal"))
         .args(["publish"])
         .arg(&src)
@@ -49,7 +87,7 @@ fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
             "/ip4/127.0.0.1/tcp/0",
             "--data-dir",
         ])
-        .arg(tmp.path().join("publisher"))
+        .arg(&publisher_dir)
         .stderr(Stdio::inherit())
         .output()?;
     assert!(publish.status.success(), "publish failed");
@@ -151,6 +189,14 @@ fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
         "{text}"
     );
     Ok(())
+}
+
+/// Writes a fresh identity key into `dir` (as `shoal` would create it) and returns its PeerId.
+fn write_key(dir: &Path) -> anyhow::Result<libp2p::PeerId> {
+    std::fs::create_dir_all(dir)?;
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    std::fs::write(dir.join("identity.key"), key.to_protobuf_encoding()?)?;
+    Ok(key.public().to_peer_id())
 }
 
 fn free_port() -> anyhow::Result<u16> {
