@@ -636,6 +636,7 @@ impl EventLoop {
                     .set_region(peer, region.chars().take(MAX_REGION_LEN).collect());
                 MasterResponse::Ack
             }
+            MasterRequest::List => crate::listing::list(&self.policy),
             MasterRequest::Leave => {
                 if self.policy.peer_down(&peer) {
                     tracing::info!(%peer, "mirror left");

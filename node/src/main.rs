@@ -97,6 +97,10 @@ enum Cmd {
         /// (auto); or JSON lines on stdout every second (json); or nothing (none).
         #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
         progress: ProgressMode,
+        /// Serve Prometheus metrics at http://HOST:PORT/metrics (bytes in by source, bytes
+        /// out, blocks verified, download progress).
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics_addr: Option<std::net::SocketAddr>,
         /// Write a JSON summary of the fetch here.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -142,6 +146,14 @@ enum Cmd {
         /// Data directory holding the identity key.
         #[arg(long, env = "SHOAL_DATA_DIR", default_value = "shoal-data")]
         data_dir: PathBuf,
+    },
+    /// List the files the master holds: id, size, blocks the master holds, mirrors, name.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: Common,
     },
     /// Show what the master knows of a file.
     Status {
@@ -308,6 +320,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out,
             seed_time,
             progress,
+            metrics_addr,
             report,
             parallel,
             common,
@@ -316,6 +329,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = join(&common, true, file_id.masters()).await?;
             let file_id = file_id.file();
             let live = Arc::new(FetchProgress::default());
+            if let Some(a) = metrics_addr {
+                let bound =
+                    shoal_node::metrics::NodeMetrics::new(client.clone(), Some(live.clone()))
+                        .spawn_server(a)
+                        .await
+                        .with_context(|| format!("serving metrics at {a}"))?;
+                eprintln!("metrics at http://{bound}/metrics");
+            }
             let mut opts = FetchOptions::new(file_id, &out);
             opts.scheduler.max_transfers = parallel.max(1);
             opts.live = Some(live.clone());
@@ -401,6 +422,52 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(p) = save_manifest {
                 shoal_node::provenance::save_manifest(&m, &p)?;
                 eprintln!("manifest saved to {}", p.display());
+            }
+        }
+        Cmd::Ls { json, common } => {
+            let client = join(&common, false, &[]).await?;
+            let r = client
+                .master_request(shoal_protocol::wire::MasterRequest::List)
+                .await;
+            client.shutdown().await;
+            let (files, total) = match r? {
+                shoal_protocol::wire::MasterResponse::Files { files, total } => (files, total),
+                shoal_protocol::wire::MasterResponse::Refused { reason } => {
+                    anyhow::bail!("the master refused: {reason}")
+                }
+                _ => anyhow::bail!("unexpected answer from the master (an older version?)"),
+            };
+            if json {
+                let v = serde_json::json!({
+                    "total": total,
+                    "files": files.iter().map(|f| serde_json::json!({
+                        "file": f.file.to_string(), "name": f.name, "size": f.size,
+                        "blocks": f.blocks, "master_blocks": f.master_blocks, "mirrors": f.mirrors,
+                    })).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for f in &files {
+                    println!(
+                        "{}  {:>10}  master {}/{}  mirrors {}  {}",
+                        f.file,
+                        human_bytes(f.size),
+                        f.master_blocks,
+                        f.blocks,
+                        f.mirrors,
+                        f.name
+                    );
+                }
+                if (files.len() as u32) < total {
+                    println!(
+                        "... {} more (the master lists at most {})",
+                        total - files.len() as u32,
+                        files.len()
+                    );
+                }
+                if total == 0 {
+                    eprintln!("the master holds no files");
+                }
             }
         }
         Cmd::Id { data_dir } => {

@@ -19,6 +19,7 @@ pub struct FetchProgress {
     bytes_resumed: AtomicU64,
     from_master: AtomicU64,
     from_peers: AtomicU64,
+    blocks_verified: AtomicU64,
 }
 
 /// One reading of a [`FetchProgress`].
@@ -38,6 +39,8 @@ pub struct Snapshot {
     pub bytes_from_master: u64,
     /// Verified bytes received from peers in this run.
     pub bytes_from_peers: u64,
+    /// Blocks received and verified in this run.
+    pub blocks_verified: u64,
 }
 
 impl Snapshot {
@@ -64,6 +67,7 @@ impl FetchProgress {
             bytes_resumed: r(&self.bytes_resumed),
             bytes_from_master: r(&self.from_master),
             bytes_from_peers: r(&self.from_peers),
+            blocks_verified: r(&self.blocks_verified),
         }
     }
 
@@ -77,7 +81,7 @@ impl FetchProgress {
         self.started.store(true, Ordering::Release);
     }
 
-    /// `bytes` more verified, from the master or from a peer.
+    /// One more block of `bytes` verified, from the master or from a peer.
     pub fn add(&self, from_master: bool, bytes: u64) {
         let c = if from_master {
             &self.from_master
@@ -85,6 +89,7 @@ impl FetchProgress {
             &self.from_peers
         };
         c.fetch_add(bytes, Ordering::Relaxed);
+        self.blocks_verified.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -149,6 +154,7 @@ mod tests {
         p.add(false, 2 * 65536);
         let s = p.snapshot();
         assert_eq!(s.fetched(), 3 * 65536);
+        assert_eq!(s.blocks_verified, 2);
         assert_eq!(s.held(), (1 << 20) + 3 * 65536);
         assert_eq!(
             resume_line(&s).as_deref(),

@@ -32,7 +32,7 @@ fn connection_caps_are_flags_with_their_defaults_shown() {
     ] {
         let line = text.lines().position(|l| l.contains(flag));
         let line = line.unwrap_or_else(|| panic!("no {flag} in:\n{text}"));
-        let block: String = text.lines().skip(line).take(3).collect();
+        let block: String = text.lines().skip(line).take(4).collect();
         assert!(block.contains(default), "{flag} without {default}:\n{text}");
     }
 }

@@ -6,7 +6,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::io::{Read, Write};
+
 use anyhow::{bail, Context};
+use sha2::Digest;
 
 /// The directory holding the workspace's binaries, building them if they are missing.
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
@@ -71,4 +74,31 @@ pub fn wait_with_limit(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The SHA-256 of the file at `path`.
+pub fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finalize().into());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// `GET /metrics` from `addr` (HOST:PORT); returns the value of the sample `name` (with
+/// its labels, if any).
+pub fn metric(addr: &str, name: &str) -> anyhow::Result<f64> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().split(' ').next()?.parse().ok())
+        .with_context(|| format!("{name} missing from the master's metrics:\n{text}"))
 }
