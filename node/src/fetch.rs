@@ -53,6 +53,8 @@ pub struct FetchOptions {
     pub scheduler: SchedulerConfig,
     /// Progress callback.
     pub progress: Option<ProgressFn>,
+    /// Live counters (resumed blocks, bytes by source), for progress displays.
+    pub live: Option<Arc<crate::progress::FetchProgress>>,
 }
 
 impl FetchOptions {
@@ -63,6 +65,7 @@ impl FetchOptions {
             out: out.into(),
             scheduler: SchedulerConfig::default(),
             progress: None,
+            live: None,
         }
     }
 }
@@ -164,9 +167,12 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
         .data_dir()
         .join("journals")
         .join(format!("{}.journal", opts.file));
+    // Written as OUT.part and renamed to OUT once the whole file verified: a file at OUT is
+    // always complete. A resume continues the .part.
+    let part = part_path(&opts.out);
     let store = {
         // Reopening re-checks every journaled block: blocking work.
-        let (m, out, j) = (manifest.clone(), opts.out.clone(), journal.clone());
+        let (m, out, j) = (manifest.clone(), part.clone(), journal.clone());
         Arc::new(blocking(move || PieceStore::open(m, &out, &j)).await??)
     };
     client.share(store.clone());
@@ -192,6 +198,14 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
     let held = Arc::new(AtomicU64::new(
         geometry.range_bytes(geometry.all()) - missing_bytes(&store),
     ));
+    if let Some(live) = &opts.live {
+        live.start(
+            geometry.size,
+            manifest.blocks(),
+            blocks_resumed,
+            held.load(Ordering::Relaxed),
+        );
+    }
     tracing::info!(file = %opts.file, blocks = manifest.blocks(), resumed = blocks_resumed, "fetch started");
 
     loop {
@@ -205,17 +219,18 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                     });
                 }
                 Action::Start(t) => {
-                    let (c, tx, m, s, h, p) = (
+                    let (c, tx, m, s, h, p, l) = (
                         client.clone(),
                         tx.clone(),
                         manifest.clone(),
                         store.clone(),
                         held.clone(),
                         opts.progress.clone(),
+                        opts.live.clone(),
                     );
                     let d = opts.scheduler.deadlines.clone();
                     tokio::spawn(async move {
-                        let end = run_transfer(&c, &m, &s, t, &d, &h, p).await;
+                        let end = run_transfer(&c, &m, &s, t, &d, &h, p, l).await;
                         let _ = tx.send(Event::Ended(end)).await;
                     });
                 }
@@ -305,6 +320,7 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
             "every block verified but the whole-file SHA-256 differs (manifest inconsistent)",
         )));
     }
+    std::fs::rename(&part, &opts.out)?;
     let _ = std::fs::remove_file(&journal);
     let report = FetchReport {
         peer_id: client.peer_id().to_string(),
@@ -319,6 +335,13 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
     };
     tracing::info!(file = %opts.file, elapsed_s = report.elapsed_s, "fetch complete");
     Ok(report)
+}
+
+/// Where a download to `out` is written until it is complete: `out` with `.part` appended.
+pub fn part_path(out: &Path) -> PathBuf {
+    let mut name = out.as_os_str().to_os_string();
+    name.push(".part");
+    PathBuf::from(name)
 }
 
 /// Runs `f` (disk work: reading and hashing whole files) on a blocking thread.
@@ -419,6 +442,7 @@ fn ending_of(e: ReceiveError, after_ok: bool) -> Ending {
 /// Receives one transfer under its deadlines (see [`TransferDeadlines`]) and says how it
 /// ended: the facts go through [`Ending::failure`], so only a digest failure reads as
 /// corruption.
+#[allow(clippy::too_many_arguments)] // each is a different shared piece of one fetch
 async fn run_transfer(
     client: &Client,
     manifest: &VerifiedManifest,
@@ -427,6 +451,7 @@ async fn run_transfer(
     deadlines: &TransferDeadlines,
     held: &AtomicU64,
     progress: Option<crate::fetch::ProgressFn>,
+    live: Option<Arc<crate::progress::FetchProgress>>,
 ) -> TransferEnd {
     let peer = t.peer().unwrap_or(client.master());
     let from_master = t.peer().is_none();
@@ -463,6 +488,9 @@ async fn run_transfer(
             store.write_checked_block(b, data)?;
             delivered.fetch_add(1, Ordering::Relaxed);
             let now = held.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+            if let Some(l) = &live {
+                l.add(from_master, data.len() as u64);
+            }
             if let Some(p) = &progress {
                 p(now, total);
             }
