@@ -248,6 +248,11 @@ impl Policy {
         }
         if let Some(p) = self.peers.get_mut(peer) {
             p.live = false;
+            // Out of the load index until it holds blocks again: walks never step over it.
+            if p.indexed {
+                p.indexed = false;
+                self.index.remove(&p.region, p.load, *peer);
+            }
         }
         was_mirror
     }

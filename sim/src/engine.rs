@@ -28,7 +28,7 @@ use shoal_protocol::wire::{Assignment, Problem, RefuseReason};
 
 use crate::net::{FlowId, LinkId, Net, Reschedule};
 use crate::redirect::{self, PolicyKind, Redirector};
-use crate::scenario::{ArrivalMode, Scenario};
+use crate::scenario::{ArrivalMode, ChaosMode, Scenario};
 
 /// How a node behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +106,8 @@ pub struct Outcome {
     pub events: u64,
     /// Whether the run stopped at the time limit with honest nodes unfinished.
     pub hit_limit: bool,
+    /// Blocks the master delivered more than once (the second and later deliveries).
+    pub origin_resent_blocks: u64,
 }
 
 /// Progress, for a progress bar.
@@ -271,6 +273,8 @@ struct Engine<'a> {
     limit: u64,
     hit_limit: bool,
     trace: bool,
+    /// Per block, deliveries by the master.
+    master_sent: Vec<u32>,
 }
 
 impl<'a> Engine<'a> {
@@ -297,9 +301,10 @@ impl<'a> Engine<'a> {
         net.observe(master_up);
         let blocks = sc.blocks();
         let mut nodes = Vec::with_capacity(n);
+        let mut group_of = Vec::with_capacity(n);
         let mut peers = Vec::with_capacity(n);
         let mut addrs = Vec::with_capacity(n);
-        for g in &sc.groups {
+        for (gi, g) in sc.groups.iter().enumerate() {
             let region = regions.iter().position(|r| *r == g.region).unwrap_or(0);
             for _ in 0..g.count {
                 let mut key: [u8; 32] = rng.gen();
@@ -311,11 +316,18 @@ impl<'a> Engine<'a> {
                 let up = net.add_link(up_cap);
                 let down = net.add_link(down_cap);
                 addrs.push(Multiaddr::empty().with(Protocol::Memory(nodes.len() as u64 + 1)));
+                group_of.push(gi);
                 peers.push(peer);
                 nodes.push(Node {
                     peer,
                     region,
-                    role: Role::Honest,
+                    role: match g.chaos {
+                        None => Role::Honest,
+                        Some(ChaosMode::Corrupt) => Role::Corrupt,
+                        Some(ChaosMode::LieHave) => Role::LieHave,
+                        Some(ChaosMode::Stall) => Role::Stall,
+                        Some(ChaosMode::FalseAccuse) => Role::FalseAccuse,
+                    },
                     up_cap,
                     down_cap,
                     up,
@@ -342,8 +354,8 @@ impl<'a> Engine<'a> {
                 });
             }
         }
-        // Misbehaving nodes: a random choice, by share.
-        let mut order: Vec<usize> = (0..n).collect();
+        // Misbehaving nodes: a random choice among the others, by share.
+        let mut order: Vec<usize> = (0..n).filter(|i| nodes[*i].role == Role::Honest).collect();
         order.shuffle(&mut rng);
         let mut next = 0;
         for (share, role) in [
@@ -401,21 +413,27 @@ impl<'a> Engine<'a> {
             limit,
             hit_limit: false,
             trace: std::env::var_os("SHOAL_SIM_TRACE").is_some(),
+            master_sent: vec![0; blocks as usize],
         };
         // Arrivals.
-        match sc.arrivals.mode {
-            ArrivalMode::Flash => {
-                for i in 0..n {
-                    e.push(0, Ev::Arrive(i));
+        // Arrivals, per group from its start time.
+        for (gi, g) in sc.groups.iter().enumerate() {
+            let mut members: Vec<usize> = (0..n).filter(|i| group_of[*i] == gi).collect();
+            match sc.arrivals.mode {
+                ArrivalMode::Flash => {
+                    for i in members {
+                        e.push(ns(g.start_s), Ev::Arrive(i));
+                    }
                 }
-            }
-            ArrivalMode::Poisson => {
-                let mut order: Vec<usize> = (0..n).collect();
-                order.shuffle(&mut e.rng);
-                let mut t = 0.0;
-                for i in order {
-                    e.push(ns(t), Ev::Arrive(i));
-                    t += e.exp(sc.arrivals.rate);
+                ArrivalMode::Poisson => {
+                    members.shuffle(&mut e.rng);
+                    // The crowd's rate, shared by the groups in proportion to their size.
+                    let rate = sc.arrivals.rate * g.count as f64 / n as f64;
+                    let mut t = g.start_s;
+                    for i in members {
+                        e.push(ns(t), Ev::Arrive(i));
+                        t += e.exp(rate);
+                    }
                 }
             }
         }
@@ -998,7 +1016,12 @@ impl<'a> Engine<'a> {
         let bytes = self.range_bytes(got);
         let node = &mut self.nodes[dst];
         match src {
-            None => node.from_master += bytes,
+            None => {
+                node.from_master += bytes;
+                for b in got.iter() {
+                    self.master_sent[b as usize] += 1;
+                }
+            }
             Some(_) => node.from_peers += bytes,
         }
         if let Some(s) = src {
@@ -1070,6 +1093,11 @@ impl<'a> Engine<'a> {
             virtual_s: self.now as f64 / NS,
             events: self.events,
             hit_limit: self.hit_limit,
+            origin_resent_blocks: self
+                .master_sent
+                .iter()
+                .map(|c| u64::from(c.saturating_sub(1)))
+                .sum(),
         }
     }
 }

@@ -246,7 +246,7 @@ impl Net {
         let stamp = self.stamp;
         let mut links = std::mem::take(&mut self.scratch_links);
         links.clear();
-        let mut mark = |links: &mut Vec<LinkId>, all: &mut Vec<Link>, l: LinkId| {
+        let mark = |links: &mut Vec<LinkId>, all: &mut Vec<Link>, l: LinkId| {
             if all[l].stamp != stamp {
                 all[l].stamp = stamp;
                 links.push(l);

@@ -34,6 +34,8 @@ pub struct Summary {
     pub origin_bytes: u64,
     /// `origin_bytes / file_bytes`: copies of the file the origin sent.
     pub origin_egress_ratio: f64,
+    /// Blocks the master delivered more than once (second and later deliveries).
+    pub origin_resent_blocks: u64,
     /// Bytes sent between nodes.
     pub peer_bytes: u64,
     /// Kumar-Ross: `max(F/u_s, F/d_min, N F/(u_s + sum u_i))` with this run's capacities.
@@ -133,6 +135,7 @@ impl Summary {
             file_bytes: f,
             origin_bytes: o.origin_bytes,
             origin_egress_ratio: round(o.origin_bytes as f64 / f as f64),
+            origin_resent_blocks: o.origin_resent_blocks,
             peer_bytes: o.peer_bytes,
             lower_bound_s: round(bound),
             completion_p50_s: round(p50),
@@ -193,8 +196,8 @@ impl Summary {
         }
         let _ = writeln!(
             s,
-            "origin egress              {:>10.3} x F   ({} bytes)",
-            self.origin_egress_ratio, self.origin_bytes
+            "origin egress              {:>10.3} x F   ({} bytes, {} blocks sent again)",
+            self.origin_egress_ratio, self.origin_bytes, self.origin_resent_blocks
         );
         let _ = writeln!(
             s,

@@ -242,6 +242,25 @@ pub struct GroupSpec {
     /// Concurrent piece uploads per node (over that: `Busy`).
     #[serde(default = "default_node_slots")]
     pub upload_slots: usize,
+    /// When the group starts arriving, seconds (flash: all then; poisson: from then on).
+    #[serde(default)]
+    pub start_s: f64,
+    /// Every node of the group misbehaves this way (besides the `[chaos]` shares).
+    pub chaos: Option<ChaosMode>,
+}
+
+/// A misbehaviour, as the node's `--chaos` modes name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChaosMode {
+    /// Serves a flipped byte in every block.
+    Corrupt,
+    /// Claims every block, holds none.
+    LieHave,
+    /// Accepts piece requests and sends nothing.
+    Stall,
+    /// Reports every peer it downloaded from as corrupt.
+    FalseAccuse,
 }
 
 fn default_node_slots() -> usize {
@@ -573,6 +592,9 @@ impl Scenario {
             return Err(format!("{n} nodes in all; 1 to 1,000,000 allowed"));
         }
         for (i, g) in self.groups.iter().enumerate() {
+            if !(g.start_s.is_finite() && g.start_s >= 0.0) {
+                return Err(format!("group[{i}].start_s must be >= 0"));
+            }
             if g.upload_slots == 0 {
                 return Err(format!("group[{i}].upload_slots must be at least 1"));
             }
