@@ -1020,6 +1020,12 @@ impl<'a> Engine<'a> {
                 node.from_master += bytes;
                 for b in got.iter() {
                     self.master_sent[b as usize] += 1;
+                    if self.trace && self.master_sent[b as usize] > 1 {
+                        eprintln!(
+                            "t={:.3} RESENT block {b} to node {dst}",
+                            self.now as f64 / NS
+                        );
+                    }
                 }
             }
             Some(_) => node.from_peers += bytes,
