@@ -103,7 +103,7 @@ impl std::str::FromStr for Size {
         let (v, unit) = split_number(s).ok_or_else(bad)?;
         let f = size_factor(unit).ok_or_else(bad)?;
         let bytes = v * f;
-        if !(bytes.is_finite() && bytes >= 1.0 && bytes < 1e15) {
+        if !(bytes.is_finite() && (1.0..1e15).contains(&bytes)) {
             return Err(format!("size {s:?} out of range (1 B to 1 PB)"));
         }
         Ok(Size(bytes.round() as u64))
