@@ -652,6 +652,20 @@ impl Policy {
         self.peers.get(peer).map_or(0, |p| p.load)
     }
 
+    /// One line per registered file, for `shoal ls` (unsorted).
+    pub fn listing(&self) -> impl Iterator<Item = shoal_protocol::wire::ListedFile> + '_ {
+        self.files
+            .iter()
+            .map(|(id, f)| shoal_protocol::wire::ListedFile {
+                file: *id,
+                name: f.name.clone(),
+                size: f.size,
+                blocks: f.blocks,
+                master_blocks: f.master_has.count(),
+                mirrors: f.holders.len() as u32,
+            })
+    }
+
     /// What the master knows of `file`.
     pub fn status(&self, file: &FileId) -> Option<FileStatus> {
         let f = self.files.get(file)?;

@@ -114,15 +114,43 @@ impl Master {
             .behaviour_mut()
             .gossipsub
             .subscribe(&Behaviour::authority_topic());
+        let mut listeners = std::collections::HashSet::new();
         for addr in &cfg.listen {
-            swarm.listen_on(addr.clone()).map_err(|e| net(&e))?;
+            let id = swarm.listen_on(addr.clone()).map_err(|e| {
+                net(&format!(
+                    "cannot listen on {addr}: {}",
+                    shoal_net::cli::error_chain(&e)
+                ))
+            })?;
+            listeners.insert(id);
         }
-        // Wait until every listener reported its address.
+        // Wait until every listener reported an address; a wildcard listener (0.0.0.0)
+        // reports one per interface in a burst, so keep taking them until a quiet moment:
+        // the operator is shown every address, not just the first.
+        let wildcard = cfg.listen.iter().any(|a| {
+            a.iter().any(|p| match p {
+                Protocol::Ip4(ip) => ip.is_unspecified(),
+                Protocol::Ip6(ip) => ip.is_unspecified(),
+                _ => false,
+            })
+        });
         let mut addrs = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while addrs.len() < cfg.listen.len() {
-            match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
-                Ok(SwarmEvent::NewListenAddr { address, .. }) => {
+        loop {
+            let until = if listeners.is_empty() {
+                if !wildcard {
+                    break;
+                }
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(300))
+            } else {
+                deadline
+            };
+            match tokio::time::timeout_at(until, swarm.select_next_some()).await {
+                Ok(SwarmEvent::NewListenAddr {
+                    address,
+                    listener_id,
+                }) => {
+                    listeners.remove(&listener_id);
                     addrs.push(address.with(Protocol::P2p(peer_id)))
                 }
                 Ok(SwarmEvent::ListenerError { error, .. }) => return Err(net(&error)),
@@ -130,9 +158,18 @@ impl Master {
                     return Err(net(&format!("listener closed: {reason:?}")))
                 }
                 Ok(_) => {}
+                Err(_) if listeners.is_empty() => break,
                 Err(_) => return Err(net(&"timed out waiting for listeners")),
             }
         }
+        // Addresses another machine can dial first.
+        addrs.sort_by_key(|a| {
+            a.iter().any(|p| match p {
+                Protocol::Ip4(ip) => ip.is_loopback(),
+                Protocol::Ip6(ip) => ip.is_loopback(),
+                _ => false,
+            })
+        });
         let addr_file: String = addrs.iter().map(|a| format!("{a}\n")).collect();
         let path = registry.dir().join("bootstrap.addr");
         tokio::task::spawn_blocking(move || {
@@ -214,7 +251,7 @@ impl Master {
         self.peer_id
     }
 
-    /// Dialable addresses, each ending in `/p2p/<PeerId>`.
+    /// Dialable addresses, each ending in `/p2p/<PeerId>`, non-loopback ones first.
     pub fn addrs(&self) -> &[Multiaddr] {
         &self.addrs
     }
@@ -601,6 +638,7 @@ impl EventLoop {
                     .set_region(peer, region.chars().take(MAX_REGION_LEN).collect());
                 MasterResponse::Ack
             }
+            MasterRequest::List => crate::listing::list(&self.policy),
             MasterRequest::Leave => {
                 if self.policy.peer_down(&peer) {
                     tracing::info!(%peer, "mirror left");

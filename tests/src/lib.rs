@@ -1,5 +1,7 @@
 //! Helpers for cross-crate tests and examples: in-process clusters on loopback TCP.
 
+pub mod raw;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -8,6 +10,8 @@ use libp2p::Multiaddr;
 use shoal_master::{Master, MasterConfig, PolicyConfig, PublishPolicy, PublishQuotas};
 use shoal_node::{Client, FetchOptions, FetchReport, NodeConfig};
 use shoal_protocol::FileId;
+
+pub mod procs;
 
 /// Loopback listen address with an OS-chosen port.
 pub fn loopback() -> Multiaddr {
