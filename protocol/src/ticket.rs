@@ -51,10 +51,10 @@ pub enum ParseTicketError {
     Address(String, String),
     /// An address without `/p2p/<PeerId>`.
     #[error("master address {0} does not end in /p2p/<master PeerId>")]
-    NoPeerId(Multiaddr),
+    NoPeerId(Box<Multiaddr>),
     /// Addresses naming different masters.
-    #[error("the ticket's addresses name different masters ({0} and {1})")]
-    MixedMasters(PeerId, PeerId),
+    #[error("the ticket's addresses name different masters ({} and {})", .0.0, .0.1)]
+    MixedMasters(Box<(PeerId, PeerId)>),
 }
 
 fn peer_at_end(a: &Multiaddr) -> Option<PeerId> {
@@ -83,10 +83,11 @@ impl Ticket {
         }
         let mut master = None;
         for a in &self.masters {
-            let p = peer_at_end(a).ok_or_else(|| ParseTicketError::NoPeerId(a.clone()))?;
+            let p =
+                peer_at_end(a).ok_or_else(|| ParseTicketError::NoPeerId(Box::new(a.clone())))?;
             match master {
                 None => master = Some(p),
-                Some(m) if m != p => return Err(ParseTicketError::MixedMasters(m, p)),
+                Some(m) if m != p => return Err(ParseTicketError::MixedMasters(Box::new((m, p)))),
                 Some(_) => {}
             }
         }
@@ -185,11 +186,11 @@ mod tests {
             (format!("shoal:{id}@"), ParseTicketError::AddressCount(0)),
             (
                 format!("shoal:{id}@/ip4/10.0.0.1/tcp/1"),
-                ParseTicketError::NoPeerId("/ip4/10.0.0.1/tcp/1".parse().unwrap()),
+                ParseTicketError::NoPeerId(Box::new("/ip4/10.0.0.1/tcp/1".parse().unwrap())),
             ),
             (
                 format!("shoal:{id}@{a},{}", addr([10, 0, 0, 2], 1, q)),
-                ParseTicketError::MixedMasters(p, q),
+                ParseTicketError::MixedMasters(Box::new((p, q))),
             ),
             ("x".repeat(MAX_TICKET_LEN + 1), ParseTicketError::TooLong),
         ];
