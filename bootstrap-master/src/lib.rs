@@ -22,6 +22,7 @@ mod announce;
 pub mod bans;
 pub mod config;
 mod enforce;
+mod listing;
 pub mod metrics;
 pub mod policy;
 pub mod probe;

@@ -1,6 +1,6 @@
 //! `shoal-master`: run a shoal master, or register a file with one.
 
-use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -118,6 +118,11 @@ impl Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Register a local file (the operator's way to publish). Prints its file id.
+    ///
+    /// The file is copied into the data dir (so it needs that much free space there): the
+    /// master must serve exactly the bytes it signed, and a copy cannot change or vanish under
+    /// it when the original is edited, moved or deleted. A running master on the same data
+    /// dir picks the file up within seconds.
     Add {
         /// The file.
         file: PathBuf,
@@ -125,15 +130,22 @@ enum Cmd {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libp2p=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+async fn main() -> ExitCode {
+    // kad warns "Failed to trigger bootstrap: No known peers" whenever a listen address comes
+    // up while no peer is connected, i.e. on every start of the master, which is where
+    // everyone else bootstraps from; its automatic bootstrap cannot be turned off (only the
+    // periodic one, which the master's behaviour does). RUST_LOG still shows it.
+    shoal_net::cli::init_logging("info,libp2p=warn,libp2p_kad::behaviour=error");
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", shoal_net::cli::error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Cmd::Add { file }) => {
             let reg = Registry::open(&cli.data_dir)
@@ -143,14 +155,31 @@ async fn main() -> anyhow::Result<()> {
                 .add_local(&file, &key)
                 .with_context(|| format!("adding {}", file.display()))?;
             eprintln!(
-                "added {} ({} bytes, {} blocks); a running master picks it up within seconds",
+                "added {} ({} bytes, {} blocks; copied into the data dir); a running master picks it up within seconds",
                 m.body().name,
                 m.body().size,
                 m.blocks()
             );
+            // A ticket needs the master's addresses: those of its last start, if any.
+            let addrs: Vec<Multiaddr> =
+                std::fs::read_to_string(cli.data_dir.join("bootstrap.addr"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .take(shoal_protocol::ticket::MAX_TICKET_ADDRS)
+                    .collect();
+            match shoal_protocol::ticket::Ticket::new(m.id(), addrs) {
+                Ok(t) => eprintln!("ticket (shoal fetch TICKET --out PATH): {t}"),
+                Err(_) => eprintln!(
+                    "(start the master once to get a ticket: it needs the master's addresses)"
+                ),
+            }
             println!("{}", m.id());
         }
         None => {
+            // One master per data dir: a second one would share its PeerId and overwrite its
+            // bootstrap.addr.
+            let _lock = shoal_net::lock_data_dir(&cli.data_dir)?;
             let publishing = cli.publishing()?;
             let cfg = MasterConfig::new(&cli.data_dir)
                 .with_listen(cli.listen.clone())
@@ -160,7 +189,11 @@ async fn main() -> anyhow::Result<()> {
                 .with_min_free_disk(cli.min_free_disk)
                 .with_connection_caps(cli.connection_caps()?);
             let mut master = Master::start(cfg).await.context("starting the master")?;
-            eprintln!("shoal master {} is up; nodes join with:", master.peer_id());
+            eprintln!(
+                "shoal master {} is up; nodes join with one of (--bootstrap):",
+                master.peer_id()
+            );
+            // Every address, the ones another machine can dial first.
             for a in master.addrs() {
                 println!("{a}");
             }

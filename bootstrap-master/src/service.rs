@@ -29,7 +29,7 @@ use shoal_net::{
 use shoal_protocol::{
     behaviour::{Behaviour, BehaviourEvent, Role},
     block::{BlockRange, Blocks},
-    limits::MAX_REGION_LEN,
+    limits::{MAX_HINT_ADDRS, MAX_REGION_LEN},
     wire::{
         encode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
         MasterResponse, Source,
@@ -44,7 +44,7 @@ use crate::config::{MasterConfig, MasterError};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::probe::ProbeQueue;
-use crate::pull::PullTask;
+use crate::pull::{PullError, PullTask};
 use crate::registry::{DiskWriter, Registry, StoredFile};
 use crate::report::ProbeJob;
 use crate::serve::{MasterSource, Shelf, ShelfEntry};
@@ -69,9 +69,9 @@ pub(crate) enum Internal {
     PullFinished {
         file: FileId,
         publisher: PeerId,
-        result: Result<(), String>,
+        result: Result<(), PullError>,
     },
-    Stored(Box<Storing>, Result<(), String>),
+    Stored(Box<Storing>, Result<Arc<VerifiedManifest>, String>),
     Rescanned(Vec<(StoredFile, Blocks)>),
     Probed {
         suspect: PeerId,
@@ -114,15 +114,43 @@ impl Master {
             .behaviour_mut()
             .gossipsub
             .subscribe(&Behaviour::authority_topic());
+        let mut listeners = std::collections::HashSet::new();
         for addr in &cfg.listen {
-            swarm.listen_on(addr.clone()).map_err(|e| net(&e))?;
+            let id = swarm.listen_on(addr.clone()).map_err(|e| {
+                net(&format!(
+                    "cannot listen on {addr}: {}",
+                    shoal_net::cli::error_chain(&e)
+                ))
+            })?;
+            listeners.insert(id);
         }
-        // Wait until every listener reported its address.
+        // Wait until every listener reported an address; a wildcard listener (0.0.0.0)
+        // reports one per interface in a burst, so keep taking them until a quiet moment:
+        // the operator is shown every address, not just the first.
+        let wildcard = cfg.listen.iter().any(|a| {
+            a.iter().any(|p| match p {
+                Protocol::Ip4(ip) => ip.is_unspecified(),
+                Protocol::Ip6(ip) => ip.is_unspecified(),
+                _ => false,
+            })
+        });
         let mut addrs = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while addrs.len() < cfg.listen.len() {
-            match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
-                Ok(SwarmEvent::NewListenAddr { address, .. }) => {
+        loop {
+            let until = if listeners.is_empty() {
+                if !wildcard {
+                    break;
+                }
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(300))
+            } else {
+                deadline
+            };
+            match tokio::time::timeout_at(until, swarm.select_next_some()).await {
+                Ok(SwarmEvent::NewListenAddr {
+                    address,
+                    listener_id,
+                }) => {
+                    listeners.remove(&listener_id);
                     addrs.push(address.with(Protocol::P2p(peer_id)))
                 }
                 Ok(SwarmEvent::ListenerError { error, .. }) => return Err(net(&error)),
@@ -130,9 +158,18 @@ impl Master {
                     return Err(net(&format!("listener closed: {reason:?}")))
                 }
                 Ok(_) => {}
+                Err(_) if listeners.is_empty() => break,
                 Err(_) => return Err(net(&"timed out waiting for listeners")),
             }
         }
+        // Addresses another machine can dial first.
+        addrs.sort_by_key(|a| {
+            a.iter().any(|p| match p {
+                Protocol::Ip4(ip) => ip.is_loopback(),
+                Protocol::Ip6(ip) => ip.is_loopback(),
+                _ => false,
+            })
+        });
         let addr_file: String = addrs.iter().map(|a| format!("{a}\n")).collect();
         let path = registry.dir().join("bootstrap.addr");
         tokio::task::spawn_blocking(move || {
@@ -177,7 +214,7 @@ impl Master {
             metrics: metrics.clone(),
             internal_tx: int_tx,
             gate: PublishGate::new(cfg.publishing.clone(), peer_id),
-            storing: HashSet::new(),
+            storing: HashMap::new(),
             pulling: HashMap::new(),
             awaiting: HashMap::new(),
             rescanning: false,
@@ -214,7 +251,7 @@ impl Master {
         self.peer_id
     }
 
-    /// Dialable addresses, each ending in `/p2p/<PeerId>`.
+    /// Dialable addresses, each ending in `/p2p/<PeerId>`, non-loopback ones first.
     pub fn addrs(&self) -> &[Multiaddr] {
         &self.addrs
     }
@@ -286,8 +323,8 @@ pub(crate) struct EventLoop {
     pub(crate) internal_tx: mpsc::Sender<Internal>,
     /// Who may publish; what each publisher holds and pulls.
     pub(crate) gate: PublishGate,
-    /// Announces whose manifest is being written.
-    pub(crate) storing: HashSet<FileId>,
+    /// Announces being checked and stored off the loop, with their sizes.
+    pub(crate) storing: HashMap<FileId, u64>,
     /// Pulls running.
     pub(crate) pulling: HashMap<FileId, PullTask>,
     /// Incomplete files whose pull stopped, by publisher: resumed when it reconnects or
@@ -336,7 +373,7 @@ impl EventLoop {
         self.rescanning = false;
         for (f, have) in found {
             let id = f.manifest.id();
-            if self.policy.has_file(&id) || self.storing.contains(&id) {
+            if self.policy.has_file(&id) || self.storing.contains_key(&id) {
                 continue;
             }
             let publisher = f.manifest.publisher();
@@ -468,6 +505,8 @@ impl EventLoop {
                         !a.iter()
                             .any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified()))
                     })
+                    // A peer names as many addresses as it likes; the master keeps a hint's worth.
+                    .take(MAX_HINT_ADDRS)
                     .collect();
                 for a in &addrs {
                     self.swarm
@@ -599,6 +638,7 @@ impl EventLoop {
                     .set_region(peer, region.chars().take(MAX_REGION_LEN).collect());
                 MasterResponse::Ack
             }
+            MasterRequest::List => crate::listing::list(&self.policy),
             MasterRequest::Leave => {
                 if self.policy.peer_down(&peer) {
                     tracing::info!(%peer, "mirror left");

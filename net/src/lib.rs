@@ -7,6 +7,8 @@
 //!   an optional upload rate limit; what to serve comes from a [`serve::PieceSource`].
 //! - [`keyfile`]: identity keys loaded or created with mode 0600, and durable atomic writes.
 //! - [`swarm`]: the libp2p swarm (TCP+noise+yamux and QUIC, the shoal [`Behaviour`]).
+//! - [`cli`]: logging set-up and one-line error reports for the binaries.
+//! - [`lock`]: one process per data directory ("data dir X is in use by process N").
 //! - [`task`]: supervision of event-loop tasks, so that a panic ends the process with a
 //!   non-zero exit instead of leaving it running deaf.
 //!
@@ -15,12 +17,15 @@
 //! [`Behaviour`]: shoal_protocol::behaviour::Behaviour
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod cli;
 pub mod keyfile;
+pub mod lock;
 pub mod serve;
 pub mod swarm;
 pub mod task;
 
 pub use keyfile::{load_or_create_key, write_atomic, KeyError};
-pub use serve::{BlockReader, PieceServer, PieceSource, Serve, ServeConfig};
+pub use lock::{lock_data_dir, DataDirLock, LockError};
+pub use serve::{BlockReader, FileBlocks, PieceServer, PieceSource, Serve, ServeConfig};
 pub use swarm::{build_swarm, SwarmError, SwarmOptions};
 pub use task::{spawn_critical, CriticalTask, PanicWatch};

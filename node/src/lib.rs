@@ -7,11 +7,15 @@
 //! - [`scheduler`]: the pure download state machine;
 //! - [`store`]: the file on disk and the journal of verified blocks;
 //! - [`service`]: the swarm event loop, the [`Client`] handle and the piece server;
-//! - [`fetch`]: fetch, publish and seed, driving the scheduler through the client.
+//! - [`fetch`]: fetch, publish and seed, driving the scheduler through the client;
+//! - [`progress`]: live counters of a fetch, for bars and progress lines;
+//! - [`metrics`]: the node's Prometheus endpoint (`--metrics-addr`).
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod chaos;
 pub mod fetch;
+pub mod metrics;
+pub mod progress;
 pub mod provenance;
 pub mod scheduler;
 pub mod service;

@@ -1,13 +1,23 @@
 //! `shoal`: publish, fetch, seed and inspect files on a shoal swarm.
 
-use std::{io::IsTerminal, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    io::IsTerminal,
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use libp2p::Multiaddr;
-use shoal_node::{fetch::ProgressFn, FetchOptions, NodeConfig};
+use shoal_node::{
+    progress::{human_bytes, progress_line, resume_line, FetchProgress},
+    FetchOptions, NodeConfig,
+};
 use shoal_protocol::{
     behaviour::{ConnectionCaps, Role},
+    ticket::Ticket,
     FileId,
 };
 
@@ -23,9 +33,10 @@ struct Cli {
 
 #[derive(clap::Args, Debug, Clone)]
 struct Common {
-    /// The master's address, ending in /p2p/<PeerId> (see the master's bootstrap.addr).
+    /// The master's address, ending in /p2p/<PeerId> (the master prints it and writes it to
+    /// bootstrap.addr). Not needed with a ticket.
     #[arg(long, env = "SHOAL_BOOTSTRAP")]
-    bootstrap: Multiaddr,
+    bootstrap: Option<Multiaddr>,
     /// Data directory: this node's identity key and download journals.
     #[arg(long, env = "SHOAL_DATA_DIR", default_value = "shoal-data")]
     data_dir: PathBuf,
@@ -63,16 +74,33 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
-    /// Download a file, verifying every block; serve it to others meanwhile and after.
+    /// Download a file, verifying every block; serve it to others meanwhile and for 60 s after.
+    ///
+    /// After the download, `shoal fetch` keeps running and serving the file to other nodes
+    /// for --seed-time seconds (default 60; Ctrl-C stops it early, `--seed-time 0` exits at
+    /// once), so that nodes still fetching find peers instead of the master. The file is
+    /// written to OUT.part and renamed to OUT once every block and the whole-file SHA-256
+    /// verified; --report is written then and again at exit (with the bytes served while
+    /// seeding).
     Fetch {
-        /// The file id (as printed by publish or `shoal-master add`).
-        file_id: FileId,
+        /// The file: a ticket (shoal:<file id>@<master address>, as printed by publish or
+        /// `shoal-master add`; then --bootstrap is not needed) or a file id.
+        #[arg(value_name = "TICKET|FILE_ID")]
+        file_id: Target,
         /// Where to write the file. Restarting with the same --out and --data-dir resumes.
         #[arg(long)]
         out: PathBuf,
         /// Seconds to keep serving after the download completes (0: exit at once).
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
         seed_time: u64,
+        /// How to show progress: a bar when stderr is a terminal, else a line every 5 s
+        /// (auto); or JSON lines on stdout every second (json); or nothing (none).
+        #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+        progress: ProgressMode,
+        /// Serve Prometheus metrics at http://HOST:PORT/metrics (bytes in by source, bytes
+        /// out, blocks verified, download progress).
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics_addr: Option<std::net::SocketAddr>,
         /// Write a JSON summary of the fetch here.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -94,8 +122,9 @@ enum Cmd {
     },
     /// Show who published a file and which master countersigned it (signatures checked).
     Inspect {
-        /// The file id.
-        file_id: FileId,
+        /// The file: a ticket or a file id.
+        #[arg(value_name = "TICKET|FILE_ID")]
+        file_id: Target,
         /// Also save the manifest here, for `shoal verify`.
         #[arg(long)]
         save_manifest: Option<PathBuf>,
@@ -111,10 +140,26 @@ enum Cmd {
         #[arg(long)]
         manifest: PathBuf,
     },
+    /// Print this node's PeerId (creating its key in the data dir if needed): what a master's
+    /// --publisher-key needs to trust this node's `shoal publish`.
+    Id {
+        /// Data directory holding the identity key.
+        #[arg(long, env = "SHOAL_DATA_DIR", default_value = "shoal-data")]
+        data_dir: PathBuf,
+    },
+    /// List the files the master holds: id, size, blocks the master holds, mirrors, name.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Show what the master knows of a file.
     Status {
-        /// The file id.
-        file_id: FileId,
+        /// The file: a ticket or a file id.
+        #[arg(value_name = "TICKET|FILE_ID")]
+        file_id: Target,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -127,7 +172,70 @@ fn node_caps() -> ConnectionCaps {
     ConnectionCaps::for_role(Role::Node)
 }
 
-async fn join(c: &Common) -> anyhow::Result<shoal_node::Client> {
+/// How `shoal fetch` shows progress.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ProgressMode {
+    /// A bar when stderr is a terminal, else a progress line on stderr every 5 s.
+    Auto,
+    /// JSON lines on stdout, one a second and one at the end.
+    Json,
+    /// Nothing.
+    None,
+}
+
+/// What a command is about: a file id, or a ticket (a file id and the master's addresses).
+#[derive(Clone, Debug)]
+enum Target {
+    Id(FileId),
+    Ticket(Ticket),
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim_start().starts_with(shoal_protocol::ticket::SCHEME) {
+            s.parse()
+                .map(Target::Ticket)
+                .map_err(|e| format!("not a ticket: {e}"))
+        } else {
+            s.parse()
+                .map(Target::Id)
+                .map_err(|e: shoal_protocol::manifest::ParseFileIdError| e.to_string())
+        }
+    }
+}
+
+impl Target {
+    fn file(&self) -> FileId {
+        match self {
+            Target::Id(f) => *f,
+            Target::Ticket(t) => t.file,
+        }
+    }
+
+    fn masters(&self) -> &[Multiaddr] {
+        match self {
+            Target::Id(_) => &[],
+            Target::Ticket(t) => &t.masters,
+        }
+    }
+}
+
+/// Joins the swarm at --bootstrap, or else at the ticket's addresses, in order. Read-only
+/// commands (`identity: false`) use a throw-away key and leave no files behind.
+async fn join(
+    c: &Common,
+    identity: bool,
+    ticket_masters: &[Multiaddr],
+) -> anyhow::Result<shoal_node::Client> {
+    let candidates = match &c.bootstrap {
+        Some(b) => vec![b.clone()],
+        None => ticket_masters.to_vec(),
+    };
+    let mut last = anyhow::anyhow!(
+        "no master address: pass --bootstrap ADDR (the master prints its addresses when it \
+         starts) or a ticket (shoal:...) instead of a file id"
+    );
     let defaults = node_caps();
     let caps = ConnectionCaps {
         per_peer: c.max_connections_per_peer.max(1),
@@ -136,31 +244,60 @@ async fn join(c: &Common) -> anyhow::Result<shoal_node::Client> {
         established_total: c.max_connections.max(1),
         ..defaults
     };
-    let cfg = NodeConfig::new(&c.data_dir, c.bootstrap.clone())
-        .with_listen(c.listen.clone())
-        .with_max_upload_rate(c.max_upload_rate)
-        .with_region(c.region.clone())
-        .with_connection_caps(caps)
-        // A node whose event loop died must not linger: exit 101.
-        .with_exit_on_panic(true);
-    #[cfg(feature = "chaos")]
-    let cfg = cfg.with_chaos(c.chaos);
-    shoal_node::start(cfg)
-        .await
-        .with_context(|| format!("joining the swarm at {}", c.bootstrap))
+    for (i, bootstrap) in candidates.iter().enumerate() {
+        let cfg = NodeConfig::new(&c.data_dir, bootstrap.clone())
+            .with_listen(c.listen.clone())
+            .with_max_upload_rate(c.max_upload_rate)
+            .with_region(c.region.clone())
+            .with_connection_caps(caps.clone())
+            // A node whose event loop died must not linger: exit 101.
+            .with_exit_on_panic(true)
+            .with_ephemeral_identity(!identity);
+        #[cfg(feature = "chaos")]
+        let cfg = cfg.with_chaos(c.chaos);
+        match shoal_node::start(cfg).await {
+            Ok(client) => return Ok(client),
+            Err(e) if i + 1 < candidates.len() => {
+                eprintln!("{e}; trying the ticket's next address");
+            }
+            Err(e) => last = e.into(),
+        }
+    }
+    Err(last)
+}
+
+/// One process per data dir: a second one fails at once, naming the first.
+fn lock(c: &Common) -> anyhow::Result<shoal_net::DataDirLock> {
+    Ok(shoal_net::lock_data_dir(&c.data_dir)?)
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+async fn main() -> ExitCode {
+    shoal_net::cli::init_logging("warn");
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", shoal_net::cli::error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
         Cmd::Publish { file, common } => {
-            let client = join(&common).await?;
+            // The file first: a missing one fails before joining anything.
+            let meta = std::fs::metadata(&file)
+                .with_context(|| format!("cannot publish {}", file.display()))?;
+            anyhow::ensure!(
+                meta.is_file(),
+                "cannot publish {}: not a regular file",
+                file.display()
+            );
+            std::fs::File::open(&file)
+                .with_context(|| format!("cannot publish {}", file.display()))?;
+            let _lock = lock(&common)?;
+            let client = join(&common, true, &[]).await?;
             let key =
                 shoal_node::service::load_or_create_key(&common.data_dir.join("identity.key"))?;
             eprintln!("publishing {} as {}", file.display(), client.peer_id());
@@ -169,78 +306,106 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("publishing {}", file.display()))?;
             eprintln!("the master holds every block");
             client.shutdown().await;
+            if let Some(t) = common
+                .bootstrap
+                .as_ref()
+                .and_then(|b| Ticket::new(id, vec![b.clone()]).ok())
+            {
+                eprintln!("ticket (shoal fetch TICKET --out PATH): {t}");
+            }
             println!("{id}");
         }
         Cmd::Fetch {
             file_id,
             out,
             seed_time,
+            progress,
+            metrics_addr,
             report,
             parallel,
             common,
         } => {
-            let client = join(&common).await?;
+            let _lock = lock(&common)?;
+            let client = join(&common, true, file_id.masters()).await?;
+            let file_id = file_id.file();
+            let live = Arc::new(FetchProgress::default());
+            if let Some(a) = metrics_addr {
+                let bound =
+                    shoal_node::metrics::NodeMetrics::new(client.clone(), Some(live.clone()))
+                        .spawn_server(a)
+                        .await
+                        .with_context(|| format!("serving metrics at {a}"))?;
+                eprintln!("metrics at http://{bound}/metrics");
+            }
             let mut opts = FetchOptions::new(file_id, &out);
             opts.scheduler.max_transfers = parallel.max(1);
-            let bar = std::io::stderr().is_terminal().then(|| {
-                let b = indicatif::ProgressBar::new(0);
-                b.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                );
-                b
-            });
-            if let Some(b) = bar.clone() {
-                let p: ProgressFn = Arc::new(move |done, total| {
-                    b.set_length(total);
-                    b.set_position(done);
-                });
-                opts.progress = Some(p);
-            }
+            opts.live = Some(live.clone());
+            let display = ProgressDisplay::start(progress, live);
             let result = tokio::select! {
                 r = shoal_node::fetch(&client, opts) => r,
-                _ = shutdown_signal() => {
+                code = shutdown_signal() => {
+                    display.finish();
                     client.shutdown().await;
-                    anyhow::bail!("interrupted; run the same command again to resume");
+                    eprintln!("interrupted; run the same command again to resume");
+                    return Ok(ExitCode::from(code));
                 }
             };
-            if let Some(b) = &bar {
-                b.finish_and_clear();
-            }
-            let summary = result.with_context(|| format!("fetching {file_id}"))?;
+            display.finish();
+            let mut summary = result.with_context(|| format!("fetching {file_id}"))?;
             eprintln!(
-                "fetched {} in {:.1}s: {} bytes from the master, {} from peers",
+                "fetched {} in {:.1} s: {} from the master, {} from peers{}",
                 out.display(),
                 summary.elapsed_s,
-                summary.bytes_from_master,
-                summary.bytes_from_peers
+                human_bytes(summary.bytes_from_master),
+                human_bytes(summary.bytes_from_peers),
+                if summary.blocks_resumed > 0 {
+                    format!(
+                        " ({} of {} blocks were already verified)",
+                        summary.blocks_resumed, summary.blocks
+                    )
+                } else {
+                    String::new()
+                }
             );
-            if let Some(path) = report {
-                std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
+            let write_report = |summary: &shoal_node::FetchReport| -> anyhow::Result<()> {
+                if let Some(path) = &report {
+                    shoal_net::write_atomic(path, &serde_json::to_vec_pretty(summary)?)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+                Ok(())
+            };
+            write_report(&summary)?;
+            let uploaded_at_done = client.bytes_uploaded();
+            let mut code = ExitCode::SUCCESS;
             if seed_time > 0 {
-                eprintln!("seeding for {seed_time}s (Ctrl-C to stop)");
+                eprintln!("done; seeding for {seed_time} s (Ctrl-C to stop)");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(seed_time)) => {}
-                    _ = shutdown_signal() => {}
+                    c = shutdown_signal() => {
+                        // The download is complete: stopping the seeding is the expected way
+                        // to end, except that a SIGTERM still says so.
+                        if c != 130 { code = ExitCode::from(c) }
+                    }
                 }
             }
+            // The report's upload count includes what was served while seeding.
+            summary.bytes_uploaded += client.bytes_uploaded() - uploaded_at_done;
             client.shutdown().await;
+            write_report(&summary)?;
+            return Ok(code);
         }
         Cmd::Seed {
             path,
             file_id,
             common,
         } => {
-            let client = join(&common).await?;
+            let _lock = lock(&common)?;
+            let client = join(&common, true, &[]).await?;
             shoal_node::seed(&client, file_id, &path)
                 .await
                 .with_context(|| format!("seeding {}", path.display()))?;
             eprintln!("seeding {} (Ctrl-C to stop)", path.display());
-            shutdown_signal().await;
+            let _ = shutdown_signal().await;
             client.shutdown().await;
         }
         Cmd::Inspect {
@@ -248,7 +413,8 @@ async fn main() -> anyhow::Result<()> {
             save_manifest,
             common,
         } => {
-            let client = join(&common).await?;
+            let client = join(&common, false, file_id.masters()).await?;
+            let file_id = file_id.file();
             let m = shoal_node::fetch::get_manifest(&client, file_id).await;
             client.shutdown().await;
             let m = m.with_context(|| format!("getting the manifest of {file_id}"))?;
@@ -258,10 +424,66 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("manifest saved to {}", p.display());
             }
         }
+        Cmd::Ls { json, common } => {
+            let client = join(&common, false, &[]).await?;
+            let r = client
+                .master_request(shoal_protocol::wire::MasterRequest::List)
+                .await;
+            client.shutdown().await;
+            let (files, total) = match r? {
+                shoal_protocol::wire::MasterResponse::Files { files, total } => (files, total),
+                shoal_protocol::wire::MasterResponse::Refused { reason } => {
+                    anyhow::bail!("the master refused: {reason}")
+                }
+                _ => anyhow::bail!("unexpected answer from the master (an older version?)"),
+            };
+            if json {
+                let v = serde_json::json!({
+                    "total": total,
+                    "files": files.iter().map(|f| serde_json::json!({
+                        "file": f.file.to_string(), "name": f.name, "size": f.size,
+                        "blocks": f.blocks, "master_blocks": f.master_blocks, "mirrors": f.mirrors,
+                    })).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for f in &files {
+                    println!(
+                        "{}  {:>10}  master {}/{}  mirrors {}  {}",
+                        f.file,
+                        human_bytes(f.size),
+                        f.master_blocks,
+                        f.blocks,
+                        f.mirrors,
+                        f.name
+                    );
+                }
+                if (files.len() as u32) < total {
+                    println!(
+                        "... {} more (the master lists at most {})",
+                        total - files.len() as u32,
+                        files.len()
+                    );
+                }
+                if total == 0 {
+                    eprintln!("the master holds no files");
+                }
+            }
+        }
+        Cmd::Id { data_dir } => {
+            let key = shoal_node::service::load_or_create_key(&data_dir.join("identity.key"))?;
+            println!("{}", key.public().to_peer_id());
+        }
         Cmd::Verify { path, manifest } => {
             let m = shoal_node::provenance::load_manifest(&manifest, None)
                 .with_context(|| format!("reading {}", manifest.display()))?;
             print!("{}", shoal_node::provenance::describe(&m));
+            if let Some(why) = shoal_node::provenance::wrong_size(&m, &path)
+                .with_context(|| format!("reading {}", path.display()))?
+            {
+                println!("{}: {why}", path.display());
+                return Ok(ExitCode::from(1));
+            }
             let bad = shoal_node::provenance::verify_copy(&m, &path)
                 .with_context(|| format!("reading {}", path.display()))?;
             if bad.is_empty() {
@@ -276,7 +498,7 @@ async fn main() -> anyhow::Result<()> {
                     shown.join(", "),
                     if bad.len() > 32 { ", ..." } else { "" }
                 );
-                std::process::exit(1);
+                return Ok(ExitCode::from(1));
             }
         }
         Cmd::Status {
@@ -284,7 +506,8 @@ async fn main() -> anyhow::Result<()> {
             json,
             common,
         } => {
-            let client = join(&common).await?;
+            let client = join(&common, false, file_id.masters()).await?;
+            let file_id = file_id.file();
             let s = shoal_node::status(&client, file_id).await?;
             client.shutdown().await;
             if json {
@@ -316,21 +539,141 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
                 println!("blocks only the master holds: {}", s.master_only_blocks);
-                println!("piece bytes sent by the master: {}", s.bytes_from_master);
+                println!(
+                    "piece bytes sent by the master: {} ({})",
+                    s.bytes_from_master,
+                    human_bytes(s.bytes_from_master)
+                );
+                println!(
+                    "piece bytes served by peers:    {} ({})",
+                    s.bytes_from_peers,
+                    human_bytes(s.bytes_from_peers)
+                );
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+/// Shows a fetch's progress: a bar on a terminal, periodic lines without one, or JSON lines.
+/// Rates count bytes fetched in this run only, never blocks a resume already held.
+struct ProgressDisplay {
+    task: tokio::task::JoinHandle<()>,
+    bar: Option<indicatif::ProgressBar>,
+    json: Option<(Arc<FetchProgress>, Instant)>,
+}
+
+impl ProgressDisplay {
+    fn start(mode: ProgressMode, live: Arc<FetchProgress>) -> Self {
+        let bar = (mode == ProgressMode::Auto && std::io::stderr().is_terminal()).then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        });
+        let started = Instant::now();
+        let json = (mode == ProgressMode::Json).then(|| (live.clone(), started));
+        let task = tokio::spawn({
+            let bar = bar.clone();
+            async move {
+                let every = match mode {
+                    ProgressMode::Json => Duration::from_secs(1),
+                    _ => Duration::from_secs(5),
+                };
+                let mut announced = false;
+                let mut last = (Instant::now(), 0u64);
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let s = live.snapshot();
+                    if !s.started || mode == ProgressMode::None {
+                        continue;
+                    }
+                    if !announced {
+                        announced = true;
+                        last = (Instant::now(), 0);
+                        if let Some(line) = resume_line(&s) {
+                            match &bar {
+                                Some(b) => b.println(line),
+                                None => eprintln!("{line}"),
+                            }
+                        }
+                        if let Some(b) = &bar {
+                            // This run's bytes only, so the rate and the eta stay honest.
+                            b.set_length(s.total_bytes - s.bytes_resumed);
+                            if s.bytes_resumed > 0 {
+                                b.set_message(format!(
+                                    "(+{} resumed)",
+                                    human_bytes(s.bytes_resumed)
+                                ));
+                            }
+                        }
+                    }
+                    if let Some(b) = &bar {
+                        b.set_position(s.fetched());
+                        continue;
+                    }
+                    let dt = last.0.elapsed();
+                    if dt < every {
+                        continue;
+                    }
+                    let rate = (s.fetched() - last.1) as f64 / dt.as_secs_f64();
+                    last = (Instant::now(), s.fetched());
+                    if mode == ProgressMode::Json {
+                        println!("{}", json_line("progress", &s, started, rate));
+                    } else {
+                        eprintln!("{}", progress_line(&s, rate));
+                    }
+                }
+            }
+        });
+        Self { task, bar, json }
+    }
+
+    fn finish(self) {
+        self.task.abort();
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+        if let Some((live, started)) = &self.json {
+            let s = live.snapshot();
+            let rate = s.fetched() as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            println!("{}", json_line("end", &s, *started, rate));
+        }
+    }
+}
+
+fn json_line(
+    event: &str,
+    s: &shoal_node::progress::Snapshot,
+    started: Instant,
+    rate: f64,
+) -> serde_json::Value {
+    let mut v = serde_json::to_value(s).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("event".into(), event.into());
+        o.insert("held_bytes".into(), s.held().into());
+        o.insert(
+            "elapsed_s".into(),
+            ((started.elapsed().as_secs_f64() * 10.0).round() / 10.0).into(),
+        );
+        o.insert("rate_bytes_per_s".into(), (rate.max(0.0) as u64).into());
+    }
+    v
+}
+
+/// Waits for Ctrl-C or SIGTERM; returns the exit code a shell expects for it (130 or 143).
+async fn shutdown_signal() -> u8 {
     let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
     else {
         let _ = tokio::signal::ctrl_c().await;
-        return;
+        return 130;
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => 130,
+        _ = term.recv() => 143,
     }
 }

@@ -11,7 +11,7 @@ use crate::service::NodeError;
 pub fn describe(m: &VerifiedManifest) -> String {
     let b = m.body();
     format!(
-        "file id:        {}\nname:           {}\nsize:           {} bytes ({} blocks of {} bytes)\nsha-256:        {}\npublished by:   {} (signature verified)\ncountersigned:  {} (master; signature verified)\ncreated:        {} (unix seconds, publisher's clock)\n",
+        "file id:        {}\nname:           {}\nsize:           {} bytes ({} blocks of {} bytes)\nsha-256:        {}\npublished by:   {} (signature verified)\ncountersigned:  {} (master; signature verified)\ncreated:        {} (unix {}, publisher's clock)\n",
         m.id(),
         b.name,
         b.size,
@@ -20,8 +20,47 @@ pub fn describe(m: &VerifiedManifest) -> String {
         hex_of(&b.file_sha256),
         m.publisher(),
         b.master,
+        utc_date(b.created_unix_s),
         b.created_unix_s,
     )
+}
+
+/// `2026-11-25 14:03:07 UTC` for unix seconds (proleptic Gregorian calendar).
+pub fn utc_date(unix_s: u64) -> String {
+    let (days, secs) = ((unix_s / 86_400) as i64, unix_s % 86_400);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// When the local copy at `path` has the wrong size, says so ("N bytes, M expected"): every
+/// block check would fail or be meaningless, and the size is the thing to report first.
+pub fn wrong_size(m: &VerifiedManifest, path: &Path) -> Result<Option<String>, NodeError> {
+    let have = fs::metadata(path)?.len();
+    let want = m.body().size;
+    Ok((have != want).then(|| {
+        format!(
+            "wrong size: {have} bytes, but the file is {want} bytes ({})",
+            if have < want {
+                "truncated or incomplete"
+            } else {
+                "too long"
+            }
+        )
+    }))
 }
 
 fn hex_of(bytes: &[u8]) -> String {
@@ -70,6 +109,13 @@ pub fn verify_copy(m: &VerifiedManifest, path: &Path) -> Result<Vec<u32>, NodeEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc_date(1_764_079_387), "2025-11-25 14:03:07 UTC");
+    }
     use libp2p::identity::Keypair;
     use shoal_protocol::manifest::ManifestBuilder;
 
@@ -98,6 +144,12 @@ mod tests {
         bad[4096 * 9] ^= 1;
         fs::write(&copy, &bad).unwrap();
         assert_eq!(verify_copy(&back, &copy).unwrap(), vec![3, 9]);
+        assert_eq!(wrong_size(&back, &copy).unwrap(), None);
+        fs::write(&copy, &bad[..4096]).unwrap();
+        assert_eq!(
+            wrong_size(&back, &copy).unwrap().as_deref(),
+            Some("wrong size: 4096 bytes, but the file is 50000 bytes (truncated or incomplete)")
+        );
         fs::write(&mp, b"junk").unwrap();
         assert!(load_manifest(&mp, None).is_err());
     }

@@ -66,6 +66,8 @@ pub struct NodeConfig {
     pub exit_on_panic: bool,
     /// Deliberate misbehaviour (settable only with the `chaos` feature).
     chaos: Option<ChaosMode>,
+    /// Use a throw-away key instead of `data_dir/identity.key` (read-only commands).
+    ephemeral_identity: bool,
 }
 
 impl NodeConfig {
@@ -86,7 +88,15 @@ impl NodeConfig {
             connection_caps: ConnectionCaps::for_role(Role::Node),
             exit_on_panic: false,
             chaos: None,
+            ephemeral_identity: false,
         }
+    }
+
+    /// With `true`, join under a throw-away key and write nothing to the data dir (for
+    /// read-only commands such as `shoal status`).
+    pub fn with_ephemeral_identity(mut self, yes: bool) -> Self {
+        self.ephemeral_identity = yes;
+        self
     }
 
     /// Listen on these addresses instead.
@@ -279,6 +289,9 @@ impl Client {
     /// with [`NodeConfig::with_exit_on_panic`] the process has already ended). Never resolves
     /// otherwise.
     pub async fn panicked(&self) -> TaskPanicked {
+        if self.panics.is_empty() {
+            return std::future::pending().await;
+        }
         let waits = self.panics.iter().map(|w| Box::pin(w.panicked()));
         futures::future::select_all(waits).await.0
     }
@@ -387,7 +400,11 @@ impl Client {
 pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     let master =
         peer_of(&cfg.bootstrap).ok_or_else(|| NodeError::NoMasterId(cfg.bootstrap.clone()))?;
-    let key = load_or_create_key(&cfg.data_dir.join("identity.key"))?;
+    let key = if cfg.ephemeral_identity {
+        libp2p::identity::Keypair::generate_ed25519()
+    } else {
+        load_or_create_key(&cfg.data_dir.join("identity.key"))?
+    };
     let peer_id = key.public().to_peer_id();
     let net = |e: &dyn std::fmt::Display| NodeError::Network(e.to_string());
     let mut swarm = build_swarm(
@@ -396,7 +413,12 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     )
     .map_err(|e| net(&e))?;
     for a in &cfg.listen {
-        swarm.listen_on(a.clone()).map_err(|e| net(&e))?;
+        swarm.listen_on(a.clone()).map_err(|e| {
+            net(&format!(
+                "cannot listen on {a}: {}",
+                shoal_net::cli::error_chain(&e)
+            ))
+        })?;
     }
     let _ = swarm
         .behaviour_mut()
@@ -667,6 +689,24 @@ impl EventLoop {
                 }
             }
             SwarmEvent::NewListenAddr { address, .. } => tracing::debug!(%address, "listening"),
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error: libp2p::swarm::DialError::WrongPeerId { obtained, address },
+                ..
+            } if peer == self.master => {
+                // Say what happened instead of a bare "failed to dial": something answered,
+                // under another identity (a stale address, or another master's).
+                let why = format!(
+                    "{} answered as {obtained}, not as the master {peer} named by the bootstrap \
+                     address (a stale or wrong address? the master prints its addresses when it \
+                     starts and writes them to bootstrap.addr in its data dir)",
+                    address
+                );
+                tracing::warn!("{why}");
+                for (_, tx) in self.pending_master.drain() {
+                    let _ = tx.send(Err(NodeError::Network(why.clone())));
+                }
+            }
             other => tracing::trace!(?other, "swarm event"),
         }
     }

@@ -148,11 +148,15 @@ impl Behaviour {
             gossip_cfg,
         )
         .map_err(|e| BehaviourError(e.to_string()))?;
-        let mut kad = kad::Behaviour::with_config(
-            peer,
-            kad::store::MemoryStore::new(peer),
-            kad::Config::new(KAD_PROTOCOL),
-        );
+        let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+        if role == Role::Master {
+            // The master is where everyone starts: it has nobody to bootstrap from (a periodic
+            // bootstrap would warn "No known peers" every 5 minutes while no node is
+            // connected) and learns its routing table from the nodes that connect.
+            kad_cfg.set_periodic_bootstrap_interval(None);
+        }
+        let mut kad =
+            kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_cfg);
         // Every shoal peer answers DHT queries: nodes are mirrors, and mirrors must be
         // findable by PeerId when a redirect hint's addresses fail.
         kad.set_mode(Some(kad::Mode::Server));

@@ -12,7 +12,8 @@
 //! - length-prefixed frames with caps checked before allocation ([`frame`]);
 //! - the two halves of piece streams ([`piece`]), generic over `futures` I/O traits so that the
 //!   caller owns the socket;
-//! - a pure upload-rate limiter ([`rate`]) that is told the time instead of reading a clock.
+//! - a pure upload-rate limiter ([`rate`]) that is told the time instead of reading a clock;
+//! - shareable [`ticket`]s: a file id and the master's addresses in one string.
 //!
 //! Non-goals: sockets, files, timers, tasks. Those live in `shoal-master` and `shoal-node`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -26,6 +27,7 @@ pub mod limits;
 pub mod manifest;
 pub mod piece;
 pub mod rate;
+pub mod ticket;
 pub mod wire;
 
 pub use block::{BlockDigest, BlockRange, Blocks};

@@ -45,6 +45,9 @@ pub const MAX_PIECE_BLOCKS: u32 = 256;
 pub const MAX_STATUS_MIRRORS: usize = 1_024;
 /// Most banned peers a status answer lists (it also carries the total).
 pub const MAX_STATUS_BANNED: usize = 1_024;
+/// Most files a `List` answer carries (it also carries the total); about 300 bytes each at
+/// most, well within [`MAX_MASTER_RESPONSE`].
+pub const MAX_LIST_FILES: usize = 1_000;
 /// Longest region label the master keeps.
 pub const MAX_REGION_LEN: usize = 64;
 

@@ -46,13 +46,26 @@ impl std::fmt::Debug for FileId {
 
 /// Why a string is not a file id.
 #[derive(Debug, thiserror::Error)]
-#[error("not a shoal file id (expected the hex of a sha2-256 multihash, 68 characters): {0}")]
+#[error("not a file id ({0}); a file id is 68 hex digits starting with 1220, as `shoal publish` and `shoal-master add` print it")]
 pub struct ParseFileIdError(String);
 
 impl std::str::FromStr for FileId {
     type Err = ParseFileIdError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bytes = hex::decode(s.trim()).map_err(|e| ParseFileIdError(e.to_string()))?;
+        let s = s.trim();
+        if let Some(c) = s.chars().find(|c| !c.is_ascii_hexdigit()) {
+            return Err(ParseFileIdError(format!("{c:?} is not a hex digit")));
+        }
+        if s.len() != 68 {
+            return Err(ParseFileIdError(format!("{} hex digits", s.len())));
+        }
+        if !s.starts_with("1220") {
+            return Err(ParseFileIdError(format!(
+                "starts with {}",
+                s.get(..4).unwrap_or(s)
+            )));
+        }
+        let bytes = hex::decode(s).map_err(|e| ParseFileIdError(e.to_string()))?;
         let mh = multihash::Multihash::<64>::from_bytes(&bytes)
             .map_err(|e| ParseFileIdError(e.to_string()))?;
         if mh.code() != SHA2_256 {
@@ -678,6 +691,20 @@ pub(crate) mod tests {
     #[test]
     fn file_id_parse_errors_are_clear() {
         assert!("zz".parse::<FileId>().is_err());
+        // Garbled ids say what a file id looks like, whatever is wrong with them.
+        let good = FileId([7; 32]).to_string();
+        assert_eq!(good.parse::<FileId>().unwrap(), FileId([7; 32]));
+        let wrong_code = format!("1320{}", &good[4..]);
+        for (bad, why) in [
+            (&good[..good.len() - 1], "67 hex digits"),
+            (&good[..6], "6 hex digits"),
+            ("release.iso", "'r' is not a hex digit"),
+            (wrong_code.as_str(), "starts with 1320"),
+        ] {
+            let e = bad.parse::<FileId>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(e.contains("68 hex digits starting with 1220"), "{e}");
+        }
         assert!("1220".parse::<FileId>().is_err());
     }
 }

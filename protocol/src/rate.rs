@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-/// Paces a byte stream to `rate` bytes per second with a burst of one second.
+/// Paces a byte stream to `rate` bytes per second with a burst of one second, except at the
+/// start: the bucket starts with a tenth of a second's worth, so a fresh limiter does not let
+/// a second's worth through at once on top of the rate.
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: f64,
@@ -18,7 +20,7 @@ impl RateLimiter {
         Self {
             rate,
             burst: rate,
-            tokens: rate,
+            tokens: rate / 10.0,
             last: None,
         }
     }
@@ -48,6 +50,10 @@ mod tests {
     fn paces_to_the_rate_after_the_burst() {
         let t0 = Instant::now();
         let mut r = RateLimiter::new(1000);
+        // A fresh limiter starts with a tenth of a second's worth, not a full burst.
+        assert_eq!(r.reserve(t0, 100), Duration::ZERO);
+        assert_eq!(r.reserve(t0, 1), Duration::from_millis(1));
+        let t0 = t0 + Duration::from_millis(1002);
         assert_eq!(r.reserve(t0, 1000), Duration::ZERO);
         assert_eq!(r.reserve(t0, 500), Duration::from_millis(500));
         // Half a second later the debt is paid; another 500 bytes wait another half second.

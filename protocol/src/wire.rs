@@ -70,6 +70,8 @@ pub enum MasterRequest {
     },
     /// The node is leaving: drop it from every mirror list.
     Leave,
+    /// The files the master holds (`shoal ls`).
+    List,
 }
 
 /// A problem with an assigned source. Each says only what the reporter saw: a peer that died
@@ -190,6 +192,30 @@ pub enum MasterResponse {
         /// Why.
         reason: String,
     },
+    /// The files the master holds: at most [`crate::limits::MAX_LIST_FILES`], by name.
+    Files {
+        /// The files.
+        files: Vec<ListedFile>,
+        /// How many files there are in all (`files` may list fewer).
+        total: u32,
+    },
+}
+
+/// One file in a [`MasterResponse::Files`] answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedFile {
+    /// The file.
+    pub file: FileId,
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its blocks.
+    pub blocks: u32,
+    /// Blocks the master holds.
+    pub master_blocks: u32,
+    /// Mirrors (peers holding some of it).
+    pub mirrors: u32,
 }
 
 /// A request for manifest parts.
@@ -476,6 +502,7 @@ mod tests {
                 }),
             ".{0,40}".prop_map(|region| MasterRequest::Hello { region }),
             Just(MasterRequest::Leave),
+            Just(MasterRequest::List),
         ]
     }
 

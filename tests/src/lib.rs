@@ -11,6 +11,8 @@ use shoal_master::{Master, MasterConfig, PolicyConfig, PublishPolicy, PublishQuo
 use shoal_node::{Client, FetchOptions, FetchReport, NodeConfig};
 use shoal_protocol::FileId;
 
+pub mod procs;
+
 /// Loopback listen address with an OS-chosen port.
 pub fn loopback() -> Multiaddr {
     "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr")

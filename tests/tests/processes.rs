@@ -2,75 +2,13 @@
 //! loopback TCP.
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context};
-
-/// The directory holding the workspace's binaries, building them if they are missing.
-fn bin_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .context("test binary has no target dir")?
-        .to_path_buf();
-    if !dir.join("shoal").exists() || !dir.join("shoal-master").exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            // The whole workspace, so features resolve as under `cargo test --workspace`.
-            .args(["build", "--workspace", "--bins"])
-            .status()?;
-        if !status.success() {
-            bail!("building the binaries failed");
-        }
-    }
-    Ok(dir)
-}
-
-/// Kills the child when dropped, so a failing test leaves no process behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for_file(path: &Path, limit: Duration) -> anyhow::Result<String> {
-    let start = Instant::now();
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.trim().is_empty() {
-                return Ok(s);
-            }
-        }
-        if start.elapsed() > limit {
-            bail!("{} did not appear within {limit:?}", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn wait_with_limit(
-    child: &mut Child,
-    limit: Duration,
-    what: &str,
-) -> anyhow::Result<std::process::ExitStatus> {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if start.elapsed() > limit {
-            bail!("{what} did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use anyhow::Context;
+use shoal_tests::procs::{bin_dir, wait_for_file, wait_with_limit, Proc};
 
 #[test]
 fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
