@@ -52,9 +52,9 @@ pub enum ParseTicketError {
     /// An address without `/p2p/<PeerId>`.
     #[error("master address {0} does not end in /p2p/<master PeerId>")]
     NoPeerId(Multiaddr),
-    /// Addresses naming different masters.
+    /// Addresses naming different masters (their PeerIds).
     #[error("the ticket's addresses name different masters ({0} and {1})")]
-    MixedMasters(PeerId, PeerId),
+    MixedMasters(String, String),
 }
 
 fn peer_at_end(a: &Multiaddr) -> Option<PeerId> {
@@ -86,7 +86,9 @@ impl Ticket {
             let p = peer_at_end(a).ok_or_else(|| ParseTicketError::NoPeerId(a.clone()))?;
             match master {
                 None => master = Some(p),
-                Some(m) if m != p => return Err(ParseTicketError::MixedMasters(m, p)),
+                Some(m) if m != p => {
+                    return Err(ParseTicketError::MixedMasters(m.to_string(), p.to_string()))
+                }
                 Some(_) => {}
             }
         }
@@ -189,7 +191,7 @@ mod tests {
             ),
             (
                 format!("shoal:{id}@{a},{}", addr([10, 0, 0, 2], 1, q)),
-                ParseTicketError::MixedMasters(p, q),
+                ParseTicketError::MixedMasters(p.to_string(), q.to_string()),
             ),
             ("x".repeat(MAX_TICKET_LEN + 1), ParseTicketError::TooLong),
         ];
