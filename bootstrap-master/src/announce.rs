@@ -2,9 +2,9 @@
 //! that checks, stores and countersigns an announce and starts the pull.
 //!
 //! Order of the checks is the order of their cost: trust (a map look-up on the connection's
-//! authenticated PeerId), quotas, signatures and the digest list (CPU), then free disk and
-//! the manifest write (on the blocking pool). A refused announce touches no disk and starts
-//! no pull.
+//! authenticated PeerId), the header's signature, quotas, all on the loop; then, on the
+//! blocking pool, the digest list (hashing up to 8 MiB), free disk and the manifest write. A
+//! refused announce touches no disk and starts no pull.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -17,7 +17,7 @@ use shoal_protocol::{
     block::Blocks,
     manifest::{check_digest_list, SignedHeader},
     wire::{AuthorityEvent, MasterResponse, PublishRequest},
-    FileId, Manifest, VerifiedManifest,
+    BlockDigest, FileId, Manifest, VerifiedManifest,
 };
 
 use crate::config::{PublishPolicy, PublishQuotas};
@@ -204,10 +204,11 @@ impl PublishGate {
     }
 }
 
-/// An announce whose manifest is being written, waiting for the blocking pool.
+/// An announce being checked and stored off the loop.
 pub(crate) struct Storing {
     pub(crate) publisher: PeerId,
-    pub(crate) manifest: Arc<VerifiedManifest>,
+    pub(crate) id: FileId,
+    pub(crate) size: u64,
     pub(crate) signed: Box<SignedHeader>,
     pub(crate) channel: ResponseChannel<MasterResponse>,
 }
@@ -218,34 +219,41 @@ fn refused(reason: impl ToString) -> MasterResponse {
     }
 }
 
-/// Checks free space and writes the manifest (blocking: run on the blocking pool).
-fn store_manifest(
+/// The expensive half of an announce (blocking: run on the blocking pool): the digest list
+/// against the header (hashing up to 8 MiB), the manifest, free space, the manifest write.
+fn verify_and_store(
     registry: &Registry,
-    manifest: &VerifiedManifest,
+    signed: SignedHeader,
+    digests: Vec<BlockDigest>,
     reserved: u64,
     min_free: u64,
-) -> Result<(), String> {
-    let need = manifest
-        .body()
-        .size
-        .saturating_add(reserved)
-        .saturating_add(min_free);
+) -> Result<Arc<VerifiedManifest>, String> {
+    check_digest_list(&signed.body, &digests).map_err(|e| e.to_string())?;
+    let manifest = Manifest {
+        header: signed,
+        digests,
+    }
+    .verify(None)
+    .map_err(|e| e.to_string())?;
+    let size = manifest.body().size;
+    let need = size.saturating_add(reserved).saturating_add(min_free);
     let free = available_space(registry.dir()).map_err(|e| e.to_string())?;
     if free < need {
         return Err(format!(
-            "this master has {free} bytes free, needs {need} to take a file of {} bytes",
-            manifest.body().size
+            "this master has {free} bytes free, needs {need} to take a file of {size} bytes"
         ));
     }
-    registry.save_manifest(manifest).map_err(|e| {
+    registry.save_manifest(&manifest).map_err(|e| {
         tracing::error!(error = %e, "cannot store manifest");
         "master cannot store the manifest".to_string()
-    })
+    })?;
+    Ok(Arc::new(manifest))
 }
 
 impl EventLoop {
-    /// An announce from `publisher`. Answers at once when refused or already known;
-    /// otherwise the manifest is stored off the loop and the answer follows in
+    /// An announce from `publisher`. The loop checks only what is cheap (trust, signatures,
+    /// quotas) and answers at once when refused or already known; the digest list, free
+    /// space and the manifest write run on the blocking pool and the answer follows in
     /// [`EventLoop::on_stored`].
     pub(crate) fn on_announce(
         &mut self,
@@ -255,25 +263,29 @@ impl EventLoop {
     ) {
         match self.check_announce(publisher, request) {
             Ok(Checked::Known(response)) => self.respond_publish(publisher, channel, response),
-            Ok(Checked::New { manifest, signed }) => {
-                let id = manifest.id();
-                let size = manifest.body().size;
-                self.storing.insert(id);
+            Ok(Checked::New {
+                id,
+                signed,
+                digests,
+            }) => {
+                let size = signed.body.size;
+                self.storing.insert(id, size);
                 self.gate.add_file(publisher, size);
-                let reserved = self.reserved_bytes();
+                let reserved = self.reserved_bytes().saturating_sub(size);
                 let registry = self.registry.clone();
                 let min_free = self.cfg.min_free_disk;
                 let internal = self.internal_tx.clone();
+                let header = (*signed).clone();
                 let storing = Storing {
                     publisher,
-                    manifest,
+                    id,
+                    size,
                     signed,
                     channel,
                 };
                 tokio::spawn(async move {
-                    let m = storing.manifest.clone();
                     let result = tokio::task::spawn_blocking(move || {
-                        store_manifest(&registry, &m, reserved, min_free)
+                        verify_and_store(&registry, header, digests, reserved, min_free)
                     })
                     .await
                     .unwrap_or_else(|e| Err(format!("manifest writer failed: {e}")));
@@ -309,11 +321,13 @@ impl EventLoop {
     /// Bytes promised to files being stored or pulled (not yet on disk).
     fn reserved_bytes(&self) -> u64 {
         let shelf = self.shelf.lock().expect("shelf lock");
-        self.pulling
+        let pulling = self
+            .pulling
             .keys()
-            .chain(self.storing.iter())
             .filter_map(|id| shelf.files.get(id))
-            .map(|e| e.manifest.body().size)
+            .map(|e| e.manifest.body().size);
+        pulling
+            .chain(self.storing.values().copied())
             .fold(0u64, u64::saturating_add)
     }
 
@@ -336,22 +350,16 @@ impl EventLoop {
                 ))
             }
         }
-        check_digest_list(&header.body, &digests).map_err(refused)?;
         let signed = header.countersign(&self.key).map_err(refused)?;
-        let manifest = Manifest {
-            header: signed.clone(),
-            digests,
-        }
-        .verify(None)
-        .map_err(refused)?;
-        let id = manifest.id();
-        if self.storing.contains(&id) {
+        let id = signed.id().map_err(refused)?;
+        if self.storing.contains_key(&id) {
             return Err(refused(
                 "this file is being stored; announce again in a moment",
             ));
         }
         if self.policy.has_file(&id) {
-            // Known: a re-announce resumes a pull that stopped.
+            // Known (the same signed header, so the same digests): a re-announce resumes a
+            // pull that stopped.
             if !self.policy.master_complete(&id) && !self.pulling.contains_key(&id) {
                 self.gate.admit_pull(&publisher).map_err(refused)?;
                 let stored = self
@@ -371,33 +379,37 @@ impl EventLoop {
             }));
         }
         self.gate
-            .admit_new(&publisher, manifest.body().size)
+            .admit_new(&publisher, signed.body.size)
             .map_err(refused)?;
         Ok(Checked::New {
-            manifest: Arc::new(manifest),
+            id,
             signed: Box::new(signed),
+            digests,
         })
     }
 
-    /// The manifest of an announce was stored (or not): register the file, answer, pull.
-    pub(crate) fn on_stored(&mut self, s: Storing, result: Result<(), String>) {
-        let id = s.manifest.id();
-        self.storing.remove(&id);
-        if let Err(reason) = result {
-            tracing::warn!(file = %id, publisher = %s.publisher, %reason, "announce refused");
-            self.gate.remove_file(s.publisher, s.manifest.body().size);
-            self.metrics.announces_refused.inc();
-            self.respond_publish(s.publisher, s.channel, refused(reason));
-            return;
-        }
+    /// An announce was checked and stored (or not): register the file, answer, pull.
+    pub(crate) fn on_stored(&mut self, s: Storing, result: Result<Arc<VerifiedManifest>, String>) {
+        self.storing.remove(&s.id);
+        let manifest = match result {
+            Ok(m) => m,
+            Err(reason) => {
+                tracing::warn!(file = %s.id, publisher = %s.publisher, %reason, "announce refused");
+                self.gate.remove_file(s.publisher, s.size);
+                self.metrics.announces_refused.inc();
+                self.respond_publish(s.publisher, s.channel, refused(reason));
+                return;
+            }
+        };
+        let id = s.id;
         let path: PathBuf = self.registry.data_path(&id);
-        tracing::info!(file = %id, name = %s.manifest.body().name, publisher = %s.publisher, "file announced");
+        tracing::info!(file = %id, name = %manifest.body().name, publisher = %s.publisher, "file announced");
         if !self.policy.has_file(&id) {
-            self.register(s.manifest.clone(), path, Blocks::new(s.manifest.blocks()));
+            self.register(manifest.clone(), path, Blocks::new(manifest.blocks()));
             self.publish(AuthorityEvent::FileAnnounced {
                 file: id,
-                name: s.manifest.body().name.clone(),
-                size: s.manifest.body().size,
+                name: manifest.body().name.clone(),
+                size: manifest.body().size,
             });
         }
         if !self.policy.master_complete(&id) && !self.pulling.contains_key(&id) {
@@ -408,8 +420,8 @@ impl EventLoop {
                 .files
                 .get(&id)
                 .map(|e| e.have.clone())
-                .unwrap_or_else(|| Blocks::new(s.manifest.blocks()));
-            self.start_pull(s.publisher, s.manifest.clone(), have);
+                .unwrap_or_else(|| Blocks::new(manifest.blocks()));
+            self.start_pull(s.publisher, manifest, have);
         }
         self.respond_publish(
             s.publisher,
@@ -427,7 +439,7 @@ impl EventLoop {
         shelf
             .files
             .keys()
-            .chain(self.storing.iter())
+            .chain(self.storing.keys())
             .copied()
             .collect()
     }
@@ -436,8 +448,9 @@ impl EventLoop {
 enum Checked {
     Known(MasterResponse),
     New {
-        manifest: Arc<VerifiedManifest>,
+        id: FileId,
         signed: Box<SignedHeader>,
+        digests: Vec<BlockDigest>,
     },
 }
 

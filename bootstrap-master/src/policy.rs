@@ -29,6 +29,15 @@ use shoal_protocol::FileId;
 /// avoidance "for good" only when every one is for good).
 pub const MAX_AVOID_PER_PEER: usize = 1_024;
 
+/// Most holders one Locate considers as redirect targets (the nearest, least-loaded ones):
+/// with the block walk bounded too, an answer costs at most blocks x holders of these caps.
+pub const MAX_CANDIDATES: usize = 1_024;
+
+/// Blocks one Locate looks for a source for, per block it may assign: a request whose blocks
+/// can mostly not be assigned (first copies on their way elsewhere) stops after
+/// `LOCATE_SCAN_FACTOR * max_blocks_per_answer` of them.
+pub const LOCATE_SCAN_FACTOR: u32 = 16;
+
 /// Tunables of the policy. The defaults suit 64 KiB blocks.
 #[derive(Clone, Debug)]
 pub struct PolicyConfig {
@@ -442,9 +451,11 @@ impl Policy {
                 )
             })
             .collect();
-        candidates.sort_by_key(|c| c.0);
+        candidates.sort_by_key(|c| (c.2, c.3, c.0));
+        candidates.truncate(MAX_CANDIDATES);
         let mut runs: Vec<(BlockRange, Option<PeerId>)> = Vec::new();
         let mut budget = cfg.max_blocks_per_answer;
+        let mut scans = cfg.max_blocks_per_answer.saturating_mul(LOCATE_SCAN_FACTOR);
         let mut master_given = 0u32;
 
         'outer: for r in &need {
@@ -455,6 +466,10 @@ impl Policy {
                 if mine.as_ref().is_some_and(|m| m.contains(b)) {
                     continue;
                 }
+                if scans == 0 {
+                    break 'outer;
+                }
+                scans -= 1;
                 // Keep extending the current run from the same holder: pieces stay whole.
                 let continuing = match runs.last() {
                     Some((run, Some(h))) if run.end == b && run.len() < cfg.max_peer_piece => {
@@ -1125,6 +1140,37 @@ mod tests {
         );
         p.peer_down(&b);
         assert_eq!(p.status(&file()).unwrap().master_only_blocks, 130);
+    }
+
+    #[test]
+    fn a_locate_that_can_assign_little_stops_early() {
+        let blocks = 1 << 18;
+        let mut p = Policy::new(PolicyConfig::default());
+        // The master holds nothing yet (a file being pulled); 2,000 mirrors hold block 0.
+        p.add_file(
+            file(),
+            "f".into(),
+            u64::from(blocks) * 1024,
+            Blocks::new(blocks),
+        );
+        for _ in 0..2_000 {
+            let h = peer();
+            p.peer_up(h, vec![addr()]);
+            p.have(&file(), h, &[BlockRange::new(0, 1)]);
+        }
+        let me = peer();
+        p.peer_up(me, vec![addr()]);
+        // Unbounded, this walks 2^18 blocks x 2,000 holders; bounded, at most
+        // 16 x 512 blocks x 1,024 holders. The time bound only tells one from the other.
+        let start = std::time::Instant::now();
+        let ans = p.locate(Instant::now(), me, &file(), &all(blocks)).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(ans.assignments.len(), 1);
+        assert_eq!(ans.assignments[0].range, BlockRange::new(0, 1));
     }
 
     /// `a` holds everything and is the only holder; `b` is sent to `a` for blocks 0..8.

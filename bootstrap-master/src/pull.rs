@@ -253,7 +253,7 @@ async fn pull(
         .send(Internal::PullFinished {
             file,
             publisher,
-            result: result.map_err(|e| e.to_string()),
+            result,
         })
         .await;
 }
@@ -333,13 +333,19 @@ impl EventLoop {
         &mut self,
         file: shoal_protocol::FileId,
         publisher: PeerId,
-        result: Result<(), String>,
+        result: Result<(), PullError>,
     ) {
         if let Some(task) = self.pulling.remove(&file) {
             self.gate.pull_ended(task.publisher);
         }
         match result {
             Ok(()) => tracing::info!(file = %file, "master holds the whole file"),
+            Err(e @ PullError::WholeFile) => {
+                // Every block matches its digest but not the header's whole-file hash: the
+                // publisher signed an inconsistent header. Pulling again cannot fix that; the
+                // file is never marked complete.
+                tracing::error!(file = %file, %publisher, error = %e, "published file is inconsistent; not marked complete");
+            }
             Err(e) => {
                 tracing::warn!(file = %file, %publisher, error = %e, "pull from publisher stopped; resumes when it announces or reconnects");
                 self.awaiting.insert(file, publisher);

@@ -29,7 +29,7 @@ use shoal_net::{
 use shoal_protocol::{
     behaviour::{Behaviour, BehaviourEvent, Role},
     block::{BlockRange, Blocks},
-    limits::MAX_REGION_LEN,
+    limits::{MAX_HINT_ADDRS, MAX_REGION_LEN},
     wire::{
         encode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
         MasterResponse, Source,
@@ -44,7 +44,7 @@ use crate::config::{MasterConfig, MasterError};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::probe::ProbeQueue;
-use crate::pull::PullTask;
+use crate::pull::{PullError, PullTask};
 use crate::registry::{DiskWriter, Registry, StoredFile};
 use crate::report::ProbeJob;
 use crate::serve::{MasterSource, Shelf, ShelfEntry};
@@ -69,9 +69,9 @@ pub(crate) enum Internal {
     PullFinished {
         file: FileId,
         publisher: PeerId,
-        result: Result<(), String>,
+        result: Result<(), PullError>,
     },
-    Stored(Box<Storing>, Result<(), String>),
+    Stored(Box<Storing>, Result<Arc<VerifiedManifest>, String>),
     Rescanned(Vec<(StoredFile, Blocks)>),
     Probed {
         suspect: PeerId,
@@ -214,7 +214,7 @@ impl Master {
             metrics: metrics.clone(),
             internal_tx: int_tx,
             gate: PublishGate::new(cfg.publishing.clone(), peer_id),
-            storing: HashSet::new(),
+            storing: HashMap::new(),
             pulling: HashMap::new(),
             awaiting: HashMap::new(),
             rescanning: false,
@@ -323,8 +323,8 @@ pub(crate) struct EventLoop {
     pub(crate) internal_tx: mpsc::Sender<Internal>,
     /// Who may publish; what each publisher holds and pulls.
     pub(crate) gate: PublishGate,
-    /// Announces whose manifest is being written.
-    pub(crate) storing: HashSet<FileId>,
+    /// Announces being checked and stored off the loop, with their sizes.
+    pub(crate) storing: HashMap<FileId, u64>,
     /// Pulls running.
     pub(crate) pulling: HashMap<FileId, PullTask>,
     /// Incomplete files whose pull stopped, by publisher: resumed when it reconnects or
@@ -373,7 +373,7 @@ impl EventLoop {
         self.rescanning = false;
         for (f, have) in found {
             let id = f.manifest.id();
-            if self.policy.has_file(&id) || self.storing.contains(&id) {
+            if self.policy.has_file(&id) || self.storing.contains_key(&id) {
                 continue;
             }
             let publisher = f.manifest.publisher();
@@ -505,6 +505,8 @@ impl EventLoop {
                         !a.iter()
                             .any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified()))
                     })
+                    // A peer names as many addresses as it likes; the master keeps a hint's worth.
+                    .take(MAX_HINT_ADDRS)
                     .collect();
                 for a in &addrs {
                     self.swarm

@@ -26,6 +26,6 @@ pub mod task;
 
 pub use keyfile::{load_or_create_key, write_atomic, KeyError};
 pub use lock::{lock_data_dir, DataDirLock, LockError};
-pub use serve::{BlockReader, PieceServer, PieceSource, Serve, ServeConfig};
+pub use serve::{BlockReader, FileBlocks, PieceServer, PieceSource, Serve, ServeConfig};
 pub use swarm::{build_swarm, SwarmError, SwarmOptions};
 pub use task::{spawn_critical, CriticalTask, PanicWatch};

@@ -42,12 +42,47 @@ pub trait BlockReader: Send + Sync + 'static {
     fn read_block(&self, block: u32, buf: &mut [u8]) -> io::Result<()>;
 }
 
+/// Blocks of a file on disk at `path`, opened on the first read (so that on the serving side
+/// the open, too, happens on a blocking thread).
+#[derive(Debug)]
+pub struct FileBlocks {
+    path: std::path::PathBuf,
+    geometry: Geometry,
+    file: std::sync::OnceLock<std::fs::File>,
+}
+
+impl FileBlocks {
+    /// Blocks of the file at `path`, cut as `geometry` says. Does no I/O.
+    pub fn new(path: impl Into<std::path::PathBuf>, geometry: Geometry) -> Self {
+        Self {
+            path: path.into(),
+            geometry,
+            file: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl BlockReader for FileBlocks {
+    fn read_block(&self, block: u32, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = match self.file.get() {
+            Some(f) => f,
+            None => {
+                let f = std::fs::File::open(&self.path)?;
+                self.file.get_or_init(|| f)
+            }
+        };
+        file.read_exact_at(buf, self.geometry.offset(block))
+    }
+}
+
 /// What to answer to one accepted request.
 pub struct Serve {
     /// The file's geometry.
     pub geometry: Geometry,
-    /// The blocks to send, in order. Normally the requested range; a shorter one (a prefix)
-    /// ends the stream early, which the requester sees as truncation. Clamped to the request.
+    /// The blocks to send. Normally the requested range; only its end counts: the server sends
+    /// the requested blocks up to it (clamped to the request), so an earlier end cuts the
+    /// stream short, which the requester sees as truncation.
     pub range: BlockRange,
     /// Where the blocks come from.
     pub blocks: Arc<dyn BlockReader>,
@@ -296,9 +331,11 @@ impl Inner {
             return self.refuse(stream, RefuseReason::BadRange).await;
         }
         let geometry = serve.geometry;
-        // Never more than was asked for.
-        let start = serve.range.start.max(req.range.start);
-        let range = BlockRange::new(start, serve.range.end.clamp(start, req.range.end));
+        // A prefix of what was asked for, never more (the request is non-empty here).
+        let range = BlockRange::new(
+            req.range.start,
+            serve.range.end.clamp(req.range.start, req.range.end),
+        );
         let allowed = cfg.deadline_for(geometry.range_bytes(req.range));
         let mut deadline = tokio::time::Instant::now() + allowed;
         let late = || ServeError::Deadline(allowed);
@@ -414,6 +451,8 @@ mod tests {
         manifest: Arc<VerifiedManifest>,
         stall: bool,
         truncate: bool,
+        /// Offers this range whatever was asked (a source bug the server must contain).
+        offer: Option<BlockRange>,
         served: AtomicU64,
     }
 
@@ -431,7 +470,7 @@ mod tests {
             if req.file != self.manifest.id() {
                 return Err(RefuseReason::UnknownFile);
             }
-            let mut range = req.range;
+            let mut range = self.offer.unwrap_or(req.range);
             if self.truncate {
                 range.end = range.start + range.len() / 2;
             }
@@ -465,6 +504,7 @@ mod tests {
             manifest,
             stall: false,
             truncate: false,
+            offer: None,
             served: AtomicU64::new(0),
         })
     }
@@ -522,6 +562,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn file_blocks_read_from_disk() {
+        let src = memory(5);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, &src.data).unwrap();
+        let r = FileBlocks::new(&path, src.manifest.geometry());
+        let mut buf = vec![0u8; 4096];
+        r.read_block(3, &mut buf).unwrap();
+        assert_eq!(buf, src.data[3 * 4096..4 * 4096]);
+        let missing = FileBlocks::new(dir.path().join("none"), src.manifest.geometry());
+        assert!(missing.read_block(0, &mut buf).is_err());
+    }
+
+    #[tokio::test]
     async fn bad_ranges_and_unknown_files_are_refused() {
         let src = memory(300);
         let server = PieceServer::new(src.clone(), ServeConfig::default());
@@ -552,6 +606,24 @@ mod tests {
         let mut c = connect(&server, 64 * 1024);
         let (r, _) = fetch(&mut c, &src.manifest, BlockRange::new(0, MAX_PIECE_BLOCKS)).await;
         r.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_source_cannot_make_the_server_send_more_than_was_asked() {
+        for (offer, want) in [
+            (BlockRange::new(0, 40), vec![5, 6, 7]),
+            (BlockRange::new(6, 7), vec![5, 6]),
+            (BlockRange::new(0, 3), vec![]),
+            (BlockRange { start: 9, end: 2 }, vec![]),
+        ] {
+            let mut m = memory(40);
+            Arc::get_mut(&mut m).unwrap().offer = Some(offer);
+            let server = PieceServer::new(m.clone(), ServeConfig::default());
+            let mut c = connect(&server, 64 * 1024);
+            let (r, got) = fetch(&mut c, &m.manifest, BlockRange::new(5, 8)).await;
+            assert_eq!(got, want, "offer {offer:?}");
+            assert_eq!(r.is_ok(), want.len() == 3, "offer {offer:?}: {r:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

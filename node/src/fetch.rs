@@ -424,6 +424,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
     }
 }
 
+/// What a receive error shows, `after_ok` when the stream's first bytes were the `Ok` frame.
+fn ending_of(e: ReceiveError, after_ok: bool) -> Ending {
+    match e {
+        ReceiveError::Corrupt { block } => Ending::BadDigest { block },
+        ReceiveError::Refused(r) => Ending::Refused(r),
+        ReceiveError::Sink { .. } => Ending::Local,
+        // The stream ended cleanly after the Ok frame: truncated. A peer that died looks
+        // exactly like this, so it is never taken for bad data.
+        ReceiveError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && after_ok => {
+            Ending::EndedAfterOk
+        }
+        ReceiveError::Io(_) | ReceiveError::BadRange(_) => Ending::Broken,
+    }
+}
+
 /// Receives one transfer under its deadlines (see [`TransferDeadlines`]) and says how it
 /// ended: the facts go through [`Ending::failure`], so only a digest failure reads as
 /// corruption.
@@ -502,20 +517,8 @@ async fn run_transfer(
             Ok(()) => None,
             Err(e) => {
                 tracing::debug!(%peer, range = ?t.range, error = %e, "transfer ended early");
-                Some(match e {
-                    ReceiveError::Corrupt { block } => Ending::BadDigest { block },
-                    ReceiveError::Refused(r) => Ending::Refused(r),
-                    ReceiveError::Sink { .. } => Ending::Local,
-                    // The stream ended cleanly after the Ok frame: truncated. A peer that died
-                    // looks exactly like this, so it is never taken for bad data.
-                    ReceiveError::Io(e)
-                        if e.kind() == std::io::ErrorKind::UnexpectedEof
-                            && meter.lock().expect("meter lock").head == ok =>
-                    {
-                        Ending::EndedAfterOk
-                    }
-                    ReceiveError::Io(_) | ReceiveError::BadRange(_) => Ending::Broken,
-                })
+                let after_ok = meter.lock().expect("meter lock").head == ok;
+                Some(ending_of(e, after_ok))
             }
         },
         e = watchdog => {
@@ -638,5 +641,109 @@ pub async fn seed(client: &Client, file: FileId, path: &Path) -> Result<(), Node
         MasterResponse::Ack => Ok(()),
         MasterResponse::Refused { reason } => Err(NodeError::Refused(reason)),
         _ => Err(NodeError::Unexpected),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::Cursor;
+    use libp2p::identity::Keypair;
+    use shoal_protocol::{wire::RefuseReason, BlockRange};
+
+    /// Reads a canned answer; swallows what is written.
+    struct Canned(Cursor<Vec<u8>>);
+
+    impl AsyncRead for Canned {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Canned {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn manifest(data: &[u8]) -> VerifiedManifest {
+        let k = Keypair::generate_ed25519();
+        let mut b = ManifestBuilder::new(4096);
+        b.update(data);
+        let (body, digests) = b.finish(
+            "t".into(),
+            k.public().encode_protobuf(),
+            k.public().to_peer_id(),
+            0,
+        );
+        let header = body.sign(&k).unwrap().countersign(&k).unwrap();
+        Manifest { header, digests }.verify(None).unwrap()
+    }
+
+    /// Receives `answer` through a [`Metered`] stream, as `run_transfer` does.
+    fn ending(answer: Vec<u8>, m: &VerifiedManifest) -> Option<Ending> {
+        let ok = ok_frame();
+        let meter = Mutex::new(Meter {
+            clock: TransferClock::start(Instant::now(), 0, &TransferDeadlines::default()),
+            head: Vec::new(),
+        });
+        let mut s = Metered {
+            inner: Canned(Cursor::new(answer)),
+            meter: &meter,
+            ok_len: ok.len(),
+        };
+        let r = futures::executor::block_on(receive_blocks(
+            &mut s,
+            m,
+            BlockRange::new(0, 3),
+            |_, _| Ok(()),
+        ));
+        let after_ok = meter.lock().unwrap().head == ok;
+        r.err().map(|e| ending_of(e, after_ok))
+    }
+
+    #[test]
+    fn only_a_stream_cut_after_an_actual_ok_is_truncation() {
+        let data: Vec<u8> = (0..12_288u32).map(|i| (i % 247) as u8).collect();
+        let m = manifest(&data);
+        let ok = ok_frame();
+        let with = |tail: &[u8]| [ok.as_slice(), tail].concat();
+        assert_eq!(ending(with(&data), &m), None);
+        // Ok, one block and a half, then the end: truncated.
+        assert_eq!(ending(with(&data[..6000]), &m), Some(Ending::EndedAfterOk));
+        // Ok and nothing else: truncated too.
+        assert_eq!(ending(ok.clone(), &m), Some(Ending::EndedAfterOk));
+        // Cut inside the response frame, or nothing at all: the peer is gone, not lying.
+        assert_eq!(ending(ok[..3].to_vec(), &m), Some(Ending::Broken));
+        assert_eq!(ending(Vec::new(), &m), Some(Ending::Broken));
+        // A bad byte in block 1: corrupt.
+        let mut bad = data.clone();
+        bad[5000] ^= 1;
+        assert_eq!(ending(with(&bad), &m), Some(Ending::BadDigest { block: 1 }));
+        // A refusal frame.
+        let mut refused = Vec::new();
+        futures::executor::block_on(shoal_protocol::piece::refuse(
+            &mut refused,
+            RefuseReason::Busy,
+        ))
+        .unwrap();
+        assert_eq!(
+            ending(refused, &m),
+            Some(Ending::Refused(RefuseReason::Busy))
+        );
     }
 }

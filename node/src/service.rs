@@ -289,6 +289,9 @@ impl Client {
     /// with [`NodeConfig::with_exit_on_panic`] the process has already ended). Never resolves
     /// otherwise.
     pub async fn panicked(&self) -> TaskPanicked {
+        if self.panics.is_empty() {
+            return std::future::pending().await;
+        }
         let waits = self.panics.iter().map(|w| Box::pin(w.panicked()));
         futures::future::select_all(waits).await.0
     }

@@ -228,7 +228,8 @@ impl PieceStore {
         // After the block counts as held: a woken hasher must find it.
         self.written.notify_waiters();
         if must_sync {
-            self.flush()?;
+            // An fsync can take long on a slow disk: not on an async worker thread.
+            off_runtime(|| self.flush())?;
         }
         Ok(())
     }
@@ -284,6 +285,18 @@ impl PieceStore {
             }
             notified.await;
         }
+    }
+}
+
+/// Runs blocking `f` so that it does not hold up other tasks: through `block_in_place` on a
+/// multi-threaded tokio runtime, directly anywhere else (a current-thread runtime cannot hand
+/// its tasks to another thread; there, as outside tokio, the caller's thread is the cost).
+fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Helpers for cross-crate tests and examples: in-process clusters on loopback TCP.
 
+pub mod raw;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
