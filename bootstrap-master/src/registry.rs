@@ -118,11 +118,13 @@ pub fn whole_file_matches(manifest: &VerifiedManifest, path: &Path) -> Result<bo
 /// Whole-file writes of small state files (ban list, `bootstrap.addr`) off the event loop:
 /// [`DiskWriter::write`] never blocks; a background task writes the latest bytes of each
 /// path, atomically, on the blocking pool. Writes to one path are coalesced, so the queue is
-/// bounded by the number of distinct paths.
+/// bounded by the number of distinct paths. The task ends (after a last flush) when every
+/// handle is dropped.
 #[derive(Clone)]
 pub struct DiskWriter {
     pending: Arc<Mutex<BTreeMap<PathBuf, Vec<u8>>>>,
-    wake: Arc<tokio::sync::Notify>,
+    /// Wakes the task; one wake-up pending at most. Its closing ends the task.
+    wake: tokio::sync::mpsc::Sender<()>,
     /// Held while a batch is written: batches reach the disk one after the other, in order.
     flushing: Arc<tokio::sync::Mutex<()>>,
 }
@@ -130,19 +132,28 @@ pub struct DiskWriter {
 impl DiskWriter {
     /// Starts the writer task (on the current tokio runtime).
     pub fn spawn() -> Self {
-        let w = Self {
-            pending: Arc::default(),
-            wake: Arc::default(),
-            flushing: Arc::default(),
-        };
-        let task = w.clone();
-        tokio::spawn(async move {
-            loop {
-                task.wake.notified().await;
-                task.flush().await;
+        Self::spawn_task().0
+    }
+
+    fn spawn_task() -> (Self, tokio::task::JoinHandle<()>) {
+        let (wake, mut woken) = tokio::sync::mpsc::channel(1);
+        let pending: Arc<Mutex<BTreeMap<PathBuf, Vec<u8>>>> = Arc::default();
+        let flushing: Arc<tokio::sync::Mutex<()>> = Arc::default();
+        let (p, f) = (pending.clone(), flushing.clone());
+        let task = tokio::spawn(async move {
+            while woken.recv().await.is_some() {
+                flush(&p, &f).await;
             }
+            flush(&p, &f).await;
         });
-        w
+        (
+            Self {
+                pending,
+                wake,
+                flushing,
+            },
+            task,
+        )
     }
 
     /// Writes `bytes` to `path` soon (replacing any write to it not yet done).
@@ -150,30 +161,35 @@ impl DiskWriter {
         if let Ok(mut p) = self.pending.lock() {
             p.insert(path, bytes);
         }
-        self.wake.notify_one();
+        // Full: a wake-up is already pending, and it will see this write.
+        let _ = self.wake.try_send(());
     }
 
     /// Writes everything pending now; returns once it is on disk.
     pub async fn flush(&self) {
-        let _turn = self.flushing.lock().await;
-        let batch = match self.pending.lock() {
-            Ok(mut p) => std::mem::take(&mut *p),
-            Err(_) => return,
-        };
-        if batch.is_empty() {
-            return;
-        }
-        let done = tokio::task::spawn_blocking(move || {
-            for (path, bytes) in batch {
-                if let Err(e) = write_atomic(&path, &bytes) {
-                    tracing::error!(error = %e, "cannot write a state file");
-                }
+        flush(&self.pending, &self.flushing).await;
+    }
+}
+
+async fn flush(pending: &Mutex<BTreeMap<PathBuf, Vec<u8>>>, flushing: &tokio::sync::Mutex<()>) {
+    let _turn = flushing.lock().await;
+    let batch = match pending.lock() {
+        Ok(mut p) => std::mem::take(&mut *p),
+        Err(_) => return,
+    };
+    if batch.is_empty() {
+        return;
+    }
+    let done = tokio::task::spawn_blocking(move || {
+        for (path, bytes) in batch {
+            if let Err(e) = write_atomic(&path, &bytes) {
+                tracing::error!(error = %e, "cannot write a state file");
             }
-        })
-        .await;
-        if let Err(e) = done {
-            tracing::error!(error = %e, "state file writer failed");
         }
+    })
+    .await;
+    if let Err(e) = done {
+        tracing::error!(error = %e, "state file writer failed");
     }
 }
 
@@ -446,6 +462,30 @@ mod tests {
         assert!(!have.contains(m.blocks() - 1));
         assert_eq!(have.count(), m.blocks() - 2);
         assert!(!whole_file_matches(&m, &path).unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_writer_keeps_the_last_write_of_each_path_and_ends_with_its_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, task) = DiskWriter::spawn_task();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        for i in 0..100u32 {
+            w.write(a.clone(), i.to_string().into_bytes());
+        }
+        w.write(b.clone(), b"b".to_vec());
+        w.flush().await;
+        assert_eq!(fs::read(&a).unwrap(), b"99");
+        assert_eq!(fs::read(&b).unwrap(), b"b");
+        // Dropping the last handle flushes what is pending and ends the task.
+        let other = w.clone();
+        w.write(a.clone(), b"last".to_vec());
+        drop(w);
+        drop(other);
+        tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("the writer task ends once its handles are gone")
+            .unwrap();
+        assert_eq!(fs::read(&a).unwrap(), b"last");
     }
 
     #[test]
