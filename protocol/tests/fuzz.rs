@@ -408,7 +408,7 @@ fn unknown_variants_are_errors() {
     report_unknown_problem.extend_from_slice(&peer);
     report_unknown_problem.push(5); // Problem has variants 0..=4
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("MasterRequest", vec![6]),
+        ("MasterRequest", vec![7]), // 6 is List
         ("MasterRequest", vec![250]),
         ("MasterRequest", vec![251, 0xff, 0xff]),
         (
@@ -416,7 +416,7 @@ fn unknown_variants_are_errors() {
             [vec![253], u64::MAX.to_le_bytes().to_vec()].concat(),
         ),
         ("MasterRequest", report_unknown_problem),
-        ("MasterResponse", vec![5]),
+        ("MasterResponse", vec![6]), // 5 is Files
         ("DigestRequest", vec![2]),
         ("DigestResponse", vec![3]),
         ("PieceResponse", vec![2]),
