@@ -14,7 +14,7 @@
 //! 3. otherwise (its first copy is on its way to another node) skip it: the node asks again
 //!    after `retry_after` and will then be redirected to the new holder.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
@@ -107,7 +107,20 @@ struct PeerState {
     /// Peers this one could not get data from: never sent there again.
     /// Until when (`None`: for good).
     avoid: HashMap<PeerId, Option<Instant>>,
+    /// Whether it is in the [`LoadIndex`] (once it has held a block).
+    indexed: bool,
 }
+
+/// Per region, the peers that have held blocks, ordered by (load, id): a Locate walks it from
+/// the least loaded up and stops at the first usable holder, instead of scanning every holder.
+#[derive(Debug, Default)]
+struct LoadIndex {
+    by_region: HashMap<String, BTreeSet<(u32, PeerId)>>,
+}
+
+/// A block held by at most this many peers is looked up in its own holder list; above it,
+/// by walking the [`LoadIndex`] (where about one peer in `peers / holders` holds it).
+const RARE_HOLDERS: usize = 128;
 
 #[derive(Debug, Clone, Copy)]
 struct Pending {
@@ -145,6 +158,11 @@ struct FileState {
     past: HashMap<PeerId, VecDeque<Past>>,
     bytes_from_master: u64,
     bytes_from_peers: u64,
+    /// Per block, how many peers hold it.
+    holder_count: Vec<u32>,
+    /// Per block, its holders (peer numbers, may name peers that no longer hold it) while
+    /// few hold it; `None` once there were too many to list (rebuilt when they are few again).
+    rare_holders: Vec<Option<Vec<u32>>>,
 }
 
 /// The ownership table and the redirect rule.
@@ -155,6 +173,13 @@ pub struct Policy {
     peers: HashMap<PeerId, PeerState>,
     banned: HashSet<PeerId>,
     master_load: u32,
+    index: LoadIndex,
+    /// Peer numbers, for the per-block holder lists.
+    numbers: HashMap<PeerId, u32>,
+    numbered: Vec<PeerId>,
+    /// No pending assignment or handout expires before this (`None`: none pending), so a
+    /// Locate only walks every pending list when something may have expired.
+    expiry_floor: Option<Instant>,
 }
 
 impl Policy {
@@ -166,6 +191,10 @@ impl Policy {
             peers: HashMap::new(),
             banned: HashSet::new(),
             master_load: 0,
+            index: LoadIndex::default(),
+            numbers: HashMap::new(),
+            numbered: Vec::new(),
+            expiry_floor: None,
         }
     }
 
@@ -183,6 +212,8 @@ impl Policy {
             past: HashMap::new(),
             bytes_from_master: 0,
             bytes_from_peers: 0,
+            holder_count: vec![0; blocks as usize],
+            rare_holders: vec![Some(Vec::new()); blocks as usize],
         });
     }
 
@@ -225,7 +256,12 @@ impl Policy {
 
     /// A peer's region label.
     pub fn set_region(&mut self, peer: PeerId, region: String) {
-        self.peers.entry(peer).or_default().region = region;
+        let p = self.peers.entry(peer).or_default();
+        if p.indexed {
+            self.index.remove(&p.region, p.load, peer);
+            self.index.insert(&region, p.load, peer);
+        }
+        p.region = region;
     }
 
     /// A peer is gone (disconnected, failed its liveness check, or left): it leaves every
@@ -233,10 +269,22 @@ impl Policy {
     pub fn peer_down(&mut self, peer: &PeerId) -> bool {
         let mut was_mirror = false;
         for f in self.files.values_mut() {
-            was_mirror |= f.holders.remove(peer).is_some();
+            if let Some(held) = f.holders.remove(peer) {
+                was_mirror = true;
+                for r in held.ranges() {
+                    for b in r.iter() {
+                        f.holder_count[b as usize] -= 1;
+                    }
+                }
+            }
             if let Some(pending) = f.pending.remove(peer) {
                 for p in pending.values() {
-                    release(&mut self.peers, &mut self.master_load, p.source);
+                    release(
+                        &mut self.peers,
+                        &mut self.index,
+                        &mut self.master_load,
+                        p.source,
+                    );
                 }
             }
             f.handouts.retain(|_, (to, _)| to != peer);
@@ -246,7 +294,12 @@ impl Policy {
                 pending.retain(|_, p| {
                     let keep = p.source != Some(*peer);
                     if !keep {
-                        release(&mut self.peers, &mut self.master_load, p.source);
+                        release(
+                            &mut self.peers,
+                            &mut self.index,
+                            &mut self.master_load,
+                            p.source,
+                        );
                     }
                     keep
                 });
@@ -256,6 +309,12 @@ impl Policy {
                 log.retain(|x| x.source != *peer);
             }
             f.past.retain(|_, log| !log.is_empty());
+        }
+        if let Some(p) = self.peers.get(peer) {
+            // Out of the load index: walks never step over it.
+            if p.indexed {
+                self.index.remove(&p.region, p.load, *peer);
+            }
         }
         // Its addresses, region and avoidances go with it: a peer that comes back starts
         // afresh, and the table holds only connected peers.
@@ -271,7 +330,14 @@ impl Policy {
     /// `peer` holds the whole file (a publisher announcing it).
     pub fn holds_all(&mut self, file: &FileId, peer: PeerId) {
         if let Some(f) = self.files.get_mut(file) {
-            f.holders.insert(peer, Blocks::full(f.blocks));
+            let n = number(&mut self.numbers, &mut self.numbered, peer);
+            index_peer(&mut self.peers, &mut self.index, peer);
+            let before = f.holders.insert(peer, Blocks::full(f.blocks));
+            for b in 0..f.blocks {
+                if !before.as_ref().is_some_and(|h| h.contains(b)) {
+                    f.added_holder(b, n, &self.numbered);
+                }
+            }
         }
     }
 
@@ -282,21 +348,34 @@ impl Policy {
             return;
         };
         let geometry_blocks = f.blocks;
+        let n = number(&mut self.numbers, &mut self.numbered, peer);
+        index_peer(&mut self.peers, &mut self.index, peer);
         let held = f
             .holders
             .entry(peer)
             .or_insert_with(|| Blocks::new(geometry_blocks));
         let pending = f.pending.entry(peer).or_default();
         let grace = self.cfg.report_grace;
+        let mut added = Vec::new();
         // Merged and clamped first: overlapping ranges cost one pass over the file at most.
         for r in normalize(ranges, geometry_blocks, MAX_RANGES_PER_MESSAGE) {
             for b in r.iter() {
-                held.insert(b);
+                if held.insert(b) {
+                    added.push(b);
+                }
                 if let Some(p) = pending.remove(&b) {
-                    release(&mut self.peers, &mut self.master_load, p.source);
+                    release(
+                        &mut self.peers,
+                        &mut self.index,
+                        &mut self.master_load,
+                        p.source,
+                    );
                     remember(&mut f.past, peer, b, p, true, grace);
                 }
             }
+        }
+        for b in added {
+            f.added_holder(b, n, &self.numbered);
         }
     }
 
@@ -360,24 +439,40 @@ impl Policy {
     /// Drops assignments whose time ran out.
     pub fn expire(&mut self, now: Instant) {
         let grace = self.cfg.report_grace;
+        let mut floor: Option<Instant> = None;
+        let mut lower = |d: Instant| floor = Some(floor.map_or(d, |f| f.min(d)));
         for f in self.files.values_mut() {
             for (requester, pending) in f.pending.iter_mut() {
                 pending.retain(|b, p| {
                     let keep = p.deadline > now;
-                    if !keep {
-                        release(&mut self.peers, &mut self.master_load, p.source);
+                    if keep {
+                        lower(p.deadline);
+                    } else {
+                        release(
+                            &mut self.peers,
+                            &mut self.index,
+                            &mut self.master_load,
+                            p.source,
+                        );
                         remember(&mut f.past, *requester, *b, *p, false, grace);
                     }
                     keep
                 });
             }
             f.pending.retain(|_, pending| !pending.is_empty());
-            f.handouts.retain(|_, (_, deadline)| *deadline > now);
+            f.handouts.retain(|_, (_, deadline)| {
+                let keep = *deadline > now;
+                if keep {
+                    lower(*deadline);
+                }
+                keep
+            });
             for log in f.past.values_mut() {
                 log.retain(|x| x.until > now);
             }
             f.past.retain(|_, log| !log.is_empty());
         }
+        self.expiry_floor = floor;
     }
 
     /// Scales `max` down as the master's load grows: `max * half / (half + load)`.
@@ -404,7 +499,10 @@ impl Policy {
         file: &FileId,
         need: &[BlockRange],
     ) -> Result<LocateAnswer, PolicyError> {
-        self.expire(now);
+        // Walk the pending lists only when an assignment may have run out.
+        if self.expiry_floor.is_some_and(|t| now >= t) {
+            self.expire(now);
+        }
         let master_piece = self.master_piece();
         let master_budget = self.master_budget();
         let cfg = self.cfg.clone();
@@ -427,32 +525,15 @@ impl Policy {
         // Merged and clamped first: the walk below visits each block of the file once at
         // most, whatever the request repeats.
         let need = normalize(need, f.blocks, MAX_RANGES_PER_MESSAGE);
-
-        // The holders this requester may be sent to, checked once per answer rather than per
-        // block: (peer, its blocks, whether it is in another region, its load). The load is
-        // updated as this answer assigns, so the answer spreads its own assignments.
-        let mut candidates: Vec<(PeerId, &Blocks, bool, u32)> = f
-            .holders
-            .iter()
-            .filter(|(p, _)| {
-                **p != requester
-                    && !avoid.get(*p).is_some_and(|until| until.is_none_or(|u| u > now))
-                    // A holder is only worth a redirect when the requester can dial it: live,
-                    // and with addresses to hint.
-                    && self.peers.get(*p).is_some_and(|s| s.live && !s.addrs.is_empty())
-            })
-            .map(|(p, held)| {
-                let s = &self.peers[p];
-                (
-                    *p,
-                    held,
-                    s.region != my_region || my_region.is_empty(),
-                    s.load,
-                )
-            })
-            .collect();
-        candidates.sort_by_key(|c| (c.2, c.3, c.0));
-        candidates.truncate(MAX_CANDIDATES);
+        // Whom this requester may be sent to: not itself, not a peer it had trouble with, and
+        // only a peer it can dial (live, with addresses to hint).
+        let usable = |peers: &HashMap<PeerId, PeerState>, p: &PeerId| {
+            *p != requester
+                && !avoid
+                    .get(p)
+                    .is_some_and(|until| until.is_none_or(|u| u > now))
+                && peers.get(p).is_some_and(|s| s.live && !s.addrs.is_empty())
+        };
         let mut runs: Vec<(BlockRange, Option<PeerId>)> = Vec::new();
         let mut budget = cfg.max_blocks_per_answer;
         let mut scans = cfg.max_blocks_per_answer.saturating_mul(LOCATE_SCAN_FACTOR);
@@ -472,22 +553,30 @@ impl Policy {
                 scans -= 1;
                 // Keep extending the current run from the same holder: pieces stay whole.
                 let continuing = match runs.last() {
-                    Some((run, Some(h))) if run.end == b && run.len() < cfg.max_peer_piece => {
-                        candidates.iter().position(|c| c.0 == *h && c.1.contains(b))
+                    Some((run, Some(h)))
+                        if run.end == b
+                            && run.len() < cfg.max_peer_piece
+                            && f.holders.get(h).is_some_and(|held| held.contains(b)) =>
+                    {
+                        Some(*h)
                     }
                     _ => None,
                 };
+                // Else the nearest (same region first), least-loaded usable holder, ties by id.
                 let best = continuing.or_else(|| {
-                    candidates
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, c)| c.1.contains(b))
-                        .min_by_key(|(_, c)| (c.2, c.3, c.0))
-                        .map(|(i, _)| i)
+                    nearest_least_loaded(
+                        f,
+                        &self.peers,
+                        &self.index,
+                        &self.numbers,
+                        &self.numbered,
+                        b,
+                        &my_region,
+                        |peers, p| usable(peers, p),
+                    )
                 });
-                let source = if let Some(i) = best {
-                    candidates[i].3 += 1;
-                    Some(candidates[i].0)
+                let source = if best.is_some() {
+                    best
                 } else if f.master_has.contains(b)
                     && f.handouts.get(&b).is_none_or(|(to, _)| *to == requester)
                     && master_given < master_budget
@@ -501,13 +590,22 @@ impl Policy {
                 // Retract any older assignment of this block to this requester.
                 let pending = f.pending.entry(requester).or_default();
                 if let Some(old) = pending.remove(&b) {
-                    release(&mut self.peers, &mut self.master_load, old.source);
+                    release(
+                        &mut self.peers,
+                        &mut self.index,
+                        &mut self.master_load,
+                        old.source,
+                    );
                     remember(&mut f.past, requester, b, old, false, cfg.report_grace);
                 }
                 pending.insert(b, Pending { source, deadline });
+                self.expiry_floor = Some(self.expiry_floor.map_or(deadline, |t| t.min(deadline)));
                 match source {
                     Some(p) => {
-                        self.peers.entry(p).or_default().load += 1;
+                        if let Some(s) = self.peers.get_mut(&p) {
+                            let load = s.load + 1;
+                            set_load(s, &mut self.index, p, load);
+                        }
                     }
                     None => {
                         self.master_load += 1;
@@ -612,6 +710,8 @@ impl Policy {
             for b in BlockRange::new(r.start, r.end.min(f.blocks)).iter() {
                 if held.remove(b) {
                     dropped += 1;
+                    // The rare-holder lists drop stale entries lazily; the count is exact.
+                    f.holder_count[b as usize] -= 1;
                 }
             }
         }
@@ -754,14 +854,179 @@ fn remember(
     });
 }
 
-fn release(peers: &mut HashMap<PeerId, PeerState>, master_load: &mut u32, source: Option<PeerId>) {
+fn release(
+    peers: &mut HashMap<PeerId, PeerState>,
+    index: &mut LoadIndex,
+    master_load: &mut u32,
+    source: Option<PeerId>,
+) {
     match source {
         Some(p) => {
             if let Some(s) = peers.get_mut(&p) {
-                s.load = s.load.saturating_sub(1);
+                let load = s.load.saturating_sub(1);
+                set_load(s, index, p, load);
             }
         }
         None => *master_load = master_load.saturating_sub(1),
+    }
+}
+
+/// Sets a peer's load, keeping its place in the load index.
+fn set_load(s: &mut PeerState, index: &mut LoadIndex, peer: PeerId, load: u32) {
+    if s.indexed && s.load != load {
+        index.remove(&s.region, s.load, peer);
+        index.insert(&s.region, load, peer);
+    }
+    s.load = load;
+}
+
+/// Puts a peer that holds blocks into the load index (once).
+fn index_peer(peers: &mut HashMap<PeerId, PeerState>, index: &mut LoadIndex, peer: PeerId) {
+    let s = peers.entry(peer).or_default();
+    if !s.indexed {
+        s.indexed = true;
+        index.insert(&s.region, s.load, peer);
+    }
+}
+
+/// The peer's number for the per-block holder lists.
+fn number(numbers: &mut HashMap<PeerId, u32>, numbered: &mut Vec<PeerId>, peer: PeerId) -> u32 {
+    *numbers.entry(peer).or_insert_with(|| {
+        numbered.push(peer);
+        (numbered.len() - 1) as u32
+    })
+}
+
+impl LoadIndex {
+    fn insert(&mut self, region: &str, load: u32, peer: PeerId) {
+        self.by_region
+            .entry(region.to_string())
+            .or_default()
+            .insert((load, peer));
+    }
+
+    fn remove(&mut self, region: &str, load: u32, peer: PeerId) {
+        if let Some(set) = self.by_region.get_mut(region) {
+            set.remove(&(load, peer));
+        }
+    }
+}
+
+impl FileState {
+    /// Peer number `n` now holds block `b`.
+    fn added_holder(&mut self, b: u32, n: u32, numbered: &[PeerId]) {
+        let i = b as usize;
+        self.holder_count[i] += 1;
+        if let Some(list) = self.rare_holders[i].as_mut() {
+            if list.len() >= RARE_HOLDERS {
+                // Drop entries of peers that no longer hold it before giving up on the list.
+                compact(list, b, &self.holders, numbered);
+            }
+            if list.len() < RARE_HOLDERS {
+                list.push(n);
+            } else {
+                self.rare_holders[i] = None;
+            }
+        }
+    }
+}
+
+/// Keeps the entries of `list` whose peers hold `b`, once each (`numbered` maps numbers to
+/// peers).
+fn compact(list: &mut Vec<u32>, b: u32, holders: &HashMap<PeerId, Blocks>, numbered: &[PeerId]) {
+    list.sort_unstable();
+    list.dedup();
+    list.retain(|n| {
+        numbered
+            .get(*n as usize)
+            .and_then(|p| holders.get(p))
+            .is_some_and(|h| h.contains(b))
+    });
+}
+
+/// The usable holder of block `b` that the rule prefers: same region as the requester first
+/// (any region counts as another when the requester has none), then least load, then lowest
+/// id. A rarely held block is looked up in its holder list; a widely held one by walking the
+/// load index from the least loaded peer up, where the first usable holder is the answer.
+#[allow(clippy::too_many_arguments)]
+fn nearest_least_loaded(
+    f: &mut FileState,
+    peers: &HashMap<PeerId, PeerState>,
+    index: &LoadIndex,
+    numbers: &HashMap<PeerId, u32>,
+    numbered: &[PeerId],
+    b: u32,
+    my_region: &str,
+    usable: impl Fn(&HashMap<PeerId, PeerState>, &PeerId) -> bool,
+) -> Option<PeerId> {
+    let i = b as usize;
+    let count = f.holder_count[i] as usize;
+    if count == 0 {
+        return None;
+    }
+    if count <= RARE_HOLDERS {
+        if f.rare_holders[i].is_none() {
+            // Few hold it again: list them (once, until many hold it again).
+            let list: Vec<u32> = f
+                .holders
+                .iter()
+                .filter(|(_, h)| h.contains(b))
+                .filter_map(|(p, _)| numbers.get(p).copied())
+                .collect();
+            f.rare_holders[i] = Some(list);
+        }
+        if let Some(list) = f.rare_holders[i].as_mut() {
+            if list.len() > 2 * count + 8 {
+                compact(list, b, &f.holders, numbered);
+            }
+        }
+    }
+    let holds = |p: &PeerId| f.holders.get(p).is_some_and(|h| h.contains(b));
+    let key = |p: &PeerId| {
+        let s = &peers[p];
+        (s.region != my_region || my_region.is_empty(), s.load, *p)
+    };
+    if count <= RARE_HOLDERS {
+        return f.rare_holders[i]
+            .as_ref()?
+            .iter()
+            .filter_map(|n| numbered.get(*n as usize))
+            .filter(|p| holds(p) && usable(peers, p))
+            .min_by_key(|p| key(p))
+            .copied();
+    }
+    let first = |set: &BTreeSet<(u32, PeerId)>| {
+        set.iter()
+            .map(|(_, p)| p)
+            .find(|p| holds(p) && usable(peers, p))
+            .copied()
+    };
+    if !my_region.is_empty() {
+        if let Some(p) = index.by_region.get(my_region).and_then(first) {
+            return Some(p);
+        }
+    }
+    // Every other region, merged in (load, id) order.
+    let mut walks: Vec<_> = index
+        .by_region
+        .iter()
+        .filter(|(r, _)| my_region.is_empty() || r.as_str() != my_region)
+        .map(|(_, set)| set.iter().peekable())
+        .collect();
+    loop {
+        let mut best: Option<(usize, &(u32, PeerId))> = None;
+        for (w, it) in walks.iter_mut().enumerate() {
+            if let Some(&e) = it.peek() {
+                if best.is_none_or(|(_, b)| e < b) {
+                    best = Some((w, e));
+                }
+            }
+        }
+        let (w, _) = best?;
+        let (_, p) = walks[w].next()?;
+        if holds(p) && usable(peers, p) {
+            return Some(*p);
+        }
     }
 }
 

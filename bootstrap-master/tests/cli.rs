@@ -34,6 +34,43 @@ fn add_prints_a_file_id_that_parses() {
 }
 
 #[test]
+fn a_bad_publisher_keys_file_names_the_line_and_the_master_does_not_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("publishers");
+    std::fs::write(&keys, "# trusted\n12D3KooWnot-a-key\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal-master"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--publisher-keys-file"])
+        .arg(&keys)
+        .output()
+        .expect("run shoal-master");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2"), "{err}");
+    assert!(err.contains("12D3KooWnot-a-key"), "{err}");
+    assert!(!dir.path().join("data/bootstrap.addr").exists());
+}
+
+#[test]
+fn open_publishing_excludes_trusted_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal-master"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args([
+            "--open-publishing",
+            "--publisher-key",
+            "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+        ])
+        .output()
+        .expect("run shoal-master");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--open-publishing"), "{err}");
+}
+
+#[test]
 fn a_second_master_on_the_same_data_dir_fails_at_once_and_keeps_bootstrap_addr() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
@@ -131,41 +168,4 @@ fn a_master_start_logs_no_warnings() {
             .is_some_and(|l| l.starts_with("/ip4/")),
         "{stdout}"
     );
-}
-
-#[test]
-fn a_bad_publisher_keys_file_names_the_line_and_the_master_does_not_start() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let keys = dir.path().join("publishers");
-    std::fs::write(&keys, "# trusted\n12D3KooWnot-a-key\n").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_shoal-master"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--publisher-keys-file"])
-        .arg(&keys)
-        .output()
-        .expect("run shoal-master");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 2"), "{err}");
-    assert!(err.contains("12D3KooWnot-a-key"), "{err}");
-    assert!(!dir.path().join("data/bootstrap.addr").exists());
-}
-
-#[test]
-fn open_publishing_excludes_trusted_keys() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(env!("CARGO_BIN_EXE_shoal-master"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args([
-            "--open-publishing",
-            "--publisher-key",
-            "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
-        ])
-        .output()
-        .expect("run shoal-master");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--open-publishing"), "{err}");
 }

@@ -1,0 +1,274 @@
+//! A run's results: `summary.json`, `nodes.csv` and the text summary.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::engine::{Outcome, Role};
+use crate::scenario::Scenario;
+
+/// The summary of one run (`summary.json`). Every field but `wall_s` depends only on the
+/// scenario, the policy and the seed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// Scenario name.
+    pub scenario: String,
+    /// `virtual` or `live`.
+    pub engine: String,
+    /// `shoal`, `origin-only` or `random-holder`.
+    pub policy: String,
+    /// The random seed.
+    pub seed: u64,
+    /// Nodes in all.
+    pub nodes: usize,
+    /// Nodes following the protocol.
+    pub honest_nodes: usize,
+    /// Honest nodes that got the whole file.
+    pub completed: usize,
+    /// Every honest node completed and no block from a corrupting source was accepted.
+    pub all_verified: bool,
+    /// File size, bytes.
+    pub file_bytes: u64,
+    /// Bytes the master sent.
+    pub origin_bytes: u64,
+    /// `origin_bytes / file_bytes`: copies of the file the origin sent.
+    pub origin_egress_ratio: f64,
+    /// Blocks the master delivered more than once (second and later deliveries).
+    pub origin_resent_blocks: u64,
+    /// Bytes sent between nodes.
+    pub peer_bytes: u64,
+    /// Kumar-Ross: `max(F/u_s, F/d_min, N F/(u_s + sum u_i))` with this run's capacities.
+    pub lower_bound_s: f64,
+    /// Median completion time (finish minus arrival) of honest nodes that completed.
+    pub completion_p50_s: f64,
+    /// 99th percentile.
+    pub completion_p99_s: f64,
+    /// Slowest.
+    pub completion_max_s: f64,
+    /// p50 over the bound.
+    pub p50_over_bound: f64,
+    /// p99 over the bound.
+    pub p99_over_bound: f64,
+    /// Slowest over the bound.
+    pub max_over_bound: f64,
+    /// Share of peer bytes sent inside a region.
+    pub intra_region_share: f64,
+    /// Nodes banned.
+    pub banned: usize,
+    /// Honest nodes banned (should be 0).
+    pub honest_banned: usize,
+    /// Misbehaving nodes (by scenario).
+    pub misbehaving: usize,
+    /// Transfers that ended early, all nodes.
+    pub retries: u64,
+    /// Virtual time at the end, seconds.
+    pub virtual_s: f64,
+    /// Whether the run hit the scenario's time limit.
+    pub hit_limit: bool,
+    /// Events processed.
+    pub events: u64,
+    /// Wall-clock time of the run, seconds (the one field that differs between runs).
+    pub wall_s: f64,
+}
+
+fn round(x: f64) -> f64 {
+    if x.is_finite() {
+        (x * 1e4).round() / 1e4
+    } else {
+        x
+    }
+}
+
+/// The `p`-quantile (0..=1) by nearest rank of sorted `v`; NaN when empty.
+pub fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Completion times of honest nodes that completed, sorted.
+pub fn completions(o: &Outcome) -> Vec<f64> {
+    let mut c: Vec<f64> = o
+        .nodes
+        .iter()
+        .filter(|n| n.role == Role::Honest)
+        .filter_map(|n| n.finish_s.map(|f| f - n.start_s))
+        .collect();
+    c.sort_by(f64::total_cmp);
+    c
+}
+
+/// The lower bound for the capacities this run drew.
+pub fn run_bound(sc: &Scenario, o: &Outcome) -> f64 {
+    let ups: Vec<f64> = o.nodes.iter().map(|n| n.upload).collect();
+    let downs: Vec<f64> = o.nodes.iter().map(|n| n.download).collect();
+    crate::bound::kumar_ross(sc.file.size.0 as f64, sc.master.upload.0, &ups, &downs)
+}
+
+impl Summary {
+    /// Summarises a run.
+    pub fn new(
+        sc: &Scenario,
+        o: &Outcome,
+        engine: &str,
+        policy: &str,
+        seed: u64,
+        wall_s: f64,
+    ) -> Self {
+        let c = completions(o);
+        let bound = run_bound(sc, o);
+        let honest = o.nodes.iter().filter(|n| n.role == Role::Honest).count();
+        let f = sc.file.size.0;
+        let (p50, p99, max) = (quantile(&c, 0.5), quantile(&c, 0.99), quantile(&c, 1.0));
+        Self {
+            scenario: sc.name.clone(),
+            engine: engine.into(),
+            policy: policy.into(),
+            seed,
+            nodes: o.nodes.len(),
+            honest_nodes: honest,
+            completed: c.len(),
+            all_verified: c.len() == honest && o.nodes.iter().all(|n| n.bad_blocks == 0),
+            file_bytes: f,
+            origin_bytes: o.origin_bytes,
+            origin_egress_ratio: round(o.origin_bytes as f64 / f as f64),
+            origin_resent_blocks: o.origin_resent_blocks,
+            peer_bytes: o.peer_bytes,
+            lower_bound_s: round(bound),
+            completion_p50_s: round(p50),
+            completion_p99_s: round(p99),
+            completion_max_s: round(max),
+            p50_over_bound: round(p50 / bound),
+            p99_over_bound: round(p99 / bound),
+            max_over_bound: round(max / bound),
+            intra_region_share: round(if o.peer_bytes == 0 {
+                0.0
+            } else {
+                o.peer_bytes_intra as f64 / o.peer_bytes as f64
+            }),
+            banned: o.nodes.iter().filter(|n| n.banned).count(),
+            honest_banned: o
+                .nodes
+                .iter()
+                .filter(|n| n.banned && n.role == Role::Honest)
+                .count(),
+            misbehaving: o.nodes.len() - honest,
+            retries: o.nodes.iter().map(|n| n.retries).sum(),
+            virtual_s: round(o.virtual_s),
+            hit_limit: o.hit_limit,
+            events: o.events,
+            wall_s: round(wall_s),
+        }
+    }
+
+    /// The one-screen text summary.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "scenario {}  engine {}  policy {}  seed {}",
+            self.scenario, self.engine, self.policy, self.seed
+        );
+        let _ = writeln!(
+            s,
+            "nodes {} ({} honest, {} misbehaving)   completed {}/{}   all verified: {}",
+            self.nodes,
+            self.honest_nodes,
+            self.misbehaving,
+            self.completed,
+            self.honest_nodes,
+            if self.all_verified { "yes" } else { "NO" }
+        );
+        let _ = writeln!(
+            s,
+            "lower bound (Kumar-Ross)   {:>10.2} s",
+            self.lower_bound_s
+        );
+        for (name, v, r) in [
+            ("completion p50", self.completion_p50_s, self.p50_over_bound),
+            ("completion p99", self.completion_p99_s, self.p99_over_bound),
+            ("completion max", self.completion_max_s, self.max_over_bound),
+        ] {
+            let _ = writeln!(s, "{name:<26} {v:>10.2} s   {r:>6.3} x bound");
+        }
+        let _ = writeln!(
+            s,
+            "origin egress              {:>10.3} x F   ({} bytes, {} blocks sent again)",
+            self.origin_egress_ratio, self.origin_bytes, self.origin_resent_blocks
+        );
+        let _ = writeln!(
+            s,
+            "peer bytes                 {:>10}   intra-region share {:.1}%",
+            self.peer_bytes,
+            self.intra_region_share * 100.0
+        );
+        let _ = writeln!(
+            s,
+            "banned                     {:>10}   honest banned {}",
+            self.banned, self.honest_banned
+        );
+        let _ = writeln!(
+            s,
+            "retries {}   virtual {:.1} s{}   events {}   wall {:.2} s",
+            self.retries,
+            self.virtual_s,
+            if self.hit_limit {
+                " (time limit hit)"
+            } else {
+                ""
+            },
+            self.events,
+            self.wall_s
+        );
+        s
+    }
+}
+
+/// `nodes.csv`: one row per node.
+pub fn nodes_csv(o: &Outcome) -> String {
+    let mut s = String::from(
+        "node,region,role,upload_bytes_per_s,download_bytes_per_s,start_s,finish_s,completion_s,\
+         bytes_from_master,bytes_from_peers,bytes_uploaded,retries,banned\n",
+    );
+    for (i, n) in o.nodes.iter().enumerate() {
+        let (finish, completion) = match n.finish_s {
+            Some(f) => (format!("{f:.6}"), format!("{:.6}", f - n.start_s)),
+            None => (String::new(), String::new()),
+        };
+        let _ = writeln!(
+            s,
+            "{i},{},{},{:.0},{:.0},{:.6},{finish},{completion},{},{},{},{},{}",
+            csv_field(&n.region),
+            n.role.name(),
+            n.upload,
+            n.download,
+            n.start_s,
+            n.from_master,
+            n.from_peers,
+            n.uploaded,
+            n.retries,
+            n.banned
+        );
+    }
+    s
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Writes `summary.json` and `nodes.csv` into `dir`.
+pub fn write(dir: &Path, summary: &Summary, o: &Outcome) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let json = serde_json::to_string_pretty(summary).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("summary.json"), json + "\n")?;
+    std::fs::write(dir.join("nodes.csv"), nodes_csv(o))?;
+    Ok(())
+}
