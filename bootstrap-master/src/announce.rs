@@ -64,6 +64,9 @@ pub(crate) enum Refusal {
     /// Open publishers together have filled their share of the master.
     #[error("this master holds {0} files from open publishers, its limit")]
     TotalFiles(u32),
+    /// The master runs its limit of pulls, from all publishers together.
+    #[error("this master is pulling {0} files, its limit; announce again later")]
+    AllPulls(u32),
 }
 
 #[derive(Default, Clone, Copy, Debug)]
@@ -82,17 +85,23 @@ pub(crate) struct PublishGate {
     held: HashMap<PeerId, Held>,
     open_files: u32,
     pulls: HashMap<PeerId, u32>,
+    /// Pulls running in all, and their cap.
+    total_pulls: u32,
+    max_pulls: u32,
 }
 
 impl PublishGate {
-    /// A gate applying `policy`; `own` (the master's key) always passes.
-    pub(crate) fn new(policy: PublishPolicy, own: PeerId) -> Self {
+    /// A gate applying `policy`, with at most `max_pulls` pulls at once; `own` (the master's
+    /// key) always passes.
+    pub(crate) fn new(policy: PublishPolicy, own: PeerId, max_pulls: u32) -> Self {
         Self {
             policy,
             own,
             held: HashMap::new(),
             open_files: 0,
             pulls: HashMap::new(),
+            total_pulls: 0,
+            max_pulls: max_pulls.max(1),
         }
     }
 
@@ -122,7 +131,7 @@ impl PublishGate {
     pub(crate) fn admit_new(&self, publisher: &PeerId, size: u64) -> Result<(), Refusal> {
         self.trusted(publisher)?;
         let Some(q) = self.quotas(publisher) else {
-            return Ok(());
+            return self.admit_pull(publisher);
         };
         let held = self.held.get(publisher).copied().unwrap_or_default();
         if held.files >= q.files {
@@ -148,6 +157,9 @@ impl PublishGate {
     /// Whether a pull from `publisher` may start now.
     pub(crate) fn admit_pull(&self, publisher: &PeerId) -> Result<(), Refusal> {
         self.trusted(publisher)?;
+        if self.total_pulls >= self.max_pulls {
+            return Err(Refusal::AllPulls(self.max_pulls));
+        }
         match self.quotas(publisher) {
             Some(q) if self.pulls.get(publisher).copied().unwrap_or(0) >= q.concurrent_pulls => {
                 Err(Refusal::Pulls {
@@ -185,11 +197,13 @@ impl PublishGate {
     /// A pull from `publisher` started.
     pub(crate) fn pull_started(&mut self, publisher: PeerId) {
         *self.pulls.entry(publisher).or_default() += 1;
+        self.total_pulls = self.total_pulls.saturating_add(1);
     }
 
     /// A pull from `publisher` ended.
     pub(crate) fn pull_ended(&mut self, publisher: PeerId) {
         if let Some(n) = self.pulls.get_mut(&publisher) {
+            self.total_pulls = self.total_pulls.saturating_sub(1);
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.pulls.remove(&publisher);
@@ -467,7 +481,7 @@ mod tests {
     fn own_only_refuses_everyone_else_and_names_the_flag() {
         let own = peer();
         let other = peer();
-        let g = PublishGate::new(PublishPolicy::OwnOnly, own);
+        let g = PublishGate::new(PublishPolicy::OwnOnly, own, 16);
         assert!(g.admit_new(&own, u64::MAX).is_ok());
         let e = g.admit_new(&other, 1).unwrap_err();
         let text = e.to_string();
@@ -480,7 +494,7 @@ mod tests {
     fn trusted_keys_pass_without_quotas() {
         let own = peer();
         let trusted = peer();
-        let g = PublishGate::new(PublishPolicy::Trusted(BTreeSet::from([trusted])), own);
+        let g = PublishGate::new(PublishPolicy::Trusted(BTreeSet::from([trusted])), own, 16);
         assert!(g.admit_new(&trusted, u64::MAX).is_ok());
         assert!(g.admit_new(&peer(), 1).is_err());
         assert!(matches!(g.trusted(&peer()), Err(Refusal::NotTrusted(_))));
@@ -495,7 +509,7 @@ mod tests {
             concurrent_pulls: 1,
             total_files: 3,
         };
-        let mut g = PublishGate::new(PublishPolicy::Open(q), own);
+        let mut g = PublishGate::new(PublishPolicy::Open(q), own, 16);
         let a = peer();
         assert!(g.admit_new(&a, 600).is_ok());
         g.add_file(a, 600);
@@ -527,7 +541,7 @@ mod tests {
     #[test]
     fn quotas_never_overflow() {
         let own = peer();
-        let mut g = PublishGate::new(PublishPolicy::Open(PublishQuotas::default()), own);
+        let mut g = PublishGate::new(PublishPolicy::Open(PublishQuotas::default()), own, 16);
         let a = peer();
         g.add_file(a, u64::MAX);
         g.add_file(a, u64::MAX);
@@ -535,5 +549,22 @@ mod tests {
             g.admit_new(&a, u64::MAX),
             Err(Refusal::Bytes { .. })
         ));
+    }
+
+    #[test]
+    fn pulls_are_capped_in_all_whoever_publishes() {
+        let own = peer();
+        let (a, b) = (peer(), peer());
+        let mut g = PublishGate::new(PublishPolicy::Trusted(BTreeSet::from([a, b])), own, 2);
+        g.pull_started(a);
+        assert!(g.admit_pull(&b).is_ok());
+        g.pull_started(b);
+        assert_eq!(g.admit_pull(&b), Err(Refusal::AllPulls(2)));
+        assert_eq!(g.admit_new(&a, 1), Err(Refusal::AllPulls(2)));
+        g.pull_ended(a);
+        assert!(g.admit_new(&a, 1).is_ok());
+        // A pull that was never counted does not free a slot.
+        g.pull_ended(peer());
+        assert_eq!(g.total_pulls, 1);
     }
 }

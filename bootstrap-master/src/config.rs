@@ -32,6 +32,9 @@ pub struct MasterConfig {
     pub publishing: PublishPolicy,
     /// Deadlines of pulls from publishers.
     pub pull: PullLimits,
+    /// Pulls from publishers at once, all publishers together (each buffers up to 4 MiB).
+    /// Default 16.
+    pub max_pulls: u32,
     /// Free space an announce must leave on the data dir's file system, beyond the file
     /// and the files still being pulled. Default 1 GiB.
     pub min_free_disk: u64,
@@ -120,6 +123,7 @@ impl MasterConfig {
             connection_caps: ConnectionCaps::for_role(Role::Master),
             publishing: PublishPolicy::default(),
             pull: PullLimits::default(),
+            max_pulls: 16,
             min_free_disk: 1 << 30,
         }
     }
@@ -157,6 +161,12 @@ impl MasterConfig {
     /// Pull from publishers within these deadlines.
     pub fn with_pull_limits(mut self, pull: PullLimits) -> Self {
         self.pull = pull;
+        self
+    }
+
+    /// Run at most this many pulls at once (see [`MasterConfig::max_pulls`]).
+    pub fn with_max_pulls(mut self, n: u32) -> Self {
+        self.max_pulls = n;
         self
     }
 

@@ -57,6 +57,9 @@ struct Cli {
     /// With --open-publishing: files all open publishers together may have here.
     #[arg(long, value_name = "N", default_value_t = PublishQuotas::default().total_files)]
     max_open_files: u32,
+    /// Pulls from publishers at once, all publishers together.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_pulls: u32,
     /// Refuse an announce that would leave less than this free on the data dir's disk.
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
     min_free_disk: u64,
@@ -187,6 +190,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_metrics_addr(cli.metrics_addr)
                 .with_publishing(publishing.clone())
                 .with_min_free_disk(cli.min_free_disk)
+                .with_max_pulls(cli.max_pulls)
                 .with_connection_caps(cli.connection_caps()?);
             let mut master = Master::start(cfg).await.context("starting the master")?;
             eprintln!(

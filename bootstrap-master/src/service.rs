@@ -213,7 +213,7 @@ impl Master {
             key,
             metrics: metrics.clone(),
             internal_tx: int_tx,
-            gate: PublishGate::new(cfg.publishing.clone(), peer_id),
+            gate: PublishGate::new(cfg.publishing.clone(), peer_id, cfg.max_pulls),
             storing: HashMap::new(),
             pulling: HashMap::new(),
             awaiting: HashMap::new(),
