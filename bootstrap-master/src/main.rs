@@ -13,7 +13,7 @@ use shoal_protocol::behaviour::{ConnectionCaps, Role};
 /// The master of a shoal swarm: holds the original files, redirects piece requests to peers
 /// that already hold them, and is the address nodes join with.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,

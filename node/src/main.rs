@@ -25,7 +25,7 @@ use shoal_protocol::{
 /// hold each piece), verifies every block against the publisher's signed digests, and serves
 /// what it holds to others.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -93,8 +93,7 @@ enum Cmd {
         /// Seconds to keep serving after the download completes (0: exit at once).
         #[arg(long, default_value_t = 60, value_name = "SECS")]
         seed_time: u64,
-        /// How to show progress: a bar when stderr is a terminal, else a line every 5 s
-        /// (auto); or JSON lines on stdout every second (json); or nothing (none).
+        /// How to show progress.
         #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
         progress: ProgressMode,
         /// Serve Prometheus metrics at http://HOST:PORT/metrics (bytes in by source, bytes

@@ -51,10 +51,10 @@ pub enum ParseTicketError {
     Address(String, String),
     /// An address without `/p2p/<PeerId>`.
     #[error("master address {0} does not end in /p2p/<master PeerId>")]
-    NoPeerId(Box<Multiaddr>),
-    /// Addresses naming different masters.
-    #[error("the ticket's addresses name different masters ({} and {})", .0.0, .0.1)]
-    MixedMasters(Box<(PeerId, PeerId)>),
+    NoPeerId(Multiaddr),
+    /// Addresses naming different masters (their PeerIds).
+    #[error("the ticket's addresses name different masters ({0} and {1})")]
+    MixedMasters(String, String),
 }
 
 fn peer_at_end(a: &Multiaddr) -> Option<PeerId> {
@@ -83,11 +83,12 @@ impl Ticket {
         }
         let mut master = None;
         for a in &self.masters {
-            let p =
-                peer_at_end(a).ok_or_else(|| ParseTicketError::NoPeerId(Box::new(a.clone())))?;
+            let p = peer_at_end(a).ok_or_else(|| ParseTicketError::NoPeerId(a.clone()))?;
             match master {
                 None => master = Some(p),
-                Some(m) if m != p => return Err(ParseTicketError::MixedMasters(Box::new((m, p)))),
+                Some(m) if m != p => {
+                    return Err(ParseTicketError::MixedMasters(m.to_string(), p.to_string()))
+                }
                 Some(_) => {}
             }
         }
@@ -186,11 +187,11 @@ mod tests {
             (format!("shoal:{id}@"), ParseTicketError::AddressCount(0)),
             (
                 format!("shoal:{id}@/ip4/10.0.0.1/tcp/1"),
-                ParseTicketError::NoPeerId(Box::new("/ip4/10.0.0.1/tcp/1".parse().unwrap())),
+                ParseTicketError::NoPeerId("/ip4/10.0.0.1/tcp/1".parse().unwrap()),
             ),
             (
                 format!("shoal:{id}@{a},{}", addr([10, 0, 0, 2], 1, q)),
-                ParseTicketError::MixedMasters(Box::new((p, q))),
+                ParseTicketError::MixedMasters(p.to_string(), q.to_string()),
             ),
             ("x".repeat(MAX_TICKET_LEN + 1), ParseTicketError::TooLong),
         ];

@@ -506,6 +506,26 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn the_largest_listing_fits_the_response_cap() {
+        let f = ListedFile {
+            file: FileId([9; 32]),
+            name: "n".repeat(crate::limits::MAX_NAME_LEN),
+            size: u64::MAX,
+            blocks: u32::MAX,
+            master_blocks: u32::MAX,
+            mirrors: u32::MAX,
+        };
+        let resp = MasterResponse::Files {
+            files: vec![f; crate::limits::MAX_LIST_FILES],
+            total: u32::MAX,
+        };
+        let bytes = encode(&resp).unwrap();
+        assert!(bytes.len() <= MAX_MASTER_RESPONSE, "{} bytes", bytes.len());
+        let back: MasterResponse = decode(&bytes, MAX_MASTER_RESPONSE).unwrap();
+        assert_eq!(back, resp);
+    }
+
     proptest! {
         #[test]
         fn master_requests_round_trip(req in arb_request()) {
