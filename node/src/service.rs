@@ -30,11 +30,11 @@ use shoal_net::{
     task::{spawn_critical, PanicWatch, TaskPanicked},
 };
 use shoal_protocol::{
-    behaviour::{peer_of, Behaviour, BehaviourEvent, ConnectionCaps, Role},
+    behaviour::{authority_acceptance, peer_of, Behaviour, BehaviourEvent, ConnectionCaps, Role},
     limits::MAX_HINT_ADDRS,
     wire::{
-        decode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
-        MasterResponse, PieceRequest, PublishRequest, RefuseReason,
+        AuthorityEvent, DigestRequest, DigestResponse, MasterRequest, MasterResponse, PieceRequest,
+        PublishRequest, RefuseReason,
     },
     BlockRange, FileId,
 };
@@ -181,6 +181,8 @@ enum Command {
     ),
     Hint(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
     FindPeer(PeerId),
+    GossipScore(PeerId, oneshot::Sender<Option<f64>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Shutdown(oneshot::Sender<()>),
     /// Panics the event loop (tests of the panic path).
     #[cfg(test)]
@@ -230,6 +232,13 @@ impl BanList {
 
 type Bans = Arc<Mutex<BanList>>;
 
+/// Authority-topic messages this node validated.
+#[derive(Debug, Default)]
+struct GossipCounts {
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+}
+
 /// Files this node serves, shared with the piece server.
 pub type Shelf = Arc<Mutex<HashMap<FileId, Arc<PieceStore>>>>;
 
@@ -243,6 +252,7 @@ pub struct Client {
     master: PeerId,
     uploaded: Arc<AtomicU64>,
     banned: Bans,
+    gossip: Arc<GossipCounts>,
     data_dir: PathBuf,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     panics: Vec<PanicWatch>,
@@ -268,6 +278,34 @@ impl Client {
     /// Piece bytes this node has served.
     pub fn bytes_uploaded(&self) -> u64 {
         self.uploaded.load(Ordering::Relaxed)
+    }
+
+    /// Authority-topic messages this node accepted (the master's) and rejected (anyone
+    /// else's, or not decodable), so far.
+    pub fn authority_messages(&self) -> (u64, u64) {
+        (
+            self.gossip.accepted.load(Ordering::Relaxed),
+            self.gossip.rejected.load(Ordering::Relaxed),
+        )
+    }
+
+    /// This node's gossipsub score of `peer` (`None` if it is not connected).
+    pub async fn gossip_score(&self, peer: PeerId) -> Option<f64> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::GossipScore(peer, tx))
+            .await
+            .ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// The addresses this node listens on.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::ListenAddrs(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// Whether the master has banned `peer`.
@@ -415,6 +453,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     let shelf: Shelf = Arc::default();
     let uploaded = Arc::new(AtomicU64::new(0));
     let banned: Bans = Arc::default();
+    let gossip: Arc<GossipCounts> = Arc::default();
     let incoming = swarm
         .behaviour_mut()
         .pieces
@@ -443,6 +482,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         pending_publish: HashMap::new(),
         shelf: shelf.clone(),
         banned: banned.clone(),
+        gossip: gossip.clone(),
         region: cfg.region.clone(),
         master_connected_before: false,
     };
@@ -461,6 +501,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         master,
         uploaded,
         banned,
+        gossip,
         data_dir: cfg.data_dir.clone(),
         tasks: Arc::new(Mutex::new(vec![
             server.abort_handle(),
@@ -504,6 +545,7 @@ struct EventLoop {
     pending_publish: Pending<MasterResponse>,
     shelf: Shelf,
     banned: Bans,
+    gossip: Arc<GossipCounts>,
     region: String,
     master_connected_before: bool,
 }
@@ -596,6 +638,12 @@ impl EventLoop {
             Command::FindPeer(peer) => {
                 self.swarm.behaviour_mut().kad.get_closest_peers(peer);
             }
+            Command::GossipScore(peer, tx) => {
+                let _ = tx.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
+            }
+            Command::ListenAddrs(tx) => {
+                let _ = tx.send(self.swarm.listeners().cloned().collect());
+            }
             Command::Shutdown(_) => {}
             #[cfg(test)]
             Command::Panic => panic!("event loop panic requested by a test"),
@@ -622,21 +670,32 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
                 message,
-                ..
             })) => {
-                // Strict validation checked the signature; only the master's word counts.
-                if message.source != Some(self.master) {
+                // Strict validation checked the signature; only the master's word counts, and
+                // nothing else is relayed (gossipsub waits for this verdict before it
+                // forwards, and a rejection costs the sender score).
+                let (acceptance, event) = authority_acceptance(&self.master, &message);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+                let Some(event) = event else {
+                    self.gossip.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(source = ?message.source, from = %propagation_source, "authority message rejected");
                     return;
-                }
-                match decode_authority(&message.data) {
-                    Ok(AuthorityEvent::PeerBanned { peer }) => {
+                };
+                self.gossip.accepted.fetch_add(1, Ordering::Relaxed);
+                match event {
+                    AuthorityEvent::PeerBanned { peer } => {
                         tracing::info!(%peer, "peer banned by the master");
                         self.banned.lock().expect("ban lock").insert(peer);
                         let _ = self.swarm.disconnect_peer_id(peer);
                     }
-                    Ok(event) => tracing::debug!(?event, "authority event"),
-                    Err(e) => tracing::debug!(error = %e, "undecodable authority event"),
+                    event => tracing::debug!(?event, "authority event"),
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
