@@ -632,7 +632,8 @@ impl EventLoop {
 
     fn on_digest_request(&self, request: DigestRequest) -> DigestResponse {
         let shelf = self.shelf.lock().expect("shelf lock");
-        request.answer(shelf.files.get(&request.file()).map(|e| &*e.manifest))
+        let entry = shelf.files.get(&request.file());
+        request.answer(entry.map(|e| &*e.manifest), entry.map(|e| &e.have))
     }
 
     fn on_internal(&mut self, msg: Internal) {

@@ -23,15 +23,20 @@ use std::{
 };
 
 use futures::StreamExt;
-use libp2p::{gossipsub, identify, request_response, swarm::SwarmEvent, Multiaddr, PeerId, Swarm};
+use libp2p::{
+    gossipsub, identify, kad, request_response, swarm::SwarmEvent, Multiaddr, PeerId, Swarm,
+};
 use shoal_net::{
     serve::{BlockReader, PieceServer, PieceSource, Serve, ServeConfig},
     swarm::{build_swarm, SwarmOptions},
     task::{spawn_critical, PanicWatch, TaskPanicked},
 };
 use shoal_protocol::{
-    behaviour::{authority_acceptance, peer_of, Behaviour, BehaviourEvent, ConnectionCaps, Role},
-    limits::MAX_HINT_ADDRS,
+    behaviour::{
+        authority_acceptance, peer_of, provider_key, Behaviour, BehaviourEvent, ConnectionCaps,
+        Role,
+    },
+    limits::{KAD_PROTOCOL, MAX_HINT_ADDRS},
     wire::{
         AuthorityEvent, DigestRequest, DigestResponse, MasterRequest, MasterResponse, PieceRequest,
         PublishRequest, RefuseReason,
@@ -181,6 +186,7 @@ enum Command {
     ),
     Hint(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
     FindPeer(PeerId),
+    FindProviders(FileId, oneshot::Sender<Vec<PeerId>>),
     GossipScore(PeerId, oneshot::Sender<Option<f64>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Shutdown(oneshot::Sender<()>),
@@ -390,12 +396,25 @@ impl Client {
         let _ = self.commands.send(Command::FindPeer(peer)).await;
     }
 
-    /// Serves `store` to other nodes from now on.
+    /// Serves `store` to other nodes from now on. The node announces itself on Kademlia as a
+    /// provider of the file within [`PROVIDE_INTERVAL`].
     pub fn share(&self, store: Arc<PieceStore>) {
         self.shelf
             .lock()
             .expect("shelf lock")
             .insert(store.manifest().id(), store);
+    }
+
+    /// The peers that announced themselves on Kademlia as holders of `file` (this node left
+    /// out): at most [`MAX_PROVIDERS`], found within the Kademlia query timeout. Works
+    /// without the master as long as other nodes are reachable.
+    pub async fn find_providers(&self, file: FileId) -> Result<Vec<PeerId>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::FindProviders(file, tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
     }
 
     /// Stops the node at once, as a crash would: no Leave, connections simply drop.
@@ -485,6 +504,8 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         gossip: gossip.clone(),
         region: cfg.region.clone(),
         master_connected_before: false,
+        provided: HashSet::new(),
+        provider_queries: HashMap::new(),
     };
     let event_loop = spawn_critical("node event loop", lp.run(rx));
     let panics = vec![event_loop.watch(), server.watch()];
@@ -548,7 +569,20 @@ struct EventLoop {
     gossip: Arc<GossipCounts>,
     region: String,
     master_connected_before: bool,
+    /// Files this node announced itself on Kademlia as a provider of.
+    provided: HashSet<FileId>,
+    /// Provider lookups in flight: who waits, and the providers found so far.
+    provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<PeerId>>, HashSet<PeerId>)>,
 }
+
+/// How often the node checks for files it shares but does not yet announce on Kademlia.
+pub const PROVIDE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Most providers one lookup returns.
+pub const MAX_PROVIDERS: usize = 32;
+
+/// Most provider lookups in flight at once (one more is answered with no providers).
+pub const MAX_PROVIDER_QUERIES: usize = 64;
 
 impl EventLoop {
     /// The master came back (it restarted, or the connection was lost): say hello again and
@@ -588,14 +622,104 @@ impl EventLoop {
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut provide = tokio::time::interval(PROVIDE_INTERVAL);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event),
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Shutdown(tx)) => { let _ = tx.send(()); return; }
+                    Some(Command::Shutdown(tx)) => {
+                        self.stop_providing();
+                        let _ = tx.send(());
+                        return;
+                    }
                     Some(cmd) => self.on_command(cmd),
                     None => return,
                 },
+                _ = provide.tick() => self.provide_shelf(),
+            }
+        }
+    }
+
+    /// Announces this node on Kademlia as a provider of every shared file not yet announced
+    /// (one record per file; libp2p refreshes it every [`PROVIDER_REFRESH`]).
+    ///
+    /// [`PROVIDER_REFRESH`]: shoal_protocol::behaviour::PROVIDER_REFRESH
+    fn provide_shelf(&mut self) {
+        let files: Vec<FileId> = self
+            .shelf
+            .lock()
+            .expect("shelf lock")
+            .keys()
+            .filter(|f| !self.provided.contains(f))
+            .copied()
+            .collect();
+        for file in files {
+            match self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .start_providing(provider_key(&file))
+            {
+                Ok(_) => {
+                    tracing::debug!(%file, "providing on Kademlia");
+                    self.provided.insert(file);
+                }
+                // The store is full (1,024 keys): the file is still served and located
+                // through the master, only not findable without it.
+                Err(e) => tracing::debug!(%file, error = %e, "cannot provide"),
+            }
+        }
+    }
+
+    /// Withdraws this node's provider records (on leave). Copies that other peers hold expire
+    /// within [`PROVIDER_TTL`](shoal_protocol::behaviour::PROVIDER_TTL).
+    fn stop_providing(&mut self) {
+        for file in self.provided.drain() {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .stop_providing(&provider_key(&file));
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed {
+            id, result, step, ..
+        } = event
+        else {
+            return;
+        };
+        let done = match result {
+            kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                providers,
+                ..
+            })) => {
+                let me = *self.swarm.local_peer_id();
+                if let Some((_, found)) = self.provider_queries.get_mut(&id) {
+                    for p in providers {
+                        if p != me && found.len() < MAX_PROVIDERS {
+                            found.insert(p);
+                        }
+                    }
+                    found.len() >= MAX_PROVIDERS
+                } else {
+                    false
+                }
+            }
+            kad::QueryResult::GetProviders(_) => true,
+            kad::QueryResult::StartProviding(Err(e)) => {
+                // The local record stands; the next refresh tries the network again.
+                tracing::debug!(error = ?e, "provider announce incomplete");
+                false
+            }
+            _ => false,
+        };
+        if done || step.last {
+            if let Some((tx, found)) = self.provider_queries.remove(&id) {
+                if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                    q.finish();
+                }
+                let _ = tx.send(found.into_iter().collect());
             }
         }
     }
@@ -637,6 +761,18 @@ impl EventLoop {
             }
             Command::FindPeer(peer) => {
                 self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+            }
+            Command::FindProviders(file, tx) => {
+                if self.provider_queries.len() >= MAX_PROVIDER_QUERIES {
+                    let _ = tx.send(Vec::new());
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(provider_key(&file));
+                self.provider_queries.insert(id, (tx, HashSet::new()));
             }
             Command::GossipScore(peer, tx) => {
                 let _ = tx.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
@@ -703,11 +839,23 @@ impl EventLoop {
                 info,
                 ..
             })) => {
-                if peer_id != self.master {
-                    return;
+                if peer_id == self.master {
+                    tracing::debug!(observed = %info.observed_addr, "master sees us");
                 }
-                tracing::debug!(observed = %info.observed_addr, "master sees us");
+                // Identify feeds Kademlia: the addresses a peer says it listens on (capped,
+                // unspecified ones dropped) make it findable when the master is not there.
+                if info.protocols.contains(&KAD_PROTOCOL) {
+                    for a in info
+                        .listen_addrs
+                        .into_iter()
+                        .filter(|a| !is_unspecified(a))
+                        .take(MAX_HINT_ADDRS)
+                    {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                    }
+                }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 num_established,
@@ -716,6 +864,9 @@ impl EventLoop {
                 if num_established.get() == 1 {
                     if self.master_connected_before {
                         self.reannounce();
+                    } else if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+                        // The master is the first bootstrap peer: join the DHT through it.
+                        tracing::debug!(error = %e, "Kademlia bootstrap");
                     }
                     self.master_connected_before = true;
                 }
@@ -729,6 +880,15 @@ impl EventLoop {
             other => tracing::trace!(?other, "swarm event"),
         }
     }
+}
+
+/// Whether `addr` has an unspecified IP (0.0.0.0 or ::): not dialable.
+fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_unspecified(),
+        libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
 }
 
 /// Pending replies to outbound requests, by request id.
@@ -795,7 +955,8 @@ fn settle<Req, Resp>(
 
 fn answer_digest(shelf: &Shelf, req: DigestRequest) -> DigestResponse {
     let store = shelf.lock().expect("shelf lock").get(&req.file()).cloned();
-    req.answer(store.as_ref().map(|s| &**s.manifest()))
+    let have = store.as_ref().map(|s| s.have());
+    req.answer(store.as_ref().map(|s| &**s.manifest()), have.as_ref())
 }
 
 /// What this node serves: the files on its shelf, to peers the master has not banned.

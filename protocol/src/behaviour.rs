@@ -155,11 +155,18 @@ impl Behaviour {
         gossipsub
             .with_peer_score(params, thresholds)
             .map_err(BehaviourError)?;
-        let mut kad = kad::Behaviour::with_config(
-            peer,
-            kad::store::MemoryStore::new(peer),
-            kad::Config::new(KAD_PROTOCOL),
-        );
+        let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+        kad_cfg
+            // Lookups run while the master may be gone: they must end soon.
+            .set_query_timeout(KAD_QUERY_TIMEOUT)
+            // Provider records are refreshed every 30 min and forgotten 2 h after the last
+            // refresh (a node that crashed is no provider for long).
+            .set_provider_publication_interval(Some(PROVIDER_REFRESH))
+            .set_provider_record_ttl(Some(PROVIDER_TTL));
+        // The store is bounded by libp2p's defaults: 1,024 records, 1,024 keys this peer
+        // provides, 20 providers per key.
+        let mut kad =
+            kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_cfg);
         // Every shoal peer answers DHT queries: nodes are mirrors, and mirrors must be
         // findable by PeerId when a redirect hint's addresses fail.
         kad.set_mode(Some(kad::Mode::Server));
@@ -252,6 +259,23 @@ pub fn authority_acceptance(
         Ok(event) => (gossipsub::MessageAcceptance::Accept, Some(event)),
         Err(_) => (gossipsub::MessageAcceptance::Reject, None),
     }
+}
+
+/// Longest a Kademlia query (a provider lookup, a peer lookup, a provide) runs.
+pub const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a node re-announces itself as a provider of the files it holds.
+pub const PROVIDER_REFRESH: Duration = Duration::from_secs(30 * 60);
+
+/// How long a provider record lives without a refresh.
+pub const PROVIDER_TTL: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// The Kademlia key under which the holders of `file` announce themselves: one provider
+/// record per file and holder.
+pub fn provider_key(file: &crate::FileId) -> kad::RecordKey {
+    let mut k = b"/shoal/file/".to_vec();
+    k.extend_from_slice(&file.0);
+    kad::RecordKey::new(&k)
 }
 
 /// The PeerId named by the `/p2p/...` suffix of an address, if any.
