@@ -17,7 +17,7 @@ use futures::{AsyncRead, AsyncWrite};
 use serde::Serialize;
 use shoal_protocol::{
     block::{BlockRange, Blocks},
-    limits::{MAX_DIGESTS_PER_RESPONSE, MAX_PIECE_BLOCKS, MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
+    limits::{MAX_DIGESTS_PER_RESPONSE, MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
     manifest::{choose_block_size, ManifestBuilder},
     piece::{receive_blocks, ReceiveError},
     wire::{
@@ -158,6 +158,10 @@ enum Event {
 /// Providers asked for their holdings in one swarm locate.
 pub const MAX_PROVIDERS_ASKED: usize = 16;
 
+/// Largest piece of a swarm locate, in blocks: small pieces spread the load over every
+/// holder (nobody balances it for the nodes while the master is away).
+pub const SWARM_PIECE_BLOCKS: u32 = 16;
+
 /// How long a provider has to say which blocks it holds.
 pub const HOLDINGS_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -210,7 +214,7 @@ async fn locate_in_swarm(
             "the master is unreachable and Kademlia found no provider that answered".into(),
         ));
     }
-    let assignments = plan_rarest_first(need, &held, MAX_PIECE_BLOCKS);
+    let assignments = plan_rarest_first(need, &held, SWARM_PIECE_BLOCKS);
     tracing::debug!(
         providers = held.len(),
         assignments = assignments.len(),

@@ -16,17 +16,30 @@ use shoal_tests::start_node;
 async fn the_swarm_finishes_without_the_master() -> anyhow::Result<()> {
     shoal_tests::init_tracing();
     let tmp = tempfile::tempdir()?;
-    let size: u64 = 2 * 1024 * 1024;
+    let size: u64 = 4 * 1024 * 1024;
     let n = 6;
     // The nodes upload slowly, so that the master's first copies are out well before the
     // nodes have traded them all: the master goes "half way".
-    let node_rate = 64 * 1024;
-    let shoal_tests::Published {
-        master,
-        bootstrap,
-        file,
-        src,
-    } = shoal_tests::published(tmp.path(), size as usize, 31, Some(1024 * 1024)).await?;
+    let node_rate = 256 * 1024;
+    // Small pieces, from the master and between peers: when the master stops, no node is
+    // left with one long transfer that carries it to the end.
+    let src = tmp.path().join("source.bin");
+    shoal_tests::write_random_file(&src, size as usize, 31)?;
+    let master = shoal_master::Master::start(
+        shoal_tests::master_config(&tmp.path().join("master"), Some(4 * 1024 * 1024)).with_policy(
+            shoal_master::PolicyConfig {
+                max_master_piece: 2,
+                min_master_piece: 1,
+                max_peer_piece: 4,
+                ..Default::default()
+            },
+        ),
+    )
+    .await?;
+    let bootstrap = master.addrs()[0].clone();
+    let (publisher, file) =
+        shoal_tests::publish(&tmp.path().join("publisher"), &bootstrap, &src).await?;
+    publisher.shutdown().await;
 
     let mut nodes = Vec::new();
     for i in 0..n {
@@ -49,11 +62,15 @@ async fn the_swarm_finishes_without_the_master() -> anyhow::Result<()> {
         }));
     }
 
-    // Half way: no block is held by the master alone, and every node holds some.
+    // Half way: every block has reached a node that told the master so, and every node holds
+    // some blocks.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let s = master.status(file).await.context("status")?;
-        let holders = s.mirrors.iter().filter(|m| m.blocks > 0 && m.live).count();
+        let holders = held
+            .iter()
+            .filter(|h| h.load(Ordering::Relaxed) > 0)
+            .count();
         if s.master_only_blocks == 0 && holders >= n {
             break;
         }
