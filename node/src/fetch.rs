@@ -733,3 +733,34 @@ pub async fn seed(client: &Client, file: FileId, path: &Path) -> Result<(), Node
         _ => Err(NodeError::Unexpected),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holdings_are_clamped_and_merged_whatever_a_peer_sends() {
+        let n = 100;
+        // Overlapping, unsorted, past the end, inverted, and many copies of the whole range.
+        let mut ranges = vec![
+            BlockRange {
+                start: 90,
+                end: u32::MAX,
+            },
+            BlockRange { start: 10, end: 20 },
+            BlockRange { start: 15, end: 25 },
+            BlockRange { start: 50, end: 40 },
+        ];
+        ranges.extend(std::iter::repeat_n(BlockRange::new(0, 5), 10_000));
+        let have = holdings(n, ranges);
+        assert_eq!(have.capacity(), n);
+        assert_eq!(
+            have.ranges(),
+            vec![
+                BlockRange::new(0, 5),
+                BlockRange::new(10, 25),
+                BlockRange::new(90, 100)
+            ]
+        );
+    }
+}

@@ -9,7 +9,9 @@
 //! timeout (30 s), so the pending maps empty themselves, and each holds at most
 //! [`MAX_PENDING_REQUESTS`]; the set of banned peers is capped at [`MAX_BANNED`] (oldest
 //! forgotten first); a redirect hint adds at most `MAX_HINT_ADDRS` addresses (Kademlia's
-//! routing table and the swarm's address cache are bounded by libp2p); the piece server's
+//! routing table, provider store and the swarm's address cache are bounded by libp2p);
+//! provider lookups in flight are capped at [`MAX_PROVIDER_QUERIES`], each ends within the
+//! Kademlia query timeout and returns at most [`MAX_PROVIDERS`] peers; the piece server's
 //! slots and refusals are capped; connections are capped by [`ConnectionCaps`].
 
 use std::{
