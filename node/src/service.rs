@@ -710,8 +710,11 @@ impl EventLoop {
             }
             kad::QueryResult::GetProviders(_) => true,
             kad::QueryResult::StartProviding(Err(e)) => {
-                // The local record stands; the next refresh tries the network again.
-                tracing::debug!(error = ?e, "provider announce incomplete");
+                // The local record stands, but the network may not have heard: announce again
+                // at the next provide tick rather than at the next refresh (30 min).
+                tracing::debug!(error = ?e, "provider announce incomplete; will retry");
+                let key = e.key();
+                self.provided.retain(|f| provider_key(f) != *key);
                 false
             }
             _ => false,
