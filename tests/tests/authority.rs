@@ -1,6 +1,7 @@
 //! Master-only authority: a `PeerBanned` on the authority topic signed by anyone but the
 //! master is rejected, acted on by no node and not forwarded to a third node, and its sender's
-//! gossipsub score falls to the graylist; a genuine master ban still reaches every node.
+//! gossipsub score falls to the graylist; a genuine master ban still reaches every node, and
+//! so does the announcement of a file added with `shoal-master add`.
 
 use std::time::Duration;
 
@@ -111,6 +112,25 @@ async fn only_the_master_speaks_with_authority() -> anyhow::Result<()> {
     // Subscriptions are exchanged on connection; meshes form at the next heartbeats (500 ms).
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    // A file added with `shoal-master add` (the registry, as the CLI does) is announced on
+    // the authority topic when the running master's rescan registers it (every 2 s).
+    let added = tmp.path().join("added.bin");
+    shoal_tests::write_random_file(&added, 64 * 1024, 22)?;
+    let reg = shoal_master::registry::Registry::open(&tmp.path().join("master"))?;
+    reg.add_local(&added, &reg.key()?)?;
+    for n in [&relay, &third, &honest] {
+        let n = n.clone();
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{} never heard of the added file", n.peer_id()),
+            || {
+                let n = n.clone();
+                async move { n.authority_messages().0 >= 1 }
+            },
+        )
+        .await?;
+    }
+
     // The forger is connected to the relay only.
     let relay_addr = relay
         .listen_addrs()
@@ -188,7 +208,8 @@ async fn only_the_master_speaks_with_authority() -> anyhow::Result<()> {
             },
         )
         .await?;
-        assert!(n.authority_messages().0 >= 1);
+        // The file announcement and the ban.
+        assert!(n.authority_messages().0 >= 2);
     }
     master.shutdown().await;
     Ok(())
