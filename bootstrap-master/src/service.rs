@@ -379,10 +379,19 @@ impl EventLoop {
             let publisher = f.manifest.publisher();
             tracing::info!(file = %id, name = %f.manifest.body().name, complete = f.complete, held = have.count(), "registered file");
             self.gate.add_file(publisher, f.manifest.body().size);
+            let announce = have.is_full().then(|| AuthorityEvent::FileAnnounced {
+                file: id,
+                name: f.manifest.body().name.clone(),
+                size: f.manifest.body().size,
+            });
             if !have.is_full() {
                 self.awaiting.insert(id, publisher);
             }
             self.register(f.manifest, f.path, have);
+            // Files added with `shoal-master add` are announced like published ones.
+            if let Some(event) = announce {
+                self.publish(event);
+            }
         }
     }
 
@@ -573,9 +582,21 @@ impl EventLoop {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
-                ..
+                propagation_source,
+                message_id,
+                message,
             })) => {
-                // The master is the authority; it acts on nobody's gossip.
+                // The master is the authority; it acts on nobody's gossip, and relays none:
+                // it never receives its own messages, so every message it is sent is
+                // rejected (and costs its sender score).
+                let me = *self.swarm.local_peer_id();
+                let (acceptance, _) =
+                    shoal_protocol::behaviour::authority_acceptance(&me, &message);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
             other => tracing::trace!(?other, "swarm event"),
         }
@@ -651,7 +672,8 @@ impl EventLoop {
 
     fn on_digest_request(&self, request: DigestRequest) -> DigestResponse {
         let shelf = self.shelf.lock().expect("shelf lock");
-        request.answer(shelf.files.get(&request.file()).map(|e| &*e.manifest))
+        let entry = shelf.files.get(&request.file());
+        request.answer(entry.map(|e| &*e.manifest), entry.map(|e| &e.have))
     }
 
     fn on_internal(&mut self, msg: Internal) {

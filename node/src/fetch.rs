@@ -16,7 +16,8 @@ use futures::{AsyncRead, AsyncWrite};
 
 use serde::Serialize;
 use shoal_protocol::{
-    limits::{MAX_DIGESTS_PER_RESPONSE, PIECE_PROTOCOL},
+    block::{BlockRange, Blocks},
+    limits::{MAX_DIGESTS_PER_RESPONSE, MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
     manifest::{choose_block_size, ManifestBuilder},
     piece::{receive_blocks, ReceiveError},
     wire::{
@@ -29,8 +30,8 @@ use tokio::sync::mpsc;
 
 use crate::chaos::ChaosMode;
 use crate::scheduler::{
-    Action, Ending, Failure, Scheduler, SchedulerConfig, Transfer, TransferClock,
-    TransferDeadlines, TransferId,
+    plan_rarest_first, Action, Ending, Failure, Scheduler, SchedulerConfig, Transfer,
+    TransferClock, TransferDeadlines, TransferId,
 };
 use crate::service::{Client, NodeError};
 use crate::store::PieceStore;
@@ -89,6 +90,9 @@ pub struct FetchReport {
     pub blocks_resumed: u32,
     /// Transfers that ended early and were retried.
     pub retries: u64,
+    /// Locates answered by the node itself from providers found through Kademlia, because
+    /// the master was unreachable.
+    pub swarm_locates: u64,
     /// Wall-clock seconds.
     pub elapsed_s: f64,
 }
@@ -149,8 +153,95 @@ struct TransferEnd {
 }
 
 enum Event {
-    Located(Result<MasterResponse, NodeError>),
+    /// The answer to a Locate, and whether it came from the swarm (master unreachable).
+    Located(Result<MasterResponse, NodeError>, bool),
     Ended(TransferEnd),
+}
+
+/// Providers asked for their holdings in one swarm locate.
+pub const MAX_PROVIDERS_ASKED: usize = 16;
+
+/// Largest piece of a swarm locate, in blocks: small pieces spread the load over every
+/// holder (nobody balances it for the nodes while the master is away).
+pub const SWARM_PIECE_BLOCKS: u32 = 16;
+
+/// How long a provider has to say which blocks it holds.
+pub const HOLDINGS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most peers one fetch stops asking (without the master) after they served bad or short
+/// data; past it, the oldest is asked again.
+pub const MAX_AVOIDED: usize = 256;
+
+/// Where to get `need` of `file` (of `blocks` blocks) with the master unreachable: the
+/// providers found through Kademlia (less the `avoid`ed and the banned) say which blocks they
+/// hold, and [`plan_rarest_first`] spreads the blocks among them. Every byte is still checked
+/// against the manifest.
+async fn locate_in_swarm(
+    client: &Client,
+    file: FileId,
+    blocks: u32,
+    need: &[BlockRange],
+    avoid: &[libp2p::PeerId],
+) -> Result<MasterResponse, NodeError> {
+    let providers = tokio::time::timeout(
+        shoal_protocol::behaviour::KAD_QUERY_TIMEOUT + Duration::from_secs(2),
+        client.find_providers(file),
+    )
+    .await
+    .map_err(|_| NodeError::Network("provider lookup timed out".into()))??;
+    let asks = providers
+        .into_iter()
+        .filter(|p| !avoid.contains(p) && !client.is_banned(p))
+        .take(MAX_PROVIDERS_ASKED)
+        .map(|p| async move {
+            let r = tokio::time::timeout(
+                HOLDINGS_TIMEOUT,
+                client.digest_request(p, DigestRequest::Holdings { file }),
+            )
+            .await;
+            match r {
+                Ok(Ok(DigestResponse::Holdings { ranges })) => Some((p, holdings(blocks, ranges))),
+                other => {
+                    tracing::debug!(peer = %p, answer = ?other.map(|r| r.map(|_| ())), "no holdings");
+                    None
+                }
+            }
+        });
+    let held: Vec<_> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    if held.is_empty() {
+        return Err(NodeError::Network(
+            "the master is unreachable and Kademlia found no provider that answered".into(),
+        ));
+    }
+    let assignments = plan_rarest_first(need, &held, SWARM_PIECE_BLOCKS);
+    tracing::debug!(
+        providers = held.len(),
+        assignments = assignments.len(),
+        "located in the swarm"
+    );
+    Ok(MasterResponse::Assignments {
+        assignments,
+        retry_after_ms: 1_000,
+    })
+}
+
+/// The blocks a provider says it holds, clamped to the file. The ranges are merged first, so
+/// the work is bounded by the file's block count however they overlap.
+fn holdings(blocks: u32, mut ranges: Vec<BlockRange>) -> Blocks {
+    ranges.truncate(MAX_RANGES_PER_MESSAGE);
+    ranges.sort_by_key(|r| r.start);
+    let mut have = Blocks::new(blocks);
+    let mut next = 0u32;
+    for r in ranges {
+        let r = BlockRange::new(r.start.max(next).min(blocks), r.end.min(blocks));
+        have.insert_range(r);
+        next = next.max(r.end);
+    }
+    have
 }
 
 /// Fetches a file: manifest, then blocks as the master assigns them, each verified before it
@@ -195,6 +286,8 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
         let _ = client.master_request(lie).await;
     }
     let (mut from_master, mut from_peers, mut unreported_peer_bytes) = (0u64, 0u64, 0u64);
+    let mut swarm_locates = 0u64;
+    let mut avoided: std::collections::VecDeque<libp2p::PeerId> = Default::default();
     let held = Arc::new(AtomicU64::new(
         geometry.range_bytes(geometry.all()) - missing_bytes(&store),
     ));
@@ -213,9 +306,26 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
             match action {
                 Action::Locate { need } => {
                     let (c, tx, file) = (client.clone(), tx.clone(), opts.file);
+                    let (blocks, avoid) = (
+                        geometry.blocks(),
+                        avoided.iter().copied().collect::<Vec<_>>(),
+                    );
                     tokio::spawn(async move {
-                        let r = c.master_request(MasterRequest::Locate { file, need }).await;
-                        let _ = tx.send(Event::Located(r)).await;
+                        let r = c
+                            .master_request(MasterRequest::Locate {
+                                file,
+                                need: need.clone(),
+                            })
+                            .await;
+                        let (r, swarm) = match r {
+                            // The master is unreachable: keep going with the swarm.
+                            Err(NodeError::Network(e)) => {
+                                tracing::info!(error = %e, "master unreachable; locating through Kademlia");
+                                (locate_in_swarm(&c, file, blocks, &need, &avoid).await, true)
+                            }
+                            r => (r, false),
+                        };
+                        let _ = tx.send(Event::Located(r, swarm)).await;
                     });
                 }
                 Action::Start(t) => {
@@ -278,13 +388,14 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
         let timeout = sched.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             Some(ev) = rx.recv() => match ev {
-                Event::Located(Ok(MasterResponse::Assignments { assignments, retry_after_ms })) => {
+                Event::Located(Ok(MasterResponse::Assignments { assignments, retry_after_ms }), swarm) => {
+                    swarm_locates += u64::from(swarm);
                     sched.on_assignments(Instant::now(), assignments, Duration::from_millis(retry_after_ms.into()));
                 }
-                Event::Located(Ok(MasterResponse::Refused { reason })) => {
+                Event::Located(Ok(MasterResponse::Refused { reason }), _) => {
                     return Err(NodeError::Refused(reason));
                 }
-                Event::Located(other) => {
+                Event::Located(other, _) => {
                     if let Err(e) = other { tracing::warn!(error = %e, "locate failed; retrying"); }
                     sched.on_locate_failed(Instant::now());
                 }
@@ -303,6 +414,15 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                             let problem = shoal_protocol::wire::Problem::Corrupt { blocks: vec![range] };
                             let _ = c.master_request(MasterRequest::Report { file, peer, problem }).await;
                         });
+                    }
+                    if let (Some(peer), Some(Failure::Corrupt { .. } | Failure::Truncated { .. })) = (end.peer, &end.failure) {
+                        // Without the master nobody judges it: stop asking it ourselves.
+                        if !avoided.contains(&peer) {
+                            avoided.push_back(peer);
+                            if avoided.len() > MAX_AVOIDED {
+                                avoided.pop_front();
+                            }
+                        }
                     }
                     sched.on_transfer_end(end.id, end.delivered, end.failure);
                 }
@@ -331,6 +451,7 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
         blocks: manifest.blocks(),
         blocks_resumed,
         retries: sched.retries(),
+        swarm_locates,
         elapsed_s: started.elapsed().as_secs_f64(),
     };
     tracing::info!(file = %opts.file, elapsed_s = report.elapsed_s, "fetch complete");
@@ -744,6 +865,32 @@ mod tests {
         assert_eq!(
             ending(refused, &m),
             Some(Ending::Refused(RefuseReason::Busy))
+        );
+    }
+
+    #[test]
+    fn holdings_are_clamped_and_merged_whatever_a_peer_sends() {
+        let n = 100;
+        // Overlapping, unsorted, past the end, inverted, and many copies of the whole range.
+        let mut ranges = vec![
+            BlockRange {
+                start: 90,
+                end: u32::MAX,
+            },
+            BlockRange { start: 10, end: 20 },
+            BlockRange { start: 15, end: 25 },
+            BlockRange { start: 50, end: 40 },
+        ];
+        ranges.extend(std::iter::repeat_n(BlockRange::new(0, 5), 10_000));
+        let have = holdings(n, ranges);
+        assert_eq!(have.capacity(), n);
+        assert_eq!(
+            have.ranges(),
+            vec![
+                BlockRange::new(0, 5),
+                BlockRange::new(10, 25),
+                BlockRange::new(90, 100)
+            ]
         );
     }
 }

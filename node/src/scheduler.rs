@@ -449,6 +449,65 @@ impl Scheduler {
     }
 }
 
+/// Most providers [`plan_rarest_first`] weighs (the rest are ignored).
+pub const MAX_PLAN_PROVIDERS: usize = 64;
+
+/// Assignments for the blocks of `need` from the peers of `holdings` (each with the blocks it
+/// says it holds), made by the node itself while the master is unreachable: rarest first (the
+/// blocks the fewest peers hold come first in the answer, so they are fetched before their few
+/// holders go), each run of blocks to its least-loaded holder, pieces of at most `max_piece`
+/// blocks, at most [`MAX_ASSIGNMENTS`] of them. Blocks no peer holds are left out.
+pub fn plan_rarest_first(
+    need: &[BlockRange],
+    holdings: &[(PeerId, Blocks)],
+    max_piece: u32,
+) -> Vec<Assignment> {
+    let holdings = &holdings[..holdings.len().min(MAX_PLAN_PROVIDERS)];
+    let max_piece = max_piece.clamp(1, MAX_PIECE_BLOCKS);
+    let holders = |b: u32| -> u64 {
+        holdings
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, h))| h.contains(b))
+            .fold(0u64, |m, (i, _)| m | (1 << i))
+    };
+    // Runs of needed blocks with the same holders, at most one piece long.
+    let mut segments: Vec<(BlockRange, u64)> = Vec::new();
+    for r in need {
+        let mut b = r.start;
+        while b < r.end {
+            let mask = holders(b);
+            let mut end = b + 1;
+            while end < r.end && end - b < max_piece && holders(end) == mask {
+                end += 1;
+            }
+            if mask != 0 {
+                segments.push((BlockRange::new(b, end), mask));
+            }
+            b = end;
+        }
+    }
+    segments.sort_by_key(|(r, mask)| (mask.count_ones(), r.start));
+    let mut load = vec![0u64; holdings.len()];
+    segments
+        .into_iter()
+        .take(MAX_ASSIGNMENTS)
+        .filter_map(|(range, mask)| {
+            let i = (0..holdings.len())
+                .filter(|i| mask & (1 << i) != 0)
+                .min_by_key(|i| (load[*i], *i))?;
+            load[i] += u64::from(range.len());
+            Some(Assignment {
+                range,
+                source: Source::Peer {
+                    peer: holdings[i].0,
+                    addrs: Vec::new(),
+                },
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,6 +523,84 @@ mod tests {
 
     fn assign(range: BlockRange, source: Source) -> Assignment {
         Assignment { range, source }
+    }
+
+    fn holding(n: u32, ranges: &[(u32, u32)]) -> Blocks {
+        let mut b = Blocks::new(n);
+        for (s, e) in ranges {
+            b.insert_range(BlockRange::new(*s, *e));
+        }
+        b
+    }
+
+    fn peer_of(a: &Assignment) -> PeerId {
+        match &a.source {
+            Source::Peer { peer, .. } => *peer,
+            Source::Master => panic!("a swarm plan never names the master"),
+        }
+    }
+
+    #[test]
+    fn a_swarm_plan_is_rarest_first_spread_and_skips_what_nobody_holds() {
+        let (a, b, c) = (peer(), peer(), peer());
+        // Blocks 0..8 held by all three, 8..12 by b only, 12..16 by nobody.
+        let holdings = vec![
+            (a, holding(16, &[(0, 8)])),
+            (b, holding(16, &[(0, 12)])),
+            (c, holding(16, &[(0, 8)])),
+        ];
+        let plan = plan_rarest_first(&[BlockRange::new(0, 16)], &holdings, 2);
+        // The rare run comes first, from its only holder.
+        assert_eq!(plan[0].range, BlockRange::new(8, 10));
+        assert_eq!(peer_of(&plan[0]), b);
+        assert_eq!(plan[1].range, BlockRange::new(10, 12));
+        // Every needed block that someone holds, once, in pieces of at most 2.
+        let mut covered = Blocks::new(16);
+        for p in &plan {
+            assert!(p.range.len() <= 2);
+            assert!(holdings
+                .iter()
+                .any(|(q, h)| *q == peer_of(p) && h.contains_range(p.range)));
+            assert_eq!(covered.insert_range(p.range), p.range.len(), "{p:?} twice");
+        }
+        assert_eq!(covered.count(), 12);
+        assert!(!covered.contains(12));
+        // The common blocks are spread: b already has 4 blocks, so a and c get more of them.
+        let load = |q: PeerId| -> u32 {
+            plan.iter()
+                .filter(|p| peer_of(p) == q)
+                .map(|p| p.range.len())
+                .sum()
+        };
+        assert_eq!(load(a) + load(b) + load(c), 12);
+        assert!(
+            load(a) >= 2 && load(c) >= 2,
+            "{} {} {}",
+            load(a),
+            load(b),
+            load(c)
+        );
+        assert!(load(b) <= 6);
+    }
+
+    #[test]
+    fn a_swarm_plan_only_covers_what_is_needed_and_is_capped() {
+        let a = peer();
+        let n = 4 * MAX_ASSIGNMENTS as u32;
+        let holdings = vec![(a, holding(n, &[(0, n)]))];
+        let plan = plan_rarest_first(&[BlockRange::new(3, 5)], &holdings, MAX_PIECE_BLOCKS);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].range, BlockRange::new(3, 5));
+        // Every other block needed: one assignment each, capped.
+        let need: Vec<BlockRange> = (0..n)
+            .step_by(2)
+            .map(|b| BlockRange::new(b, b + 1))
+            .collect();
+        assert_eq!(
+            plan_rarest_first(&need, &holdings, 8).len(),
+            MAX_ASSIGNMENTS
+        );
+        assert!(plan_rarest_first(&need, &[], 8).is_empty());
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! timeout (30 s), so the pending maps empty themselves, and each holds at most
 //! [`MAX_PENDING_REQUESTS`]; the set of banned peers is capped at [`MAX_BANNED`] (oldest
 //! forgotten first); a redirect hint adds at most `MAX_HINT_ADDRS` addresses (Kademlia's
-//! routing table and the swarm's address cache are bounded by libp2p); the piece server's
+//! routing table, provider store and the swarm's address cache are bounded by libp2p);
+//! provider lookups in flight are capped at [`MAX_PROVIDER_QUERIES`], each ends within the
+//! Kademlia query timeout and returns at most [`MAX_PROVIDERS`] peers; the piece server's
 //! slots and refusals are capped; connections are capped by [`ConnectionCaps`].
 
 use std::{
@@ -23,18 +25,23 @@ use std::{
 };
 
 use futures::StreamExt;
-use libp2p::{gossipsub, identify, request_response, swarm::SwarmEvent, Multiaddr, PeerId, Swarm};
+use libp2p::{
+    gossipsub, identify, kad, request_response, swarm::SwarmEvent, Multiaddr, PeerId, Swarm,
+};
 use shoal_net::{
     serve::{BlockReader, PieceServer, PieceSource, Serve, ServeConfig},
     swarm::{build_swarm, SwarmOptions},
     task::{spawn_critical, PanicWatch, TaskPanicked},
 };
 use shoal_protocol::{
-    behaviour::{peer_of, Behaviour, BehaviourEvent, ConnectionCaps, Role},
-    limits::MAX_HINT_ADDRS,
+    behaviour::{
+        authority_acceptance, peer_of, provider_key, Behaviour, BehaviourEvent, ConnectionCaps,
+        Role,
+    },
+    limits::{KAD_PROTOCOL, MAX_HINT_ADDRS},
     wire::{
-        decode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
-        MasterResponse, PieceRequest, PublishRequest, RefuseReason,
+        AuthorityEvent, DigestRequest, DigestResponse, MasterRequest, MasterResponse, PieceRequest,
+        PublishRequest, RefuseReason,
     },
     BlockRange, FileId,
 };
@@ -191,6 +198,9 @@ enum Command {
     ),
     Hint(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
     FindPeer(PeerId),
+    FindProviders(FileId, oneshot::Sender<Vec<PeerId>>),
+    GossipScore(PeerId, oneshot::Sender<Option<f64>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Shutdown(oneshot::Sender<()>),
     /// Panics the event loop (tests of the panic path).
     #[cfg(test)]
@@ -240,6 +250,13 @@ impl BanList {
 
 type Bans = Arc<Mutex<BanList>>;
 
+/// Authority-topic messages this node validated.
+#[derive(Debug, Default)]
+struct GossipCounts {
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+}
+
 /// Files this node serves, shared with the piece server.
 pub type Shelf = Arc<Mutex<HashMap<FileId, Arc<PieceStore>>>>;
 
@@ -253,6 +270,7 @@ pub struct Client {
     master: PeerId,
     uploaded: Arc<AtomicU64>,
     banned: Bans,
+    gossip: Arc<GossipCounts>,
     data_dir: PathBuf,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     panics: Vec<PanicWatch>,
@@ -278,6 +296,34 @@ impl Client {
     /// Piece bytes this node has served.
     pub fn bytes_uploaded(&self) -> u64 {
         self.uploaded.load(Ordering::Relaxed)
+    }
+
+    /// Authority-topic messages this node accepted (the master's) and rejected (anyone
+    /// else's, or not decodable), so far.
+    pub fn authority_messages(&self) -> (u64, u64) {
+        (
+            self.gossip.accepted.load(Ordering::Relaxed),
+            self.gossip.rejected.load(Ordering::Relaxed),
+        )
+    }
+
+    /// This node's gossipsub score of `peer` (`None` if it is not connected).
+    pub async fn gossip_score(&self, peer: PeerId) -> Option<f64> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::GossipScore(peer, tx))
+            .await
+            .ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// The addresses this node listens on.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::ListenAddrs(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// Whether the master has banned `peer`.
@@ -365,12 +411,25 @@ impl Client {
         let _ = self.commands.send(Command::FindPeer(peer)).await;
     }
 
-    /// Serves `store` to other nodes from now on.
+    /// Serves `store` to other nodes from now on. The node announces itself on Kademlia as a
+    /// provider of the file within [`PROVIDE_INTERVAL`].
     pub fn share(&self, store: Arc<PieceStore>) {
         self.shelf
             .lock()
             .expect("shelf lock")
             .insert(store.manifest().id(), store);
+    }
+
+    /// The peers that announced themselves on Kademlia as holders of `file` (this node left
+    /// out): at most [`MAX_PROVIDERS`], found within the Kademlia query timeout. Works
+    /// without the master as long as other nodes are reachable.
+    pub async fn find_providers(&self, file: FileId) -> Result<Vec<PeerId>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::FindProviders(file, tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
     }
 
     /// Stops the node at once, as a crash would: no Leave, connections simply drop.
@@ -437,6 +496,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     let shelf: Shelf = Arc::default();
     let uploaded = Arc::new(AtomicU64::new(0));
     let banned: Bans = Arc::default();
+    let gossip: Arc<GossipCounts> = Arc::default();
     let incoming = swarm
         .behaviour_mut()
         .pieces
@@ -465,8 +525,11 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         pending_publish: HashMap::new(),
         shelf: shelf.clone(),
         banned: banned.clone(),
+        gossip: gossip.clone(),
         region: cfg.region.clone(),
         master_connected_before: false,
+        provided: HashSet::new(),
+        provider_queries: HashMap::new(),
     };
     let event_loop = spawn_critical("node event loop", lp.run(rx));
     let panics = vec![event_loop.watch(), server.watch()];
@@ -483,6 +546,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         master,
         uploaded,
         banned,
+        gossip,
         data_dir: cfg.data_dir.clone(),
         tasks: Arc::new(Mutex::new(vec![
             server.abort_handle(),
@@ -526,9 +590,23 @@ struct EventLoop {
     pending_publish: Pending<MasterResponse>,
     shelf: Shelf,
     banned: Bans,
+    gossip: Arc<GossipCounts>,
     region: String,
     master_connected_before: bool,
+    /// Files this node announced itself on Kademlia as a provider of.
+    provided: HashSet<FileId>,
+    /// Provider lookups in flight: who waits, and the providers found so far.
+    provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<PeerId>>, HashSet<PeerId>)>,
 }
+
+/// How often the node checks for files it shares but does not yet announce on Kademlia.
+pub const PROVIDE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Most providers one lookup returns.
+pub const MAX_PROVIDERS: usize = 32;
+
+/// Most provider lookups in flight at once (one more is answered with no providers).
+pub const MAX_PROVIDER_QUERIES: usize = 64;
 
 impl EventLoop {
     /// The master came back (it restarted, or the connection was lost): say hello again and
@@ -568,14 +646,107 @@ impl EventLoop {
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut provide = tokio::time::interval(PROVIDE_INTERVAL);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event),
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Shutdown(tx)) => { let _ = tx.send(()); return; }
+                    Some(Command::Shutdown(tx)) => {
+                        self.stop_providing();
+                        let _ = tx.send(());
+                        return;
+                    }
                     Some(cmd) => self.on_command(cmd),
                     None => return,
                 },
+                _ = provide.tick() => self.provide_shelf(),
+            }
+        }
+    }
+
+    /// Announces this node on Kademlia as a provider of every shared file not yet announced
+    /// (one record per file; libp2p refreshes it every [`PROVIDER_REFRESH`]).
+    ///
+    /// [`PROVIDER_REFRESH`]: shoal_protocol::behaviour::PROVIDER_REFRESH
+    fn provide_shelf(&mut self) {
+        let files: Vec<FileId> = self
+            .shelf
+            .lock()
+            .expect("shelf lock")
+            .keys()
+            .filter(|f| !self.provided.contains(f))
+            .copied()
+            .collect();
+        for file in files {
+            match self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .start_providing(provider_key(&file))
+            {
+                Ok(_) => {
+                    tracing::debug!(%file, "providing on Kademlia");
+                    self.provided.insert(file);
+                }
+                // The store is full (1,024 keys): the file is still served and located
+                // through the master, only not findable without it.
+                Err(e) => tracing::debug!(%file, error = %e, "cannot provide"),
+            }
+        }
+    }
+
+    /// Withdraws this node's provider records (on leave). Copies that other peers hold expire
+    /// within [`PROVIDER_TTL`](shoal_protocol::behaviour::PROVIDER_TTL).
+    fn stop_providing(&mut self) {
+        for file in self.provided.drain() {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .stop_providing(&provider_key(&file));
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed {
+            id, result, step, ..
+        } = event
+        else {
+            return;
+        };
+        let done = match result {
+            kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                providers,
+                ..
+            })) => {
+                let me = *self.swarm.local_peer_id();
+                if let Some((_, found)) = self.provider_queries.get_mut(&id) {
+                    for p in providers {
+                        if p != me && found.len() < MAX_PROVIDERS {
+                            found.insert(p);
+                        }
+                    }
+                    found.len() >= MAX_PROVIDERS
+                } else {
+                    false
+                }
+            }
+            kad::QueryResult::GetProviders(_) => true,
+            kad::QueryResult::StartProviding(Err(e)) => {
+                // The local record stands, but the network may not have heard: announce again
+                // at the next provide tick rather than at the next refresh (30 min).
+                tracing::debug!(error = ?e, "provider announce incomplete; will retry");
+                let key = e.key();
+                self.provided.retain(|f| provider_key(f) != *key);
+                false
+            }
+            _ => false,
+        };
+        if done || step.last {
+            if let Some((tx, found)) = self.provider_queries.remove(&id) {
+                if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                    q.finish();
+                }
+                let _ = tx.send(found.into_iter().collect());
             }
         }
     }
@@ -618,6 +789,24 @@ impl EventLoop {
             Command::FindPeer(peer) => {
                 self.swarm.behaviour_mut().kad.get_closest_peers(peer);
             }
+            Command::FindProviders(file, tx) => {
+                if self.provider_queries.len() >= MAX_PROVIDER_QUERIES {
+                    let _ = tx.send(Vec::new());
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(provider_key(&file));
+                self.provider_queries.insert(id, (tx, HashSet::new()));
+            }
+            Command::GossipScore(peer, tx) => {
+                let _ = tx.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
+            }
+            Command::ListenAddrs(tx) => {
+                let _ = tx.send(self.swarm.listeners().cloned().collect());
+            }
             Command::Shutdown(_) => {}
             #[cfg(test)]
             Command::Panic => panic!("event loop panic requested by a test"),
@@ -644,21 +833,32 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
                 message,
-                ..
             })) => {
-                // Strict validation checked the signature; only the master's word counts.
-                if message.source != Some(self.master) {
+                // Strict validation checked the signature; only the master's word counts, and
+                // nothing else is relayed (gossipsub waits for this verdict before it
+                // forwards, and a rejection costs the sender score).
+                let (acceptance, event) = authority_acceptance(&self.master, &message);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+                let Some(event) = event else {
+                    self.gossip.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(source = ?message.source, from = %propagation_source, "authority message rejected");
                     return;
-                }
-                match decode_authority(&message.data) {
-                    Ok(AuthorityEvent::PeerBanned { peer }) => {
+                };
+                self.gossip.accepted.fetch_add(1, Ordering::Relaxed);
+                match event {
+                    AuthorityEvent::PeerBanned { peer } => {
                         tracing::info!(%peer, "peer banned by the master");
                         self.banned.lock().expect("ban lock").insert(peer);
                         let _ = self.swarm.disconnect_peer_id(peer);
                     }
-                    Ok(event) => tracing::debug!(?event, "authority event"),
-                    Err(e) => tracing::debug!(error = %e, "undecodable authority event"),
+                    event => tracing::debug!(?event, "authority event"),
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -666,11 +866,23 @@ impl EventLoop {
                 info,
                 ..
             })) => {
-                if peer_id != self.master {
-                    return;
+                if peer_id == self.master {
+                    tracing::debug!(observed = %info.observed_addr, "master sees us");
                 }
-                tracing::debug!(observed = %info.observed_addr, "master sees us");
+                // Identify feeds Kademlia: the addresses a peer says it listens on (capped,
+                // unspecified ones dropped) make it findable when the master is not there.
+                if info.protocols.contains(&KAD_PROTOCOL) {
+                    for a in info
+                        .listen_addrs
+                        .into_iter()
+                        .filter(|a| !is_unspecified(a))
+                        .take(MAX_HINT_ADDRS)
+                    {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                    }
+                }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 num_established,
@@ -679,6 +891,9 @@ impl EventLoop {
                 if num_established.get() == 1 {
                     if self.master_connected_before {
                         self.reannounce();
+                    } else if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+                        // The master is the first bootstrap peer: join the DHT through it.
+                        tracing::debug!(error = %e, "Kademlia bootstrap");
                     }
                     self.master_connected_before = true;
                 }
@@ -710,6 +925,15 @@ impl EventLoop {
             other => tracing::trace!(?other, "swarm event"),
         }
     }
+}
+
+/// Whether `addr` has an unspecified IP (0.0.0.0 or ::): not dialable.
+fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_unspecified(),
+        libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
 }
 
 /// Pending replies to outbound requests, by request id.
@@ -776,7 +1000,8 @@ fn settle<Req, Resp>(
 
 fn answer_digest(shelf: &Shelf, req: DigestRequest) -> DigestResponse {
     let store = shelf.lock().expect("shelf lock").get(&req.file()).cloned();
-    req.answer(store.as_ref().map(|s| &**s.manifest()))
+    let have = store.as_ref().map(|s| s.have());
+    req.answer(store.as_ref().map(|s| &**s.manifest()), have.as_ref())
 }
 
 /// What this node serves: the files on its shelf, to peers the master has not banned.

@@ -140,21 +140,37 @@ impl Behaviour {
         let gossip_cfg = gossipsub::ConfigBuilder::default()
             .heartbeat_interval(Duration::from_millis(500))
             .validation_mode(gossipsub::ValidationMode::Strict)
+            // Nothing is forwarded before the shell said Accept: only the master's messages
+            // on the authority topic are (see `authority_acceptance`).
+            .validate_messages()
             .max_transmit_size(crate::limits::MAX_AUTHORITY_EVENT * 2)
             .build()
             .map_err(|e| BehaviourError(e.to_string()))?;
-        let gossipsub = gossipsub::Behaviour::new(
+        let mut gossipsub = gossipsub::Behaviour::new(
             gossipsub::MessageAuthenticity::Signed(key.clone()),
             gossip_cfg,
         )
         .map_err(|e| BehaviourError(e.to_string()))?;
+        let (params, thresholds) = authority_scoring();
+        gossipsub
+            .with_peer_score(params, thresholds)
+            .map_err(BehaviourError)?;
         let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+        kad_cfg
+            // Lookups run while the master may be gone: they must end soon.
+            .set_query_timeout(KAD_QUERY_TIMEOUT)
+            // Provider records are refreshed every 30 min and forgotten 2 h after the last
+            // refresh (a node that crashed is no provider for long).
+            .set_provider_publication_interval(Some(PROVIDER_REFRESH))
+            .set_provider_record_ttl(Some(PROVIDER_TTL));
         if role == Role::Master {
             // The master is where everyone starts: it has nobody to bootstrap from (a periodic
             // bootstrap would warn "No known peers" every 5 minutes while no node is
             // connected) and learns its routing table from the nodes that connect.
             kad_cfg.set_periodic_bootstrap_interval(None);
         }
+        // The store is bounded by libp2p's defaults: 1,024 records, 1,024 keys this peer
+        // provides, 20 providers per key.
         let mut kad =
             kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_cfg);
         // Every shoal peer answers DHT queries: nodes are mirrors, and mirrors must be
@@ -193,6 +209,81 @@ impl Behaviour {
     }
 }
 
+/// Gossipsub peer scoring for the authority topic.
+///
+/// Only the master speaks on it, and every peer validates before it forwards, so an honest
+/// peer never relays an invalid message: each rejected message costs its sender
+/// [`INVALID_MESSAGE_WEIGHT`] times the square of its count of invalid messages (decaying by
+/// 1% a second). One forged message puts a peer below 0 (pruned from the mesh, no gossip to
+/// or from it); three put it under the graylist threshold (-80), after which everything it
+/// sends is ignored. Time in the mesh and mesh delivery rates are not scored: the master
+/// publishes rarely, so silence is normal. IP colocation is not scored either: many nodes
+/// behind one NAT (or on one test host) are legitimate, and a Sybil gains nothing on a topic
+/// where only the master's signature counts.
+pub fn authority_scoring() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let topic = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.0,
+        first_message_deliveries_weight: 1.0,
+        first_message_deliveries_decay: 0.9,
+        first_message_deliveries_cap: 10.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: INVALID_MESSAGE_WEIGHT,
+        invalid_message_deliveries_decay: 0.99,
+        ..Default::default()
+    };
+    let mut params = gossipsub::PeerScoreParams {
+        ip_colocation_factor_weight: 0.0,
+        ..Default::default()
+    };
+    params
+        .topics
+        .insert(Behaviour::authority_topic().hash(), topic);
+    (params, gossipsub::PeerScoreThresholds::default())
+}
+
+/// Score weight of each invalid message on the authority topic (times the count squared).
+pub const INVALID_MESSAGE_WEIGHT: f64 = -10.0;
+
+/// What to report to gossipsub for `message`, received by a peer whose master is `master`:
+/// `Accept` only for a message on the authority topic signed by the master that decodes as an
+/// [`AuthorityEvent`](crate::wire::AuthorityEvent); `Reject` for everything else (other
+/// topics, other signers, unsigned, undecodable). The master passes its own PeerId: it never
+/// receives its own messages, so it rejects every message it is sent.
+pub fn authority_acceptance(
+    master: &PeerId,
+    message: &gossipsub::Message,
+) -> (
+    gossipsub::MessageAcceptance,
+    Option<crate::wire::AuthorityEvent>,
+) {
+    if message.topic != Behaviour::authority_topic().hash() || message.source != Some(*master) {
+        return (gossipsub::MessageAcceptance::Reject, None);
+    }
+    match crate::wire::decode_authority(&message.data) {
+        Ok(event) => (gossipsub::MessageAcceptance::Accept, Some(event)),
+        Err(_) => (gossipsub::MessageAcceptance::Reject, None),
+    }
+}
+
+/// Longest a Kademlia query (a provider lookup, a peer lookup, a provide) runs.
+pub const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a node re-announces itself as a provider of the files it holds.
+pub const PROVIDER_REFRESH: Duration = Duration::from_secs(30 * 60);
+
+/// How long a provider record lives without a refresh.
+pub const PROVIDER_TTL: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// The Kademlia key under which the holders of `file` announce themselves: one provider
+/// record per file and holder.
+pub fn provider_key(file: &crate::FileId) -> kad::RecordKey {
+    let mut k = b"/shoal/file/".to_vec();
+    k.extend_from_slice(&file.0);
+    kad::RecordKey::new(&k)
+}
+
 /// The PeerId named by the `/p2p/...` suffix of an address, if any.
 pub fn peer_of(addr: &libp2p::Multiaddr) -> Option<PeerId> {
     addr.iter().find_map(|p| match p {
@@ -204,4 +295,50 @@ pub fn peer_of(addr: &libp2p::Multiaddr) -> Option<PeerId> {
 /// The piece protocol name, for `libp2p_stream::Control`.
 pub fn piece_protocol() -> StreamProtocol {
     crate::limits::PIECE_PROTOCOL
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{encode_authority, AuthorityEvent};
+    use libp2p::gossipsub::{Message, MessageAcceptance};
+
+    fn msg(source: Option<PeerId>, topic: &str, data: Vec<u8>) -> Message {
+        Message {
+            source,
+            data,
+            sequence_number: Some(1),
+            topic: gossipsub::IdentTopic::new(topic).hash(),
+        }
+    }
+
+    #[test]
+    fn only_the_masters_decodable_authority_messages_are_accepted() {
+        let master = PeerId::random();
+        let other = PeerId::random();
+        let ban = encode_authority(&AuthorityEvent::PeerBanned { peer: other });
+        let topic = crate::limits::AUTHORITY_TOPIC;
+        let (a, e) = authority_acceptance(&master, &msg(Some(master), topic, ban.clone()));
+        assert_eq!(a, MessageAcceptance::Accept);
+        assert_eq!(e, Some(AuthorityEvent::PeerBanned { peer: other }));
+        for m in [
+            msg(Some(other), topic, ban.clone()),
+            msg(None, topic, ban.clone()),
+            msg(Some(master), "/other/topic", ban.clone()),
+            msg(Some(master), topic, vec![0xff; 64]),
+        ] {
+            let (a, e) = authority_acceptance(&master, &m);
+            assert_eq!(a, MessageAcceptance::Reject, "{m:?}");
+            assert_eq!(e, None);
+        }
+    }
+
+    #[test]
+    fn the_scoring_parameters_are_valid() {
+        let (p, t) = authority_scoring();
+        p.validate().unwrap();
+        t.validate().unwrap();
+        let key = Keypair::generate_ed25519();
+        Behaviour::new(&key, Role::Node, &ConnectionCaps::for_role(Role::Node)).unwrap();
+    }
 }

@@ -235,6 +235,12 @@ pub enum DigestRequest {
         /// How many (capped at [`MAX_DIGESTS_PER_RESPONSE`]).
         count: u32,
     },
+    /// Which blocks of the file the responder holds (asked of providers found through
+    /// Kademlia while the master is unreachable).
+    Holdings {
+        /// The file.
+        file: FileId,
+    },
 }
 
 /// An answer with manifest parts.
@@ -248,6 +254,12 @@ pub enum DigestResponse {
         start: u32,
         /// The digests.
         digests: Vec<BlockDigest>,
+    },
+    /// The blocks the responder holds: at most [`MAX_RANGES_PER_MESSAGE`] ranges (the first
+    /// ones, if it holds more).
+    Holdings {
+        /// The ranges.
+        ranges: Vec<BlockRange>,
     },
     /// The responder does not know this file.
     NotFound,
@@ -411,17 +423,28 @@ impl DigestRequest {
     /// The file asked about.
     pub fn file(&self) -> FileId {
         match self {
-            Self::Header { file } | Self::Digests { file, .. } => *file,
+            Self::Header { file } | Self::Digests { file, .. } | Self::Holdings { file } => *file,
         }
     }
 
     /// The answer from `manifest`, the responder's manifest of [`DigestRequest::file`] if it
-    /// has one. Digest ranges are clamped to the file and to [`MAX_DIGESTS_PER_RESPONSE`].
-    pub fn answer(&self, manifest: Option<&crate::VerifiedManifest>) -> DigestResponse {
+    /// has one, and `have`, the blocks of it the responder holds. Digest ranges are clamped to
+    /// the file and to [`MAX_DIGESTS_PER_RESPONSE`]; holdings to [`MAX_RANGES_PER_MESSAGE`]
+    /// ranges.
+    pub fn answer(
+        &self,
+        manifest: Option<&crate::VerifiedManifest>,
+        have: Option<&crate::block::Blocks>,
+    ) -> DigestResponse {
         let Some(m) = manifest else {
             return DigestResponse::NotFound;
         };
         match *self {
+            Self::Holdings { .. } => {
+                let mut ranges = have.map(|h| h.ranges()).unwrap_or_default();
+                ranges.truncate(MAX_RANGES_PER_MESSAGE);
+                DigestResponse::Holdings { ranges }
+            }
             Self::Header { .. } => DigestResponse::Header(Box::new(m.header().clone())),
             Self::Digests { start, count, .. } => {
                 let all = m.digests();
@@ -577,5 +600,29 @@ mod tests {
         let peer = Keypair::generate_ed25519().public().to_peer_id();
         let e = AuthorityEvent::PeerBanned { peer };
         assert_eq!(decode_authority(&encode_authority(&e)).unwrap(), e);
+    }
+
+    #[test]
+    fn the_largest_holdings_answer_fits_and_is_capped() {
+        // Every other block held: the most ranges a file can have.
+        let mut have = crate::block::Blocks::new(3 * MAX_RANGES_PER_MESSAGE as u32);
+        for b in (0..have.capacity()).step_by(2) {
+            have.insert(b);
+        }
+        let req = DigestRequest::Holdings {
+            file: FileId([1; 32]),
+        };
+        // No manifest: not found, whatever is held.
+        assert_eq!(req.answer(None, Some(&have)), DigestResponse::NotFound);
+        let resp = DigestResponse::Holdings {
+            ranges: have.ranges()[..MAX_RANGES_PER_MESSAGE].to_vec(),
+        };
+        let bytes = encode(&resp).unwrap();
+        assert!(bytes.len() <= MAX_DIGEST_RESPONSE, "{} bytes", bytes.len());
+        assert_eq!(
+            decode::<DigestResponse>(&bytes, MAX_DIGEST_RESPONSE).unwrap(),
+            resp
+        );
+        assert!(encode(&req).unwrap().len() <= MAX_DIGEST_REQUEST);
     }
 }

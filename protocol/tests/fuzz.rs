@@ -433,8 +433,8 @@ fn unknown_variants_are_errors() {
         ),
         ("MasterRequest", report_unknown_problem),
         ("MasterResponse", vec![6]), // MasterResponse has 6 (Announced ... Files)
-        ("DigestRequest", vec![2]),
-        ("DigestResponse", vec![3]),
+        ("DigestRequest", vec![3]),  // Header, Digests, Holdings
+        ("DigestResponse", vec![4]), // Header, Digests, Holdings, NotFound
         ("PieceResponse", vec![2]),
         ("PieceResponse", vec![1, 5]), // RefuseReason has variants 0..=4
         ("AuthorityEvent", vec![3]),

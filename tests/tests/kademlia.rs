@@ -1,0 +1,125 @@
+//! Kademlia keeps the swarm going without the master: six nodes fetch a file; once every
+//! block has reached some node (and every node holds some), the master is shut down for good.
+//! Every node still finishes, with the exact bytes, from providers it found through Kademlia.
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+use std::time::Duration;
+
+use anyhow::Context;
+use shoal_node::FetchOptions;
+use shoal_tests::start_node;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_swarm_finishes_without_the_master() -> anyhow::Result<()> {
+    shoal_tests::init_tracing();
+    let tmp = tempfile::tempdir()?;
+    let size: u64 = 4 * 1024 * 1024;
+    let n = 6;
+    // The nodes upload slowly, so that the master's first copies are out well before the
+    // nodes have traded them all: the master goes "half way".
+    let node_rate = 256 * 1024;
+    // Small pieces, from the master and between peers: when the master stops, no node is
+    // left with one long transfer that carries it to the end.
+    let src = tmp.path().join("source.bin");
+    shoal_tests::write_random_file(&src, size as usize, 31)?;
+    let master = shoal_master::Master::start(
+        shoal_tests::master_config(&tmp.path().join("master"), Some(4 * 1024 * 1024)).with_policy(
+            shoal_master::PolicyConfig {
+                max_master_piece: 2,
+                min_master_piece: 1,
+                max_peer_piece: 4,
+                ..Default::default()
+            },
+        ),
+    )
+    .await?;
+    let bootstrap = master.addrs()[0].clone();
+    let (publisher, file) =
+        shoal_tests::publish(&tmp.path().join("publisher"), &bootstrap, &src).await?;
+    publisher.shutdown().await;
+
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let dir = tmp.path().join(format!("node{i}"));
+        nodes.push((start_node(&dir, &bootstrap, Some(node_rate)).await?, dir));
+    }
+    let mut tasks = Vec::new();
+    let mut held = Vec::new();
+    for (client, dir) in &nodes {
+        let h = Arc::new(AtomicU64::new(0));
+        held.push(h.clone());
+        let mut opts = FetchOptions::new(file, dir.join("out.bin"));
+        opts.progress = Some(Arc::new(move |now, _| h.store(now, Ordering::Relaxed)));
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = tokio::time::timeout(Duration::from_secs(180), shoal_node::fetch(&c, opts))
+                .await
+                .with_context(|| format!("{} did not finish within 180 s", c.peer_id()))?;
+            anyhow::Ok(r?)
+        }));
+    }
+
+    // Half way: every block has reached a node that told the master so, and every node holds
+    // some blocks.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = master.status(file).await.context("status")?;
+        let holders = held
+            .iter()
+            .filter(|h| h.load(Ordering::Relaxed) > 0)
+            .count();
+        if s.master_only_blocks == 0 && holders >= n {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "after 60 s {} blocks are still only at the master, {holders} nodes hold blocks",
+            s.master_only_blocks
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let master_sent = master.metrics().piece_bytes_sent.get();
+    master.shutdown().await;
+    let done: u64 = held.iter().map(|h| h.load(Ordering::Relaxed)).sum();
+    let total = size * n as u64;
+    println!(
+        "master stopped with {done} of {total} bytes ({:.0}%) at the nodes; it sent {master_sent}",
+        100.0 * done as f64 / total as f64
+    );
+    anyhow::ensure!(
+        done * 4 <= total * 3,
+        "the nodes were nearly done when the master stopped ({done} of {total} bytes): \
+         the test shows nothing"
+    );
+
+    let want = std::fs::read(&src)?;
+    let mut from_master = 0;
+    let mut swarm_locates = 0;
+    for (t, (client, dir)) in tasks.into_iter().zip(&nodes) {
+        let report = t.await??;
+        assert!(
+            std::fs::read(dir.join("out.bin"))? == want,
+            "{} has different bytes",
+            client.peer_id()
+        );
+        from_master += report.bytes_from_master;
+        swarm_locates += report.swarm_locates;
+    }
+    assert!(
+        from_master <= master_sent,
+        "the nodes got {from_master} bytes from the master, which sent only {master_sent} \
+         before it stopped"
+    );
+    assert!(
+        swarm_locates > 0,
+        "no locate went through Kademlia: the master was not needed after all?"
+    );
+    println!(
+        "after the master stopped: {} bytes from peers, {swarm_locates} swarm locates",
+        total - done
+    );
+    Ok(())
+}
