@@ -15,9 +15,16 @@ impl EventLoop {
 
     /// Loads the ban list kept in the data dir (one PeerId a line; bad lines are skipped).
     pub(crate) fn load_bans(&mut self) {
-        let Ok(text) = std::fs::read_to_string(self.bans_path()) else {
-            return;
+        let bytes = match std::fs::read(self.bans_path()) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the ban list; starting without it");
+                return;
+            }
         };
+        // Line by line, lossily: a damaged line costs that line, not the whole list.
+        let text = String::from_utf8_lossy(&bytes);
         for line in text.lines() {
             match line.trim().parse::<PeerId>() {
                 // The master never bans itself, whatever the file says.

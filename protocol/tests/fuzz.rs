@@ -219,6 +219,20 @@ fn variable_fields() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
         retry_after_ms: 0,
     };
     let one_assignment = |addrs: usize| assignments(1, addrs);
+    let listed = |n: usize, name: usize| MasterResponse::Files {
+        files: vec![
+            ListedFile {
+                file,
+                name: s(name),
+                size: 1,
+                blocks: 1,
+                master_blocks: 1,
+                mirrors: 0,
+            };
+            n
+        ],
+        total: 0,
+    };
     vec![
         (
             "MasterRequest",
@@ -298,6 +312,8 @@ fn variable_fields() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
             enc(&one_assignment(0)),
             enc(&one_assignment(1)),
         ),
+        ("MasterResponse", enc(&listed(0, 0)), enc(&listed(1, 0))),
+        ("MasterResponse", enc(&listed(1, 0)), enc(&listed(1, 1))),
         (
             "MasterResponse",
             enc(&status(0, 0, 0)),
@@ -408,7 +424,7 @@ fn unknown_variants_are_errors() {
     report_unknown_problem.extend_from_slice(&peer);
     report_unknown_problem.push(5); // Problem has variants 0..=4
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("MasterRequest", vec![7]), // 6 is List
+        ("MasterRequest", vec![7]), // MasterRequest has 7 variants (Locate ... List)
         ("MasterRequest", vec![250]),
         ("MasterRequest", vec![251, 0xff, 0xff]),
         (
@@ -416,7 +432,7 @@ fn unknown_variants_are_errors() {
             [vec![253], u64::MAX.to_le_bytes().to_vec()].concat(),
         ),
         ("MasterRequest", report_unknown_problem),
-        ("MasterResponse", vec![6]), // 5 is Files
+        ("MasterResponse", vec![6]), // MasterResponse has 6 (Announced ... Files)
         ("DigestRequest", vec![2]),
         ("DigestResponse", vec![3]),
         ("PieceResponse", vec![2]),

@@ -21,7 +21,7 @@ use libp2p::{Multiaddr, PeerId};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use shoal_master::bans::{BanBook, BanConfig, ProbeOutcome, Verdict};
+use shoal_master::bans::{respond, BanBook, BanConfig, Charge, ProbeOutcome, Verdict};
 use shoal_node::scheduler::{Action, Failure, Scheduler, SchedulerConfig, TransferId};
 use shoal_protocol::block::{BlockRange, Blocks};
 use shoal_protocol::wire::{Assignment, Problem, RefuseReason};
@@ -847,24 +847,34 @@ impl<'a> Engine<'a> {
                 if self.nodes[n].banned {
                     return;
                 }
-                let until = match problem {
-                    Problem::Corrupt { .. } => None,
-                    Problem::Unreachable | Problem::Truncated { .. } | Problem::NotHeld { .. } => {
-                        Some(now + Duration::from_secs(30))
-                    }
-                    Problem::Busy => Some(now + Duration::from_secs(2)),
-                };
-                self.master.avoid(n, culprit, until);
-                if let Problem::Corrupt { blocks } = &problem {
-                    let first = blocks.first().map_or(BlockRange::new(0, 1), |r| {
-                        BlockRange::new(r.start, r.end.min(r.start.saturating_add(16)))
-                    });
-                    let verdict = self.bans.accuse(now, self.nodes[n].peer, peer, first);
-                    self.act(verdict);
-                }
-                if matches!(problem, Problem::Unreachable) && !self.nodes[culprit].online {
+                // The master's own rule for a report (shoal_master::bans::respond): how long
+                // the reporter avoids the culprit, whether the culprit is gone, and what is
+                // charged. (The simulated master does not check reports against its
+                // assignments, nor drop claims on NotHeld: simulated reporters are honest
+                // about what they were assigned, and no simulated holder lies about holdings
+                // except `lie-have`, which the probe catches.)
+                let response = respond(&problem, self.nodes[culprit].online);
+                self.master
+                    .avoid(n, culprit, response.avoid.map(|d| now + d));
+                if response.drop_mirror {
                     self.master.peer_down(culprit);
                 }
+                let blocks = match &problem {
+                    Problem::Corrupt { blocks }
+                    | Problem::Truncated { blocks }
+                    | Problem::NotHeld { blocks } => blocks.clone(),
+                    Problem::Unreachable | Problem::Busy => Vec::new(),
+                };
+                let first = blocks.first().map_or(BlockRange::new(0, 1), |r| {
+                    BlockRange::new(r.start, r.end.min(r.start.saturating_add(16)))
+                });
+                let reporter = self.nodes[n].peer;
+                let verdict = match response.charge {
+                    Charge::None => Verdict::Nothing,
+                    Charge::Accusation => self.bans.accuse(now, reporter, peer, first),
+                    Charge::Lie => self.bans.lied(now, reporter, peer, first),
+                };
+                self.act(verdict);
             }
         }
     }

@@ -108,7 +108,8 @@ pub struct Published {
     pub src: PathBuf,
 }
 
-/// Starts a master under `root` and publishes a random file to it (see [`Published`]).
+/// Starts a master under `root` that trusts one publisher key, and publishes a random file to
+/// it from that publisher (see [`Published`]).
 pub async fn published(
     root: &Path,
     size: usize,
@@ -117,9 +118,19 @@ pub async fn published(
 ) -> anyhow::Result<Published> {
     let src = root.join("source.bin");
     write_random_file(&src, size, seed)?;
-    let master = start_master(&root.join("master"), master_rate).await?;
+    // The publisher's key exists first, and the master trusts that key only (as an operator
+    // would set it up): announces from any other key are refused.
+    let publisher_dir = root.join("publisher");
+    let key = shoal_node::service::load_or_create_key(&publisher_dir.join("identity.key"))?;
+    let master = Master::start(
+        master_config(&root.join("master"), master_rate).with_publishing(PublishPolicy::Trusted(
+            std::collections::BTreeSet::from([key.public().to_peer_id()]),
+        )),
+    )
+    .await
+    .context("starting master")?;
     let bootstrap = master.addrs()[0].clone();
-    let (publisher, file) = publish(&root.join("publisher"), &bootstrap, &src).await?;
+    let (publisher, file) = publish(&publisher_dir, &bootstrap, &src).await?;
     publisher.shutdown().await;
     Ok(Published {
         master,
