@@ -64,6 +64,15 @@ pub struct PolicyConfig {
     pub assignment_timeout: Duration,
     /// What to tell a node to wait when nothing can be assigned now.
     pub retry_after: Duration,
+    /// The master's upload slots (piece streams it serves at once; more are refused). Master
+    /// pieces go to at most `master_slots / pieces per answer` requesters at a time, one
+    /// answer's worth each, so that what the policy hands out the master can serve: more
+    /// would be refused, and the refused nodes would only ask again.
+    pub master_slots: u32,
+    /// A node's upload slots (its piece server's default): a holder with this many
+    /// requesters on their way to it is full; a block whose holders are all full is waited
+    /// for (`retry_after`), neither refused by the holder nor sent again by the master.
+    pub peer_slots: u32,
     /// How long after an assignment's window closed (it expired, was replaced, or its blocks
     /// were confirmed) a report about it still counts: a failed transfer never produces a
     /// `Have`, and its report may arrive after the node already asked again.
@@ -73,15 +82,17 @@ pub struct PolicyConfig {
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
-            max_master_piece: 32,
+            max_master_piece: 8,
             min_master_piece: 4,
             max_master_pieces: 4,
             master_load_half: 256,
-            max_peer_piece: 64,
+            max_peer_piece: 8,
             max_blocks_per_answer: 512,
             assignment_timeout: Duration::from_secs(20),
             retry_after: Duration::from_millis(200),
             report_grace: Duration::from_secs(10),
+            master_slots: 64,
+            peer_slots: 16,
         }
     }
 }
@@ -110,6 +121,9 @@ struct PeerState {
     live: bool,
     /// Blocks assigned to this peer as a source and not yet confirmed by their requester.
     load: u32,
+    /// Requesters with blocks assigned from this peer and not yet confirmed: about the
+    /// piece streams it serves. At `peer_slots` it is full and not sent more requesters.
+    serving: u32,
     /// Peers this one could not get data from: never sent there again.
     /// Until when (`None`: for good).
     avoid: HashMap<PeerId, Option<Instant>>,
@@ -179,6 +193,10 @@ pub struct Policy {
     peers: HashMap<PeerId, PeerState>,
     banned: HashSet<PeerId>,
     master_load: u32,
+    /// Per requester, its blocks on their way from the master (pending, any file).
+    master_pending: HashMap<PeerId, u32>,
+    /// Per (requester, holder), the requester's blocks pending from that holder.
+    pairs: HashMap<(PeerId, PeerId), u32>,
     index: LoadIndex,
     /// Peer numbers, for the per-block holder lists.
     numbers: HashMap<PeerId, u32>,
@@ -197,6 +215,8 @@ impl Policy {
             peers: HashMap::new(),
             banned: HashSet::new(),
             master_load: 0,
+            master_pending: HashMap::new(),
+            pairs: HashMap::new(),
             index: LoadIndex::default(),
             numbers: HashMap::new(),
             numbered: Vec::new(),
@@ -289,6 +309,9 @@ impl Policy {
                         &mut self.peers,
                         &mut self.index,
                         &mut self.master_load,
+                        &mut self.master_pending,
+                        &mut self.pairs,
+                        *peer,
                         p.source,
                     );
                 }
@@ -296,7 +319,7 @@ impl Policy {
             f.handouts.retain(|_, (to, _)| to != peer);
             // Redirects to it die with it: a report about them (its downloaders see it die)
             // is not about this peer's next session, should it come back with its key.
-            for pending in f.pending.values_mut() {
+            for (requester, pending) in f.pending.iter_mut() {
                 pending.retain(|_, p| {
                     let keep = p.source != Some(*peer);
                     if !keep {
@@ -304,6 +327,9 @@ impl Policy {
                             &mut self.peers,
                             &mut self.index,
                             &mut self.master_load,
+                            &mut self.master_pending,
+                            &mut self.pairs,
+                            *requester,
                             p.source,
                         );
                     }
@@ -374,6 +400,9 @@ impl Policy {
                         &mut self.peers,
                         &mut self.index,
                         &mut self.master_load,
+                        &mut self.master_pending,
+                        &mut self.pairs,
+                        peer,
                         p.source,
                     );
                     remember(&mut f.past, peer, b, p, true, grace);
@@ -458,6 +487,9 @@ impl Policy {
                             &mut self.peers,
                             &mut self.index,
                             &mut self.master_load,
+                            &mut self.master_pending,
+                            &mut self.pairs,
+                            *requester,
                             p.source,
                         );
                         remember(&mut f.past, *requester, *b, *p, false, grace);
@@ -492,6 +524,13 @@ impl Policy {
             .clamp(self.cfg.min_master_piece, self.cfg.max_master_piece)
     }
 
+    /// Requesters that may have master pieces on their way at once: the master's slots over
+    /// the pieces of two answers (each may have one answer on its way and ask for the next).
+    fn master_clients(&self) -> u32 {
+        let pieces = self.under_load(self.cfg.max_master_pieces).max(1);
+        (self.cfg.master_slots / (2 * pieces)).max(1)
+    }
+
     /// Blocks the master hands out in one answer: several pieces when idle, one when busy.
     fn master_budget(&self) -> u32 {
         self.master_piece() * self.under_load(self.cfg.max_master_pieces).max(1)
@@ -511,6 +550,7 @@ impl Policy {
         }
         let master_piece = self.master_piece();
         let master_budget = self.master_budget();
+        let master_clients = self.master_clients();
         let cfg = self.cfg.clone();
         let f = self
             .files
@@ -542,17 +582,28 @@ impl Policy {
         let need = normalize(need, f.blocks, MAX_RANGES_PER_MESSAGE);
         // Whom this requester may be sent to: not itself, not a peer it had trouble with, and
         // only a peer it can dial (live, with addresses to hint).
-        let usable = |peers: &HashMap<PeerId, PeerState>, p: &PeerId| {
+        let reachable = |peers: &HashMap<PeerId, PeerState>, p: &PeerId| {
             *p != requester
                 && !avoid
                     .get(p)
                     .is_some_and(|until| until.is_none_or(|u| u > now))
                 && peers.get(p).is_some_and(|s| s.live && !s.addrs.is_empty())
         };
+        // ... and not full.
+        let usable = |peers: &HashMap<PeerId, PeerState>, p: &PeerId| {
+            reachable(peers, p) && peers.get(p).is_some_and(|s| s.serving < cfg.peer_slots)
+        };
         let mut runs: Vec<(BlockRange, Option<PeerId>)> = Vec::new();
         let mut budget = cfg.max_blocks_per_answer;
         let mut scans = cfg.max_blocks_per_answer.saturating_mul(LOCATE_SCAN_FACTOR);
         let mut master_given = 0u32;
+        // New first copies only to a requester with less than an answer's worth on its way
+        // from the master (so it can ask for the next before the last arrive), and to a new
+        // requester only while the master's slots can take two more answers' worth of pieces.
+        let master_open = match self.master_pending.get(&requester) {
+            Some(n) => *n < master_budget,
+            None => self.master_pending.len() < master_clients as usize,
+        };
 
         'outer: for r in &need {
             for b in r.iter() {
@@ -593,11 +644,29 @@ impl Policy {
                 let source = if best.is_some() {
                     best
                 } else if f.master_has.contains(b)
-                    && f.handouts.get(&b).is_none_or(|(to, _)| *to == requester)
+                    && match f.handouts.get(&b) {
+                        // Again to the requester it was handed to (its transfer failed).
+                        Some((to, _)) => *to == requester,
+                        None => master_open || master_given > 0,
+                    }
                     && master_given < master_budget
                     && !briefly_avoided
                         .iter()
                         .any(|p| f.holders.get(p).is_some_and(|h| h.contains(b)))
+                    // A holder that is only full frees a slot soon: wait for it rather than
+                    // send the block from the master again.
+                    && (f.holder_count[b as usize] == 0
+                        || nearest_least_loaded(
+                            f,
+                            &self.peers,
+                            &self.index,
+                            &self.numbers,
+                            &self.numbered,
+                            b,
+                            &my_region,
+                            |peers, p| reachable(peers, p),
+                        )
+                        .is_none())
                 {
                     None
                 } else {
@@ -612,6 +681,9 @@ impl Policy {
                         &mut self.peers,
                         &mut self.index,
                         &mut self.master_load,
+                        &mut self.master_pending,
+                        &mut self.pairs,
+                        requester,
                         old.source,
                     );
                     remember(&mut f.past, requester, b, old, false, cfg.report_grace);
@@ -620,13 +692,20 @@ impl Policy {
                 self.expiry_floor = Some(self.expiry_floor.map_or(deadline, |t| t.min(deadline)));
                 match source {
                     Some(p) => {
+                        let pair = self.pairs.entry((requester, p)).or_default();
+                        *pair += 1;
+                        let first = *pair == 1;
                         if let Some(s) = self.peers.get_mut(&p) {
+                            if first {
+                                s.serving += 1;
+                            }
                             let load = s.load + 1;
                             set_load(s, &mut self.index, p, load);
                         }
                     }
                     None => {
                         self.master_load += 1;
+                        *self.master_pending.entry(requester).or_default() += 1;
                         master_given += 1;
                         f.handouts.insert(b, (requester, deadline));
                     }
@@ -876,16 +955,40 @@ fn release(
     peers: &mut HashMap<PeerId, PeerState>,
     index: &mut LoadIndex,
     master_load: &mut u32,
+    master_pending: &mut HashMap<PeerId, u32>,
+    pairs: &mut HashMap<(PeerId, PeerId), u32>,
+    requester: PeerId,
     source: Option<PeerId>,
 ) {
     match source {
         Some(p) => {
+            let last = match pairs.get_mut(&(requester, p)) {
+                Some(n) => {
+                    *n = n.saturating_sub(1);
+                    *n == 0
+                }
+                None => false,
+            };
+            if last {
+                pairs.remove(&(requester, p));
+            }
             if let Some(s) = peers.get_mut(&p) {
+                if last {
+                    s.serving = s.serving.saturating_sub(1);
+                }
                 let load = s.load.saturating_sub(1);
                 set_load(s, index, p, load);
             }
         }
-        None => *master_load = master_load.saturating_sub(1),
+        None => {
+            *master_load = master_load.saturating_sub(1);
+            if let Some(n) = master_pending.get_mut(&requester) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    master_pending.remove(&requester);
+                }
+            }
+        }
     }
 }
 
@@ -1115,6 +1218,103 @@ mod tests {
         // b gets the next master piece, not a's blocks again.
         assert_eq!(ans.assignments[0].range, BlockRange::new(4, 8));
         assert_eq!(ans.assignments[0].source, Source::Master);
+    }
+
+    #[test]
+    fn a_full_holder_is_waited_for_not_refused_nor_replaced_by_the_master() {
+        let mut p = Policy::new(PolicyConfig {
+            peer_slots: 2,
+            max_blocks_per_answer: 4,
+            ..PolicyConfig::default()
+        });
+        p.add_file(file(), "f".into(), 4 * 1024, Blocks::full(4));
+        let now = Instant::now();
+        let holder = peer();
+        p.peer_up(holder, vec![addr()]);
+        p.have(&file(), holder, &all(4));
+        let on = |ans: &LocateAnswer| -> Vec<Source> {
+            ans.assignments.iter().map(|a| a.source.clone()).collect()
+        };
+        let sent_to_holder = Source::Peer {
+            peer: holder,
+            addrs: vec![addr()],
+        };
+        let (a, b, c) = (peer(), peer(), peer());
+        for x in [a, b, c] {
+            p.peer_up(x, vec![addr()]);
+        }
+        assert_eq!(
+            on(&p.locate(now, a, &file(), &all(4)).unwrap()),
+            vec![sent_to_holder.clone()]
+        );
+        assert_eq!(
+            on(&p.locate(now, b, &file(), &all(4)).unwrap()),
+            vec![sent_to_holder.clone()]
+        );
+        // Two requesters on their way to it fill its two slots: the third waits.
+        let wait = p.locate(now, c, &file(), &all(4)).unwrap();
+        assert!(wait.assignments.is_empty(), "{wait:?}");
+        assert!(wait.retry_after > Duration::ZERO);
+        // Once one of them has its blocks, the slot is free again.
+        p.have(&file(), a, &all(4));
+        let ans = p.locate(now, c, &file(), &all(4)).unwrap();
+        assert!(!ans.assignments.is_empty());
+        assert!(
+            ans.assignments.iter().all(|x| x.source != Source::Master),
+            "{ans:?}"
+        );
+    }
+
+    #[test]
+    fn master_pieces_go_to_as_many_requesters_as_its_slots_take() {
+        let mut p = Policy::new(PolicyConfig {
+            master_slots: 8,
+            max_master_piece: 2,
+            min_master_piece: 2,
+            max_master_pieces: 2,
+            master_load_half: 1_000_000,
+            ..PolicyConfig::default()
+        });
+        p.add_file(file(), "f".into(), 64 * 1024, Blocks::full(64));
+        let now = Instant::now();
+        let peers: Vec<PeerId> = (0..4).map(|_| peer()).collect();
+        for x in &peers {
+            p.peer_up(*x, vec![addr()]);
+        }
+        // 8 slots, 2 pieces an answer, two answers each: 2 requesters at a time.
+        let got: Vec<usize> = peers
+            .iter()
+            .map(|x| {
+                p.locate(now, *x, &file(), &all(64))
+                    .unwrap()
+                    .assignments
+                    .len()
+            })
+            .collect();
+        assert_eq!(got, vec![2, 2, 0, 0]);
+        // A requester with an answer's worth on its way gets no more until some arrive.
+        assert!(p
+            .locate(
+                now,
+                peers[0],
+                &file(),
+                &BlockRange::new(8, 64)
+                    .iter()
+                    .map(|b| BlockRange::new(b, b + 1))
+                    .collect::<Vec<_>>()
+            )
+            .unwrap()
+            .assignments
+            .is_empty());
+        // When the first one's blocks arrive, the next requester is served.
+        p.have(&file(), peers[0], &[BlockRange::new(0, 4)]);
+        let ans = p
+            .locate(now, peers[2], &file(), &[BlockRange::new(8, 64)])
+            .unwrap();
+        assert!(
+            ans.assignments.iter().any(|a| a.source == Source::Master),
+            "{ans:?}"
+        );
     }
 
     #[test]

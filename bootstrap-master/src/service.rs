@@ -42,7 +42,7 @@ use crate::announce::{PublishGate, Storing};
 use crate::bans::{BanBook, BanConfig, ProbeOutcome};
 use crate::config::{MasterConfig, MasterError};
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyConfig};
 use crate::probe::ProbeQueue;
 use crate::pull::{PullError, PullTask};
 use crate::registry::{DiskWriter, Registry, StoredFile};
@@ -207,7 +207,11 @@ impl Master {
                 .with_max_upload_rate(cfg.max_upload_rate),
         );
         let mut lp = EventLoop {
-            policy: Policy::new(cfg.policy.clone()),
+            policy: Policy::new(PolicyConfig {
+                // What the policy hands out, the piece server must be able to take.
+                master_slots: u32::try_from(cfg.upload_slots).unwrap_or(u32::MAX),
+                ..cfg.policy.clone()
+            }),
             shelf,
             registry,
             key,

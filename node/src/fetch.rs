@@ -424,7 +424,7 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                             }
                         }
                     }
-                    sched.on_transfer_end(end.id, end.delivered, end.failure);
+                    sched.on_transfer_end(Instant::now(), end.id, end.delivered, end.failure);
                 }
             },
             _ = async { match timeout { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}

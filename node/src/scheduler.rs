@@ -250,6 +250,10 @@ pub struct Scheduler {
     reports: VecDeque<(PeerId, Problem)>,
     retries: u64,
     locate_failures: u32,
+    /// Master transfers refused or dropped in a row (its upload slots are full): the next
+    /// Locate waits a back-off that grows with it, instead of asking the full master again
+    /// at once.
+    master_refusals: u32,
 }
 
 impl Scheduler {
@@ -271,6 +275,7 @@ impl Scheduler {
             reports: VecDeque::new(),
             retries: 0,
             locate_failures: 0,
+            master_refusals: 0,
         }
     }
 
@@ -395,18 +400,27 @@ impl Scheduler {
     /// The Locate request failed (master unreachable or refused).
     pub fn on_locate_failed(&mut self, now: Instant) {
         self.locating = false;
-        let backoff = self
-            .cfg
-            .locate_backoff
-            .saturating_mul(1 << self.locate_failures.min(16))
-            .min(self.cfg.max_locate_backoff);
+        self.next_locate = Some(now + self.backoff(self.locate_failures));
         self.locate_failures += 1;
-        self.next_locate = Some(now + backoff);
     }
 
-    /// A transfer ended. `delivered` blocks from the start of its range were verified and
-    /// stored; `failure` says why it stopped early, if it did.
-    pub fn on_transfer_end(&mut self, id: TransferId, delivered: u32, failure: Option<Failure>) {
+    /// `locate_backoff` doubled `failures` times, at most `max_locate_backoff`.
+    fn backoff(&self, failures: u32) -> Duration {
+        self.cfg
+            .locate_backoff
+            .saturating_mul(1 << failures.min(16))
+            .min(self.cfg.max_locate_backoff)
+    }
+
+    /// A transfer ended at `now`. `delivered` blocks from the start of its range were verified
+    /// and stored; `failure` says why it stopped early, if it did.
+    pub fn on_transfer_end(
+        &mut self,
+        now: Instant,
+        id: TransferId,
+        delivered: u32,
+        failure: Option<Failure>,
+    ) {
         let Some(t) = self.transfers.remove(&id) else {
             return;
         };
@@ -419,32 +433,54 @@ impl Scheduler {
         }
         if !got.is_empty() {
             self.unreported.push(got);
+            // Once the master hears of these, it may have more to give (it hands a requester
+            // new first copies only when its last ones arrived, and a holder it was waiting
+            // for has a slot free): ask again now rather than at the end of an old wait.
+            self.next_locate = None;
         }
+        let Some(peer) = t.peer() else {
+            // From the master: a refusal or a dropped stream means its slots are full. Asking
+            // it again at once only loads it more (in a crowd, every node would spin on it):
+            // wait a growing back-off; by then the blocks may have holders to redirect to.
+            match failure {
+                None => self.master_refusals = 0,
+                Some(Failure::Unreachable | Failure::Refused(RefuseReason::Busy)) => {
+                    self.retries += 1;
+                    self.queue.retain(|a| a.source != t.source);
+                    self.next_locate = Some(now + self.backoff(self.master_refusals));
+                    self.master_refusals = self.master_refusals.saturating_add(1);
+                }
+                Some(_) => {
+                    self.retries += 1;
+                    self.queue.retain(|a| a.source != t.source);
+                    self.next_locate = None;
+                }
+            }
+            return;
+        };
         let Some(failure) = failure else { return };
         self.retries += 1;
         // Whatever was not delivered is needed again; ask the master at once.
         self.queue.retain(|a| a.source != t.source);
         self.next_locate = None;
-        if let Some(peer) = t.peer() {
-            let problem = match failure {
-                Failure::Corrupt { block } => Some(Problem::Corrupt {
-                    blocks: vec![BlockRange::new(block, block + 1)],
-                }),
-                Failure::Truncated { block } => Some(Problem::Truncated {
-                    blocks: vec![BlockRange::new(block, t.range.end)],
-                }),
-                Failure::Refused(RefuseReason::NotHeld) => Some(Problem::NotHeld {
-                    blocks: vec![t.range],
-                }),
-                Failure::Unreachable | Failure::Refused(RefuseReason::UnknownFile) => {
-                    Some(Problem::Unreachable)
-                }
-                Failure::Refused(RefuseReason::Busy) => Some(Problem::Busy),
-                Failure::Refused(_) | Failure::Local => None,
-            };
-            if let Some(problem) = problem {
-                self.reports.push_back((peer, problem));
+        let problem = match failure {
+            Failure::Corrupt { block } => Some(Problem::Corrupt {
+                blocks: vec![BlockRange::new(block, block + 1)],
+            }),
+            Failure::Truncated { block } => Some(Problem::Truncated {
+                blocks: vec![BlockRange::new(block, t.range.end)],
+            }),
+            Failure::Refused(RefuseReason::NotHeld) => Some(Problem::NotHeld {
+                blocks: vec![t.range],
+            }),
+            Failure::Unreachable | Failure::Refused(RefuseReason::UnknownFile) => {
+                Some(Problem::Unreachable)
             }
+            Failure::Refused(RefuseReason::Busy) => Some(Problem::Busy),
+            Failure::Refused(_) | Failure::Local => None,
+        };
+        if let Some(problem) = problem {
+            self.reports.push_back((peer, problem));
         }
     }
 }
@@ -639,12 +675,12 @@ mod tests {
         );
         // With everything in flight there is nothing to ask for.
         assert_eq!(actions.len(), 2);
-        s.on_transfer_end(0, 4, None);
+        s.on_transfer_end(now, 0, 4, None);
         assert_eq!(
             drain(&mut s, now),
             vec![Action::Have(vec![BlockRange::new(0, 4)])]
         );
-        s.on_transfer_end(1, 6, None);
+        s.on_transfer_end(now, 1, 6, None);
         assert_eq!(
             drain(&mut s, now),
             vec![Action::Have(vec![BlockRange::new(4, 10)])]
@@ -686,7 +722,7 @@ mod tests {
             Duration::ZERO,
         );
         drain(&mut s, now);
-        s.on_transfer_end(0, 3, Some(Failure::Unreachable));
+        s.on_transfer_end(now, 0, 3, Some(Failure::Unreachable));
         let actions = drain(&mut s, now);
         assert_eq!(
             actions[0],
@@ -723,7 +759,7 @@ mod tests {
             Duration::ZERO,
         );
         drain(&mut s, now);
-        s.on_transfer_end(0, 1, Some(Failure::Corrupt { block: 3 }));
+        s.on_transfer_end(now, 0, 1, Some(Failure::Corrupt { block: 3 }));
         assert_eq!(
             s.poll(now),
             Some(Action::Report {
@@ -757,20 +793,101 @@ mod tests {
             Duration::ZERO,
         );
         drain(&mut s, now);
-        s.on_transfer_end(0, 0, Some(Failure::Refused(RefuseReason::Busy)));
-        s.on_transfer_end(1, 0, Some(Failure::Unreachable));
+        s.on_transfer_end(now, 0, 0, Some(Failure::Refused(RefuseReason::Busy)));
+        s.on_transfer_end(now, 1, 0, Some(Failure::Unreachable));
+        // The busy peer is reported; the master is not, and is given a moment before the
+        // blocks are asked for again.
         assert_eq!(
             drain(&mut s, now),
+            vec![Action::Report {
+                peer: busy,
+                problem: Problem::Busy
+            }]
+        );
+        assert_eq!(
+            drain(&mut s, now + Duration::from_millis(250)),
+            vec![Action::Locate {
+                need: vec![BlockRange::new(0, 8)]
+            }]
+        );
+    }
+
+    #[test]
+    fn blocks_arriving_end_a_wait_for_the_master() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
+        drain(&mut s, now);
+        s.on_assignments(
+            now,
+            vec![assign(BlockRange::new(0, 4), Source::Master)],
+            Duration::ZERO,
+        );
+        assert!(matches!(s.poll(now), Some(Action::Start(_))));
+        // The rest: nothing now, wait 200 ms.
+        assert!(matches!(s.poll(now), Some(Action::Locate { .. })));
+        s.on_assignments(now, vec![], Duration::from_millis(200));
+        assert_eq!(s.poll(now), None);
+        // The transfer delivers: the master may have more for us once it hears of it.
+        let later = now + Duration::from_millis(50);
+        s.on_transfer_end(later, 0, 4, None);
+        assert_eq!(
+            drain(&mut s, later),
             vec![
-                Action::Report {
-                    peer: busy,
-                    problem: Problem::Busy
-                },
+                Action::Have(vec![BlockRange::new(0, 4)]),
                 Action::Locate {
-                    need: vec![BlockRange::new(0, 8)]
+                    need: vec![BlockRange::new(4, 8)]
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_full_master_is_asked_again_after_a_growing_back_off() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for i in 0..5 {
+            assert!(matches!(s.poll(now), Some(Action::Locate { .. })));
+            s.on_assignments(
+                now,
+                vec![assign(BlockRange::new(0, 8), Source::Master)],
+                Duration::ZERO,
+            );
+            assert!(matches!(s.poll(now), Some(Action::Start(t)) if t.id == i));
+            // The master dropped the stream (full) or refused it: no report, no new Locate yet.
+            let failure = if i % 2 == 0 {
+                Failure::Unreachable
+            } else {
+                Failure::Refused(RefuseReason::Busy)
+            };
+            s.on_transfer_end(now, i, 0, Some(failure));
+            assert_eq!(s.poll(now), None);
+            let next = s.poll_timeout().expect("a retry is planned");
+            waits.push((next - now).as_millis());
+            now = next;
+        }
+        assert_eq!(waits, vec![250, 500, 1000, 2000, 4000]);
+        assert_eq!(s.retries(), 5);
+        // A master transfer that delivers starts the back-off over.
+        assert!(matches!(s.poll(now), Some(Action::Locate { .. })));
+        s.on_assignments(
+            now,
+            vec![
+                assign(BlockRange::new(0, 4), Source::Master),
+                assign(BlockRange::new(4, 8), Source::Master),
+            ],
+            Duration::ZERO,
+        );
+        assert!(matches!(s.poll(now), Some(Action::Start(t)) if t.id == 5));
+        assert!(matches!(s.poll(now), Some(Action::Start(t)) if t.id == 6));
+        s.on_transfer_end(now, 5, 4, None);
+        s.on_transfer_end(now, 6, 0, Some(Failure::Unreachable));
+        assert_eq!(
+            drain(&mut s, now),
+            vec![Action::Have(vec![BlockRange::new(0, 4)])]
+        );
+        assert_eq!(s.poll_timeout(), Some(now + Duration::from_millis(250)));
     }
 
     #[test]
@@ -841,7 +958,7 @@ mod tests {
             Duration::ZERO,
         );
         assert_eq!(drain(&mut s, now).len(), 2);
-        s.on_transfer_end(0, 2, None);
+        s.on_transfer_end(now, 0, 2, None);
         let actions = drain(&mut s, now);
         assert_eq!(
             actions
@@ -865,7 +982,7 @@ mod tests {
         };
         s.on_assignments(now, vec![assign(range, source)], Duration::ZERO);
         assert!(matches!(s.poll(now), Some(Action::Start(_))));
-        s.on_transfer_end(0, delivered, Some(ending.failure(range, delivered)));
+        s.on_transfer_end(now, 0, delivered, Some(ending.failure(range, delivered)));
         drain(&mut s, now).into_iter().find_map(|a| match a {
             Action::Report { peer, problem } if peer == p => Some(problem),
             _ => None,

@@ -372,7 +372,12 @@ impl<'a> Engine<'a> {
         }
         let honest = nodes.iter().filter(|x| x.role == Role::Honest).count();
         let by_peer = peers.iter().enumerate().map(|(i, p)| (*p, i)).collect();
-        let cfg = sc.policy.config();
+        let mut cfg = sc.policy.config();
+        // The policy knows the master's slots, as the real master tells it its own.
+        cfg.master_slots = u32::try_from(sc.master.upload_slots).unwrap_or(u32::MAX);
+        if let Some(slots) = sc.groups.iter().map(|g| g.upload_slots).min() {
+            cfg.peer_slots = u32::try_from(slots).unwrap_or(u32::MAX);
+        }
         let master = redirect::build(kind, cfg, peers, addrs, blocks, sc.file.size.0, seed);
         let bound = crate::bound::lower_bound(sc);
         let limit = ns(sc.limit_s.unwrap_or(bound * 20.0 + 600.0));
@@ -764,7 +769,7 @@ impl<'a> Engine<'a> {
                     if t.peer().is_some() && src.is_none() {
                         // A peer the simulation does not know: cannot happen; fail it.
                         if let Some(s) = self.nodes[n].sched.as_mut() {
-                            s.on_transfer_end(t.id, 0, Some(Failure::Unreachable));
+                            s.on_transfer_end(now, t.id, 0, Some(Failure::Unreachable));
                         }
                         continue;
                     }
@@ -1050,6 +1055,7 @@ impl<'a> Engine<'a> {
                 self.nodes[dst].bad_blocks += u64::from(got.len());
             }
         }
+        let now = self.instant();
         let node = &mut self.nodes[dst];
         let ok = failure.is_none();
         if self.trace {
@@ -1059,7 +1065,7 @@ impl<'a> Engine<'a> {
             );
         }
         if let Some(s) = node.sched.as_mut() {
-            s.on_transfer_end(tid, delivered, failure);
+            s.on_transfer_end(now, tid, delivered, failure);
         }
         if ok && node.role == Role::FalseAccuse {
             if let Some(s) = src {

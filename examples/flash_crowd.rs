@@ -1,0 +1,297 @@
+//! The flash-crowd benchmark: one `shoal-master` and N `shoal fetch` processes (the release
+//! binaries, real processes on loopback), all started at once on one file, with the master's
+//! upload capped at 8 MiB/s and each node's at 4 MiB/s.
+//!
+//! Prints each node's completion time over the Kumar-Ross lower bound
+//! (`max(F/u_s, N F/(u_s + N u))`, downloads unlimited), p50/p90/max of those, the origin
+//! egress over F, and how long uploads sat idle: every 250 ms each node's uploaded-bytes
+//! counter is read, and an interval counts as idle for a node that held at least one block
+//! and did not upload while some other node was still downloading. That over-counts idleness
+//! a little (the others may already hold what the idle node has), never under-counts it.
+//!
+//! `bench/flash-crowd.sh [N] [MIB]` builds the release binaries and runs this.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use shoal_tests::procs::{metric, sha256_file, wait_for_file, Proc};
+
+const MIB: u64 = 1 << 20;
+const MASTER_RATE: u64 = 8 * MIB;
+const NODE_RATE: u64 = 4 * MIB;
+const SAMPLE: Duration = Duration::from_millis(250);
+
+struct Args {
+    nodes: usize,
+    mib: u64,
+    bin: PathBuf,
+    limit: Duration,
+}
+
+fn args() -> Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let mut pos = Vec::new();
+    let mut bin = None;
+    let mut limit = Duration::from_secs(600);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--bin-dir" => bin = Some(PathBuf::from(it.next().context("--bin-dir needs a path")?)),
+            "--limit" => {
+                limit = Duration::from_secs(
+                    it.next()
+                        .context("--limit needs seconds")?
+                        .parse()
+                        .context("--limit: seconds")?,
+                )
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: flash_crowd [N=12] [MIB=64] [--bin-dir DIR] [--limit SECS]\n\
+                     Runs a master (upload 8 MiB/s) and N fetch processes (upload 4 MiB/s each) \
+                     from DIR (default: the directory above this binary, e.g. target/release)."
+                );
+                std::process::exit(0);
+            }
+            _ => pos.push(a),
+        }
+    }
+    let nodes = pos
+        .first()
+        .map_or(Ok(12), |s| s.parse())
+        .context("N: a node count")?;
+    let mib = pos
+        .get(1)
+        .map_or(Ok(64), |s| s.parse())
+        .context("MIB: a file size in MiB")?;
+    if nodes == 0 || mib == 0 {
+        bail!("N and MIB must be at least 1");
+    }
+    let bin = match bin {
+        Some(b) => b,
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .context("cannot find the target dir; pass --bin-dir")?
+            .to_path_buf(),
+    };
+    for b in ["shoal", "shoal-master"] {
+        if !bin.join(b).exists() {
+            bail!(
+                "{} is missing: build with `cargo build --release -p shoal-node -p shoal-master`",
+                bin.join(b).display()
+            );
+        }
+    }
+    Ok(Args {
+        nodes,
+        mib,
+        bin,
+        limit,
+    })
+}
+
+/// A loopback port nobody listens on now (the kernel's choice; a small race, fine here).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+struct Node {
+    proc: Proc,
+    metrics: String,
+    out: PathBuf,
+    report: PathBuf,
+    finished: Option<f64>,
+    uploaded: f64,
+    idle_s: f64,
+}
+
+fn main() -> Result<()> {
+    let a = args()?;
+    let work = tempfile::Builder::new().prefix("shoal-crowd").tempdir()?;
+    let root = work.path();
+    let size = a.mib * MIB;
+    let src = root.join("file.bin");
+    shoal_tests::write_random_file(&src, size as usize, 7)?;
+
+    // The master, with the file added before it starts (no rescan wait).
+    let mdir = root.join("master");
+    let added = Command::new(a.bin.join("shoal-master"))
+        .args(["add"])
+        .arg(&src)
+        .arg("--data-dir")
+        .arg(&mdir)
+        .stderr(Stdio::null())
+        .output()
+        .context("running shoal-master add")?;
+    if !added.status.success() {
+        bail!(
+            "shoal-master add failed: {}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+    }
+    let id = String::from_utf8(added.stdout)?
+        .lines()
+        .last()
+        .context("shoal-master add printed no file id")?
+        .trim()
+        .to_string();
+    let mmetrics = format!("127.0.0.1:{}", free_port()?);
+    let master = Proc(
+        Command::new(a.bin.join("shoal-master"))
+            .arg("--data-dir")
+            .arg(&mdir)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(["--max-upload-rate", &MASTER_RATE.to_string()])
+            .args(["--metrics-addr", &mmetrics])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting shoal-master")?,
+    );
+    let bootstrap = wait_for_file(&mdir.join("bootstrap.addr"), Duration::from_secs(30))?
+        .lines()
+        .next()
+        .context("empty bootstrap.addr")?
+        .to_string();
+
+    // The crowd, all at once.
+    let t0 = Instant::now();
+    let mut nodes = Vec::new();
+    for i in 0..a.nodes {
+        let dir = root.join(format!("node{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let metrics = format!("127.0.0.1:{}", free_port()?);
+        let out = dir.join("out.bin");
+        let report = dir.join("report.json");
+        let child = Command::new(a.bin.join("shoal"))
+            .args(["fetch", &id, "--bootstrap", &bootstrap])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--out")
+            .arg(&out)
+            .arg("--report")
+            .arg(&report)
+            .args(["--max-upload-rate", &NODE_RATE.to_string()])
+            .args(["--metrics-addr", &metrics])
+            .args(["--seed-time", "3600", "--progress", "none"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting shoal fetch")?;
+        nodes.push(Node {
+            proc: Proc(child),
+            metrics,
+            out,
+            report,
+            finished: None,
+            uploaded: 0.0,
+            idle_s: 0.0,
+        });
+    }
+
+    // Watch: completion (the output is renamed into place once verified) and uploads.
+    let mut last = Instant::now();
+    while nodes.iter().any(|n| n.finished.is_none()) {
+        if t0.elapsed() > a.limit {
+            bail!(
+                "{} of {} nodes unfinished after {:?}",
+                nodes.iter().filter(|n| n.finished.is_none()).count(),
+                a.nodes,
+                a.limit
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let now = Instant::now();
+        for n in &mut nodes {
+            if n.finished.is_none() && n.out.exists() {
+                n.finished = Some(now.duration_since(t0).as_secs_f64());
+            }
+            if let Some(status) = n.proc.0.try_wait()? {
+                if n.finished.is_none() {
+                    bail!("a fetch exited early with {status}");
+                }
+            }
+        }
+        if now.duration_since(last) < SAMPLE {
+            continue;
+        }
+        let dt = now.duration_since(last).as_secs_f64();
+        last = now;
+        let downloading = nodes.iter().filter(|n| n.finished.is_none()).count();
+        for n in &mut nodes {
+            // A node that is not up yet (no metrics) counts as neither idle nor busy.
+            let Ok(up) = metric(&n.metrics, "shoal_node_piece_bytes_uploaded_total") else {
+                continue;
+            };
+            let held = metric(&n.metrics, "shoal_node_download_held_bytes").unwrap_or(0.0);
+            let others = downloading - usize::from(n.finished.is_none());
+            if up <= n.uploaded && held > 0.0 && others > 0 {
+                n.idle_s += dt;
+            }
+            n.uploaded = n.uploaded.max(up);
+        }
+    }
+
+    let egress = metric(&mmetrics, "shoal_master_piece_bytes_sent_total")?;
+    let want = sha256_file(&src)?;
+    for (i, n) in nodes.iter().enumerate() {
+        if sha256_file(&n.out)? != want {
+            bail!("node {i}: output differs from the source");
+        }
+        wait_for_file(&n.report, Duration::from_secs(5))?;
+    }
+    drop(master);
+
+    let f = size as f64;
+    let n = a.nodes as f64;
+    let bound = (f / MASTER_RATE as f64).max(n * f / (MASTER_RATE as f64 + n * NODE_RATE as f64));
+    let mut over: Vec<f64> = nodes
+        .iter()
+        .map(|x| x.finished.unwrap_or(f64::NAN) / bound)
+        .collect();
+    over.sort_by(f64::total_cmp);
+    let slowest = nodes
+        .iter()
+        .max_by(|x, y| {
+            x.finished
+                .unwrap_or(0.0)
+                .total_cmp(&y.finished.unwrap_or(0.0))
+        })
+        .context("no nodes")?;
+    let mut idle: Vec<f64> = nodes.iter().map(|x| x.idle_s).collect();
+    idle.sort_by(f64::total_cmp);
+    println!(
+        "flash crowd: {} nodes, {} MiB, master upload {} MiB/s, node upload {} MiB/s",
+        a.nodes,
+        a.mib,
+        MASTER_RATE / MIB,
+        NODE_RATE / MIB
+    );
+    println!("lower bound       {bound:.2} s");
+    println!(
+        "completion/bound  p50 {:.3}  p90 {:.3}  max {:.3}",
+        quantile(&over, 0.5),
+        quantile(&over, 0.9),
+        quantile(&over, 1.0)
+    );
+    println!("origin egress     {:.3} F", egress / f);
+    println!(
+        "upload idle       slowest node {:.1} s, median node {:.1} s (while it held blocks and others downloaded)",
+        slowest.idle_s,
+        quantile(&idle, 0.5)
+    );
+    Ok(())
+}
