@@ -649,7 +649,13 @@ async fn run_transfer(
     let from_master = t.peer().is_none();
     let g = manifest.geometry();
     if !t.hint().is_empty() {
-        client.hint(peer, t.hint().to_vec()).await;
+        let hint = match client.chaos() {
+            Some(ChaosMode::WrongHints) => {
+                vec![crate::chaos::WRONG_HINT.parse().expect("valid multiaddr")]
+            }
+            _ => t.hint().to_vec(),
+        };
+        client.hint(peer, hint).await;
     }
     let stream = match open_piece_stream(client, peer, !from_master, deadlines.stall).await {
         Ok(s) => s,
@@ -969,6 +975,20 @@ mod tests {
             ending(refused, &m),
             Some(Ending::Refused(RefuseReason::Busy))
         );
+    }
+
+    #[test]
+    fn a_given_manifest_must_be_of_the_file_and_from_this_nodes_master() {
+        let m = manifest(&[7u8; 10_000]);
+        let other = manifest(&[8u8; 10_000]);
+        let master = m.body().master;
+        check_manifest(&m, m.id(), master).unwrap();
+        let e = check_manifest(&other, m.id(), master).unwrap_err().to_string();
+        assert!(e.contains("not of"), "{e}");
+        let e = check_manifest(&m, m.id(), libp2p::PeerId::random())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("countersigned by master"), "{e}");
     }
 
     #[test]

@@ -65,7 +65,7 @@ struct Common {
     #[arg(long, value_name = "N", default_value_t = node_caps().pending_incoming)]
     max_pending_incoming: u32,
     /// Misbehave on purpose, for tests: corrupt, corrupt-some, corrupt-except-master,
-    /// truncate, wrong-block, stall, lie-have, false-accuse.
+    /// truncate, wrong-block, stall, lie-have, false-accuse, wrong-hints.
     #[cfg(feature = "chaos")]
     #[arg(long, value_name = "MODE")]
     chaos: Option<shoal_node::chaos::ChaosMode>,

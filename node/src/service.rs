@@ -35,8 +35,8 @@ use shoal_net::{
 };
 use shoal_protocol::{
     behaviour::{
-        authority_acceptance, peer_of, provider_key, Behaviour, BehaviourEvent, ConnectionCaps,
-        Role,
+        authority_acceptance, peer_of, provider_key, Advertise, Behaviour, BehaviourEvent,
+        ConnectionCaps, Role,
     },
     limits::{KAD_PROTOCOL, MAX_HINT_ADDRS},
     wire::{
@@ -79,6 +79,10 @@ pub struct NodeConfig {
     /// what this node holds, when it comes back). Only useful with a manifest and a way into
     /// the swarm (`peers`). Default false: no master, no node.
     pub start_without_master: bool,
+    /// The addresses other peers are told to dial this node at, instead of the ones it
+    /// listens on (a port forward, a public address in front of it). Default none: the
+    /// listen addresses.
+    pub announce: Vec<Multiaddr>,
     /// Deliberate misbehaviour (settable only with the `chaos` feature).
     chaos: Option<ChaosMode>,
     /// Use a throw-away key instead of `data_dir/identity.key` (read-only commands).
@@ -104,6 +108,7 @@ impl NodeConfig {
             exit_on_panic: false,
             peers: Vec::new(),
             start_without_master: false,
+            announce: Vec::new(),
             chaos: None,
             ephemeral_identity: false,
         }
@@ -156,6 +161,12 @@ impl NodeConfig {
     /// Join the swarm through these peers too (each address ending in `/p2p/<PeerId>`).
     pub fn with_peers(mut self, peers: Vec<Multiaddr>) -> Self {
         self.peers = peers;
+        self
+    }
+
+    /// Tell other peers to dial this node at these addresses only.
+    pub fn with_announce(mut self, announce: Vec<Multiaddr>) -> Self {
+        self.announce = announce;
         self
     }
 
@@ -535,9 +546,18 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     let net = |e: &dyn std::fmt::Display| NodeError::Network(e.to_string());
     let mut swarm = build_swarm(
         key,
-        &SwarmOptions::for_role(Role::Node).with_caps(cfg.connection_caps.clone()),
+        &SwarmOptions::for_role(Role::Node)
+            .with_caps(cfg.connection_caps.clone())
+            .with_advertise(if cfg.announce.is_empty() {
+                Advertise::Listening
+            } else {
+                Advertise::ExternalOnly
+            }),
     )
     .map_err(|e| net(&e))?;
+    for a in &cfg.announce {
+        swarm.add_external_address(a.clone());
+    }
     for a in &cfg.listen {
         swarm.listen_on(a.clone()).map_err(|e| {
             net(&format!(
@@ -897,8 +917,7 @@ impl EventLoop {
                 .filter(|a| !is_unspecified(a))
                 .take(MAX_HINT_ADDRS)
             {
-                self.swarm.add_peer_address(target, a.clone());
-                self.swarm.behaviour_mut().kad.add_address(&target, a);
+                self.swarm.add_peer_address(target, a);
                 found = true;
             }
         }
@@ -935,9 +954,12 @@ impl EventLoop {
                 }
             }
             Command::Hint(peer, addrs, ack) => {
+                // For the swarm's dials only, not for Kademlia's routing table: a hint is
+                // unverified, and Kademlia keeps a peer's last address even after it failed,
+                // so a wrong hint there would be dialed again by the very lookup meant to
+                // replace it (and be handed on to other peers).
                 for a in addrs.into_iter().take(MAX_HINT_ADDRS) {
-                    self.swarm.add_peer_address(peer, a.clone());
-                    self.swarm.behaviour_mut().kad.add_address(&peer, a);
+                    self.swarm.add_peer_address(peer, a);
                 }
                 let _ = ack.send(());
             }

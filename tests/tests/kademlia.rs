@@ -9,7 +9,7 @@ use std::sync::{
 use std::time::Duration;
 
 use anyhow::Context;
-use shoal_node::FetchOptions;
+use shoal_node::{chaos::ChaosMode, FetchOptions};
 use shoal_tests::start_node;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,6 +263,70 @@ async fn a_fetch_started_while_the_master_is_down_works_from_a_manifest() -> any
         "the newcomer's peer bytes came from someone else"
     );
     println!("a newcomer then got {got} of {size} bytes from it");
+    master.shutdown().await;
+    Ok(())
+}
+
+/// A peer whose hinted addresses are wrong is still found through Kademlia and used. The
+/// requester takes every redirect hint for a closed port (chaos mode `wrong-hints`), and has
+/// never met the holder: it joined first, and it announces no dialable address, so the
+/// holder's Kademlia queries never reach it. Redirected to the holder, it fails to dial the
+/// hint, looks the holder up in Kademlia and fetches the file from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_hinted_addresses_are_wrong_is_found_through_kademlia() -> anyhow::Result<()>
+{
+    shoal_tests::init_tracing();
+    let tmp = tempfile::tempdir()?;
+    let size: usize = 1024 * 1024;
+    let src = tmp.path().join("source.bin");
+    shoal_tests::write_random_file(&src, size, 53)?;
+    let master = shoal_tests::start_master(&tmp.path().join("master"), None).await?;
+    let bootstrap = master.addrs()[0].clone();
+    let (publisher, file) =
+        shoal_tests::publish(&tmp.path().join("publisher"), &bootstrap, &src).await?;
+    publisher.shutdown().await;
+
+    // The requester first, undialable (an unspecified address is dropped by everyone).
+    let rdir = tmp.path().join("requester");
+    let requester = shoal_node::start(
+        shoal_node::NodeConfig::new(&rdir, bootstrap.clone())
+            .with_listen(vec![shoal_tests::loopback()])
+            .with_announce(vec!["/ip4/0.0.0.0/tcp/9".parse()?])
+            .with_chaos(Some(ChaosMode::WrongHints)),
+    )
+    .await?;
+    let hdir = tmp.path().join("holder");
+    let holder = shoal_tests::start_node(&hdir, &bootstrap, None).await?;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        shoal_node::fetch(&holder, FetchOptions::new(file, hdir.join("out.bin"))),
+    )
+    .await
+    .context("the holder did not finish")??;
+
+    let served_before = holder.bytes_uploaded();
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        shoal_node::fetch(&requester, FetchOptions::new(file, rdir.join("out.bin"))),
+    )
+    .await
+    .context("the requester did not finish")??;
+    assert!(std::fs::read(rdir.join("out.bin"))? == std::fs::read(&src)?);
+    let served = holder.bytes_uploaded() - served_before;
+    let (looked_up, reached) = requester.peer_lookups();
+    println!(
+        "requester: {} bytes from peers, {} from the master; the holder served {served}; \
+         {looked_up} lookups after a failed dial, {reached} reached",
+        report.bytes_from_peers, report.bytes_from_master
+    );
+    assert!(report.bytes_from_peers > 0, "nothing came from the holder");
+    assert_eq!(
+        served, report.bytes_from_peers,
+        "peer bytes from someone else"
+    );
+    // The lookup path runs unless the requester's own provider announce (within a second of
+    // the fetch starting, also through Kademlia) happened to reach the holder first.
+    assert_eq!(looked_up, reached, "a lookup did not find the holder");
     master.shutdown().await;
     Ok(())
 }
