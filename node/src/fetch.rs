@@ -983,7 +983,9 @@ mod tests {
         let other = manifest(&[8u8; 10_000]);
         let master = m.body().master;
         check_manifest(&m, m.id(), master).unwrap();
-        let e = check_manifest(&other, m.id(), master).unwrap_err().to_string();
+        let e = check_manifest(&other, m.id(), master)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not of"), "{e}");
         let e = check_manifest(&m, m.id(), libp2p::PeerId::random())
             .unwrap_err()

@@ -52,6 +52,11 @@ struct Common {
     /// find the file's holders.
     #[arg(long = "peer", value_name = "ADDR")]
     peers: Vec<Multiaddr>,
+    /// Tell other peers (and the master, which hints it) to dial this node at ADDR instead of
+    /// the addresses it listens on: a port forward, a public address in front of it. Repeat
+    /// for several.
+    #[arg(long, value_name = "ADDR")]
+    announce: Vec<Multiaddr>,
     /// Region label; the master prefers redirecting to nodes of the same region.
     #[arg(long, default_value = "")]
     region: String,
@@ -274,6 +279,7 @@ async fn join_with(
             .with_region(c.region.clone())
             .with_connection_caps(caps.clone())
             .with_peers(c.peers.clone())
+            .with_announce(c.announce.clone())
             // Only the last candidate: the others are tried first.
             .with_start_without_master(without_master && i + 1 == candidates.len())
             // A node whose event loop died must not linger: exit 101.
@@ -365,7 +371,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             let masters = file_id.as_ref().map_or(&[][..], Target::masters);
-            let client = join_with(&common, true, masters, manifest.is_some()).await?;
+            let client = join_with(&common, true, masters, manifest.is_some())
+                .await
+                .with_context(|| {
+                    if manifest.is_some() {
+                        String::from("joining the swarm")
+                    } else {
+                        String::from(
+                            "joining the swarm (with the master down, a fetch needs the file's \
+                             manifest, --manifest FILE, and a holder to start from, --peer ADDR)",
+                        )
+                    }
+                })?;
             let file_id = match (&file_id, &manifest) {
                 (Some(t), _) => t.file(),
                 (None, Some(m)) => m.id(),
