@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use libp2p::{identity::Keypair, noise, tcp, yamux, Swarm};
-use shoal_protocol::behaviour::{Behaviour, ConnectionCaps, Role};
+use shoal_protocol::behaviour::{Advertise, Behaviour, ConnectionCaps, Role};
 
 /// How to build a swarm.
 #[derive(Clone, Debug)]
@@ -16,6 +16,8 @@ pub struct SwarmOptions {
     /// A connection with no open stream is closed after this long. Default 120 s for the
     /// master, 60 s for a node.
     pub idle_timeout: Duration,
+    /// Which addresses identify advertises. Default [`Advertise::Listening`].
+    pub advertise: Advertise,
 }
 
 impl SwarmOptions {
@@ -28,12 +30,19 @@ impl SwarmOptions {
                 Role::Master => Duration::from_secs(120),
                 Role::Node => Duration::from_secs(60),
             },
+            advertise: Advertise::default(),
         }
     }
 
     /// Use these connection caps.
     pub fn with_caps(mut self, caps: ConnectionCaps) -> Self {
         self.caps = caps;
+        self
+    }
+
+    /// Advertise these addresses.
+    pub fn with_advertise(mut self, advertise: Advertise) -> Self {
+        self.advertise = advertise;
         self
     }
 
@@ -62,7 +71,7 @@ pub fn build_swarm(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>
         .map_err(|e| err(&e))?
         .with_quic()
         .with_behaviour(|k| {
-            Behaviour::new(k, opts.role, &opts.caps)
+            Behaviour::new(k, opts.role, &opts.caps, opts.advertise)
                 .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
         })
         .map_err(|e| err(&e))?

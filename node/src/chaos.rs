@@ -24,7 +24,14 @@ pub enum ChaosMode {
     LieHave,
     /// Reports every peer it downloads from as corrupt, after every transfer (good or not).
     FalseAccuse,
+    /// Takes every redirect hint's addresses for a closed port (`WRONG_HINT`), as if the
+    /// master's hints were wrong: the holders must be found through Kademlia.
+    WrongHints,
 }
+
+/// The address a [`ChaosMode::WrongHints`] node dials instead of the hinted ones (port 1 on
+/// loopback: refused at once).
+pub const WRONG_HINT: &str = "/ip4/127.0.0.1/tcp/1";
 
 impl FromStr for ChaosMode {
     type Err = String;
@@ -38,10 +45,12 @@ impl FromStr for ChaosMode {
             "stall" => Self::Stall,
             "lie-have" => Self::LieHave,
             "false-accuse" => Self::FalseAccuse,
+            "wrong-hints" => Self::WrongHints,
             other => {
                 return Err(format!(
                     "unknown chaos mode {other:?}; one of corrupt, corrupt-some, \
-                     corrupt-except-master, truncate, wrong-block, stall, lie-have, false-accuse"
+                     corrupt-except-master, truncate, wrong-block, stall, lie-have, false-accuse, \
+                     wrong-hints"
                 ))
             }
         })

@@ -56,6 +56,12 @@ pub struct FetchOptions {
     pub progress: Option<ProgressFn>,
     /// Live counters (resumed blocks, bytes by source), for progress displays.
     pub live: Option<Arc<crate::progress::FetchProgress>>,
+    /// The file's manifest, when the caller has it (`shoal fetch --manifest`): then the
+    /// master is not asked for it, and the fetch can start while the master is down. It must
+    /// be the manifest of `file`, countersigned by this node's master. Default none: the
+    /// master's, or, when the master is unreachable, the one an earlier fetch of the file
+    /// saved in the data dir.
+    pub manifest: Option<Arc<VerifiedManifest>>,
 }
 
 impl FetchOptions {
@@ -67,8 +73,66 @@ impl FetchOptions {
             scheduler: SchedulerConfig::default(),
             progress: None,
             live: None,
+            manifest: None,
         }
     }
+
+    /// Use this manifest instead of asking the master for it.
+    pub fn with_manifest(mut self, manifest: Arc<VerifiedManifest>) -> Self {
+        self.manifest = Some(manifest);
+        self
+    }
+}
+
+/// Checks that `m` is the manifest of `file` and that this node's master countersigned it.
+/// (Its signatures, id and digest list were checked when it was made a [`VerifiedManifest`].)
+pub fn check_manifest(
+    m: &VerifiedManifest,
+    file: FileId,
+    master: libp2p::PeerId,
+) -> Result<(), NodeError> {
+    if m.id() != file {
+        return Err(NodeError::WrongManifest(format!(
+            "it is the manifest of file {}, not of {file}",
+            m.id()
+        )));
+    }
+    if m.body().master != master {
+        return Err(NodeError::WrongManifest(format!(
+            "it was countersigned by master {}, but this node's master (from the bootstrap \
+             address) is {master}",
+            m.body().master
+        )));
+    }
+    Ok(())
+}
+
+/// The manifest a fetch uses: the caller's; else the master's; else, with the master
+/// unreachable, the one saved in the data dir by an earlier fetch of the file.
+async fn manifest_for(
+    client: &Client,
+    opts: &FetchOptions,
+) -> Result<Arc<VerifiedManifest>, NodeError> {
+    if let Some(m) = &opts.manifest {
+        check_manifest(m, opts.file, client.master())?;
+        return Ok(m.clone());
+    }
+    let e = match get_manifest(client, opts.file).await {
+        Err(NodeError::Network(e)) => e,
+        r => return r.map(Arc::new),
+    };
+    let saved = crate::provenance::manifest_path(client.data_dir(), &opts.file);
+    if !saved.exists() {
+        return Err(NodeError::Network(format!(
+            "{e}; the master is needed for the manifest of {} (or pass the manifest: \
+             `shoal fetch --manifest FILE`, as saved by `shoal inspect --save-manifest`)",
+            opts.file
+        )));
+    }
+    let m = crate::provenance::load_manifest(&saved, Some(&opts.file))?;
+    check_manifest(&m, opts.file, client.master())?;
+    tracing::info!(error = %e, path = %saved.display(), "master unreachable; using the manifest saved by an earlier fetch");
+    Ok(Arc::new(m))
 }
 
 /// A summary of one fetch (what `shoal fetch --report` writes).
@@ -194,11 +258,18 @@ async fn locate_in_swarm(
         .filter(|p| !avoid.contains(p) && !client.is_banned(p))
         .take(MAX_PROVIDERS_ASKED)
         .map(|p| async move {
-            let r = tokio::time::timeout(
-                HOLDINGS_TIMEOUT,
-                client.digest_request(p, DigestRequest::Holdings { file }),
-            )
-            .await;
+            let ask = || {
+                tokio::time::timeout(
+                    HOLDINGS_TIMEOUT,
+                    client.digest_request(p, DigestRequest::Holdings { file }),
+                )
+            };
+            let mut r = ask().await;
+            // A provider this node cannot reach yet (no address known, or stale ones): look
+            // it up, then ask once more.
+            if matches!(r, Ok(Err(NodeError::Network(_)))) && client.find_peer(p).await {
+                r = ask().await;
+            }
             match r {
                 Ok(Ok(DigestResponse::Holdings { ranges })) => Some((p, holdings(blocks, ranges))),
                 other => {
@@ -248,7 +319,7 @@ fn holdings(blocks: u32, mut ranges: Vec<BlockRange>) -> Blocks {
 /// is written; serves what it holds meanwhile; checks the whole file at the end.
 pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, NodeError> {
     let started = Instant::now();
-    let manifest = Arc::new(get_manifest(client, opts.file).await?);
+    let manifest = manifest_for(client, &opts).await?;
     // Kept for provenance: `shoal verify` checks a copy against it later, offline.
     crate::provenance::save_manifest(
         &manifest,
@@ -578,8 +649,29 @@ async fn run_transfer(
     let from_master = t.peer().is_none();
     let g = manifest.geometry();
     if !t.hint().is_empty() {
-        client.hint(peer, t.hint().to_vec()).await;
+        let hint = match client.chaos() {
+            Some(ChaosMode::WrongHints) => {
+                vec![crate::chaos::WRONG_HINT.parse().expect("valid multiaddr")]
+            }
+            _ => t.hint().to_vec(),
+        };
+        client.hint(peer, hint).await;
     }
+    let stream = match open_piece_stream(client, peer, !from_master, deadlines.stall).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "cannot open piece stream");
+            return TransferEnd {
+                id: t.id,
+                peer: t.peer(),
+                range: t.range,
+                delivered: 0,
+                failure: Some(Ending::Broken.failure(t.range, 0)),
+                from_master,
+                bytes: 0,
+            };
+        }
+    };
     let delivered = AtomicU64::new(0);
     let ok = ok_frame();
     let meter = Mutex::new(Meter {
@@ -588,18 +680,6 @@ async fn run_transfer(
     });
     let total = g.size;
     let work = async {
-        let mut control = client.control();
-        let stream =
-            match tokio::time::timeout(deadlines.stall, control.open_stream(peer, PIECE_PROTOCOL))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "cannot open piece stream");
-                    return Err(ReceiveError::Io(std::io::Error::other(e.to_string())));
-                }
-                Err(_) => return Err(ReceiveError::Io(std::io::ErrorKind::TimedOut.into())),
-            };
         let mut stream = Metered {
             inner: stream,
             meter: &meter,
@@ -648,10 +728,6 @@ async fn run_transfer(
         }
     };
     let n = delivered.load(Ordering::Relaxed) as u32;
-    if matches!(ending, Some(Ending::Broken | Ending::Expired(_))) && !from_master {
-        // Its hinted addresses may be stale: look it up before it is tried again.
-        client.find_peer(peer).await;
-    }
     TransferEnd {
         id: t.id,
         peer: t.peer(),
@@ -664,6 +740,39 @@ async fn run_transfer(
             t.range.start + n,
         )),
     }
+}
+
+/// Opens a piece stream to `peer`, each attempt within `within`. When the first attempt fails
+/// and `look_up` (a peer, not the master), the peer is looked up in Kademlia (its hinted
+/// addresses may be wrong or stale, or there were none) and, if found, tried once more.
+async fn open_piece_stream(
+    client: &Client,
+    peer: libp2p::PeerId,
+    look_up: bool,
+    within: Duration,
+) -> Result<libp2p::Stream, String> {
+    let open = || async {
+        let mut control = client.control();
+        match tokio::time::timeout(within, control.open_stream(peer, PIECE_PROTOCOL)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no stream within {} s", within.as_secs())),
+        }
+    };
+    let e = match open().await {
+        Ok(s) => return Ok(s),
+        Err(e) if look_up => e,
+        Err(e) => return Err(e),
+    };
+    tracing::debug!(%peer, error = %e, "peer unreachable at its known addresses; looking it up");
+    client.count_lookup(false);
+    if !client.find_peer(peer).await {
+        return Err(format!("{e}; and Kademlia did not find it"));
+    }
+    let s = open().await?;
+    client.count_lookup(true);
+    tracing::debug!(%peer, "reached through Kademlia");
+    Ok(s)
 }
 
 /// Publishes the file at `path`: signs its manifest with this node's key, announces it, serves
@@ -866,6 +975,22 @@ mod tests {
             ending(refused, &m),
             Some(Ending::Refused(RefuseReason::Busy))
         );
+    }
+
+    #[test]
+    fn a_given_manifest_must_be_of_the_file_and_from_this_nodes_master() {
+        let m = manifest(&[7u8; 10_000]);
+        let other = manifest(&[8u8; 10_000]);
+        let master = m.body().master;
+        check_manifest(&m, m.id(), master).unwrap();
+        let e = check_manifest(&other, m.id(), master)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not of"), "{e}");
+        let e = check_manifest(&m, m.id(), libp2p::PeerId::random())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("countersigned by master"), "{e}");
     }
 
     #[test]

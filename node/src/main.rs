@@ -46,6 +46,17 @@ struct Common {
     /// Cap on this node's piece upload, in bytes per second.
     #[arg(long, value_name = "BYTES_PER_S")]
     max_upload_rate: Option<u64>,
+    /// Another peer to join the swarm through, besides the master (an address ending in
+    /// /p2p/<PeerId>, e.g. a node that holds the file); repeat for several. Kademlia
+    /// bootstraps from these too, so with the master down a fetch given --manifest can still
+    /// find the file's holders.
+    #[arg(long = "peer", value_name = "ADDR")]
+    peers: Vec<Multiaddr>,
+    /// Tell other peers (and the master, which hints it) to dial this node at ADDR instead of
+    /// the addresses it listens on: a port forward, a public address in front of it. Repeat
+    /// for several.
+    #[arg(long, value_name = "ADDR")]
+    announce: Vec<Multiaddr>,
     /// Region label; the master prefers redirecting to nodes of the same region.
     #[arg(long, default_value = "")]
     region: String,
@@ -59,7 +70,7 @@ struct Common {
     #[arg(long, value_name = "N", default_value_t = node_caps().pending_incoming)]
     max_pending_incoming: u32,
     /// Misbehave on purpose, for tests: corrupt, corrupt-some, corrupt-except-master,
-    /// truncate, wrong-block, stall, lie-have, false-accuse.
+    /// truncate, wrong-block, stall, lie-have, false-accuse, wrong-hints.
     #[cfg(feature = "chaos")]
     #[arg(long, value_name = "MODE")]
     chaos: Option<shoal_node::chaos::ChaosMode>,
@@ -84,9 +95,17 @@ enum Cmd {
     /// seeding).
     Fetch {
         /// The file: a ticket (shoal:<file id>@<master address>, as printed by publish or
-        /// `shoal-master add`; then --bootstrap is not needed) or a file id.
-        #[arg(value_name = "TICKET|FILE_ID")]
-        file_id: Target,
+        /// `shoal-master add`; then --bootstrap is not needed) or a file id. May be left out
+        /// with --manifest.
+        #[arg(value_name = "TICKET|FILE_ID", required_unless_present = "manifest")]
+        file_id: Option<Target>,
+        /// The file's manifest (as saved by `shoal inspect --save-manifest`, or found in a
+        /// node's DATA_DIR/manifests/): the master is then not asked for it, and the fetch
+        /// starts even while the master is down, finding the holders through Kademlia (give
+        /// one with --peer). Checked before use: signatures, id, digest list, and that the
+        /// master of --bootstrap countersigned it.
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
         /// Where to write the file. Restarting with the same --out and --data-dir resumes.
         #[arg(long)]
         out: PathBuf,
@@ -227,6 +246,16 @@ async fn join(
     identity: bool,
     ticket_masters: &[Multiaddr],
 ) -> anyhow::Result<shoal_node::Client> {
+    join_with(c, identity, ticket_masters, false).await
+}
+
+/// [`join`], starting without the master when `without_master` and it does not answer.
+async fn join_with(
+    c: &Common,
+    identity: bool,
+    ticket_masters: &[Multiaddr],
+    without_master: bool,
+) -> anyhow::Result<shoal_node::Client> {
     let candidates = match &c.bootstrap {
         Some(b) => vec![b.clone()],
         None => ticket_masters.to_vec(),
@@ -249,6 +278,10 @@ async fn join(
             .with_max_upload_rate(c.max_upload_rate)
             .with_region(c.region.clone())
             .with_connection_caps(caps.clone())
+            .with_peers(c.peers.clone())
+            .with_announce(c.announce.clone())
+            // Only the last candidate: the others are tried first.
+            .with_start_without_master(without_master && i + 1 == candidates.len())
             // A node whose event loop died must not linger: exit 101.
             .with_exit_on_panic(true)
             .with_ephemeral_identity(!identity);
@@ -316,6 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Fetch {
             file_id,
+            manifest,
             out,
             seed_time,
             progress,
@@ -325,8 +359,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             common,
         } => {
             let _lock = lock(&common)?;
-            let client = join(&common, true, file_id.masters()).await?;
-            let file_id = file_id.file();
+            // The manifest first: a bad one fails before joining anything.
+            let manifest = match &manifest {
+                Some(p) => Some(Arc::new(
+                    shoal_node::provenance::load_manifest(
+                        p,
+                        file_id.as_ref().map(Target::file).as_ref(),
+                    )
+                    .with_context(|| format!("reading the manifest {}", p.display()))?,
+                )),
+                None => None,
+            };
+            let masters = file_id.as_ref().map_or(&[][..], Target::masters);
+            let client = join_with(&common, true, masters, manifest.is_some())
+                .await
+                .with_context(|| {
+                    if manifest.is_some() {
+                        String::from("joining the swarm")
+                    } else {
+                        String::from(
+                            "joining the swarm (with the master down, a fetch needs the file's \
+                             manifest, --manifest FILE, and a holder to start from, --peer ADDR)",
+                        )
+                    }
+                })?;
+            let file_id = match (&file_id, &manifest) {
+                (Some(t), _) => t.file(),
+                (None, Some(m)) => m.id(),
+                (None, None) => anyhow::bail!("a file id, a ticket or --manifest is needed"),
+            };
             let live = Arc::new(FetchProgress::default());
             if let Some(a) = metrics_addr {
                 let bound =
@@ -337,6 +398,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("metrics at http://{bound}/metrics");
             }
             let mut opts = FetchOptions::new(file_id, &out);
+            opts.manifest = manifest;
             opts.scheduler.max_transfers = parallel.max(1);
             opts.live = Some(live.clone());
             let display = ProgressDisplay::start(progress, live);

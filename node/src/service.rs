@@ -35,8 +35,8 @@ use shoal_net::{
 };
 use shoal_protocol::{
     behaviour::{
-        authority_acceptance, peer_of, provider_key, Behaviour, BehaviourEvent, ConnectionCaps,
-        Role,
+        authority_acceptance, peer_of, provider_key, Advertise, Behaviour, BehaviourEvent,
+        ConnectionCaps, Role,
     },
     limits::{KAD_PROTOCOL, MAX_HINT_ADDRS},
     wire::{
@@ -71,6 +71,18 @@ pub struct NodeConfig {
     /// Whether a panic in the node's event loop or piece server ends the process (exit code
     /// 101). Default false (a library must not exit its host); the `shoal` binary sets it.
     pub exit_on_panic: bool,
+    /// Other peers to join the swarm through, besides the master, each ending in
+    /// `/p2p/<PeerId>`: they are dialed at start and are Kademlia bootstrap peers, so a node
+    /// whose master is unreachable can still find the holders of a file. Default none.
+    pub peers: Vec<Multiaddr>,
+    /// Whether [`start`] returns when the master does not answer (it is then greeted, and told
+    /// what this node holds, when it comes back). Only useful with a manifest and a way into
+    /// the swarm (`peers`). Default false: no master, no node.
+    pub start_without_master: bool,
+    /// The addresses other peers are told to dial this node at, instead of the ones it
+    /// listens on (a port forward, a public address in front of it). Default none: the
+    /// listen addresses.
+    pub announce: Vec<Multiaddr>,
     /// Deliberate misbehaviour (settable only with the `chaos` feature).
     chaos: Option<ChaosMode>,
     /// Use a throw-away key instead of `data_dir/identity.key` (read-only commands).
@@ -94,6 +106,9 @@ impl NodeConfig {
             region: String::new(),
             connection_caps: ConnectionCaps::for_role(Role::Node),
             exit_on_panic: false,
+            peers: Vec::new(),
+            start_without_master: false,
+            announce: Vec::new(),
             chaos: None,
             ephemeral_identity: false,
         }
@@ -143,6 +158,24 @@ impl NodeConfig {
         self
     }
 
+    /// Join the swarm through these peers too (each address ending in `/p2p/<PeerId>`).
+    pub fn with_peers(mut self, peers: Vec<Multiaddr>) -> Self {
+        self.peers = peers;
+        self
+    }
+
+    /// Tell other peers to dial this node at these addresses only.
+    pub fn with_announce(mut self, announce: Vec<Multiaddr>) -> Self {
+        self.announce = announce;
+        self
+    }
+
+    /// With `true`, start even when the master does not answer.
+    pub fn with_start_without_master(mut self, yes: bool) -> Self {
+        self.start_without_master = yes;
+        self
+    }
+
     /// Set the region label.
     pub fn with_region(mut self, region: String) -> Self {
         self.region = region;
@@ -156,6 +189,12 @@ pub enum NodeError {
     /// The bootstrap address has no `/p2p/` part.
     #[error("bootstrap address {0} does not end in /p2p/<master PeerId>")]
     NoMasterId(Multiaddr),
+    /// A `--peer` address has no `/p2p/` part.
+    #[error("peer address {0} does not end in /p2p/<PeerId>")]
+    NoPeerId(Multiaddr),
+    /// A manifest given for a fetch is not the one it needs.
+    #[error("manifest: {0}")]
+    WrongManifest(String),
     /// Network setup or a request failed.
     #[error("network: {0}")]
     Network(String),
@@ -197,7 +236,8 @@ enum Command {
         oneshot::Sender<Result<DigestResponse, NodeError>>,
     ),
     Hint(PeerId, Vec<Multiaddr>, oneshot::Sender<()>),
-    FindPeer(PeerId),
+    FindPeer(PeerId, oneshot::Sender<bool>),
+    MasterAway,
     FindProviders(FileId, oneshot::Sender<Vec<PeerId>>),
     GossipScore(PeerId, oneshot::Sender<Option<f64>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
@@ -257,6 +297,13 @@ struct GossipCounts {
     rejected: AtomicU64,
 }
 
+/// Peers looked up in Kademlia after they could not be reached at their known addresses.
+#[derive(Debug, Default)]
+struct LookupCounts {
+    started: AtomicU64,
+    reached: AtomicU64,
+}
+
 /// Files this node serves, shared with the piece server.
 pub type Shelf = Arc<Mutex<HashMap<FileId, Arc<PieceStore>>>>;
 
@@ -271,6 +318,7 @@ pub struct Client {
     uploaded: Arc<AtomicU64>,
     banned: Bans,
     gossip: Arc<GossipCounts>,
+    lookups: Arc<LookupCounts>,
     data_dir: PathBuf,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     panics: Vec<PanicWatch>,
@@ -305,6 +353,24 @@ impl Client {
             self.gossip.accepted.load(Ordering::Relaxed),
             self.gossip.rejected.load(Ordering::Relaxed),
         )
+    }
+
+    /// Peers this node looked up in Kademlia because it could not reach them at their known
+    /// (hinted) addresses, and how many of those it then reached.
+    pub fn peer_lookups(&self) -> (u64, u64) {
+        (
+            self.lookups.started.load(Ordering::Relaxed),
+            self.lookups.reached.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn count_lookup(&self, reached: bool) {
+        let c = if reached {
+            &self.lookups.reached
+        } else {
+            &self.lookups.started
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// This node's gossipsub score of `peer` (`None` if it is not connected).
@@ -406,9 +472,21 @@ impl Client {
         }
     }
 
-    /// Starts a Kademlia lookup of `peer` (after its hinted addresses failed).
-    pub async fn find_peer(&self, peer: PeerId) {
-        let _ = self.commands.send(Command::FindPeer(peer)).await;
+    /// Looks `peer` up in Kademlia (after its hinted addresses failed): the addresses the
+    /// lookup finds are added to the swarm. True when it found the peer (or is connected to
+    /// it). Ends within the Kademlia query timeout.
+    pub async fn find_peer(&self, peer: PeerId) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::FindPeer(peer, tx))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let wait = shoal_protocol::behaviour::KAD_QUERY_TIMEOUT + Duration::from_secs(2);
+        matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(true)))
     }
 
     /// Serves `store` to other nodes from now on. The node announces itself on Kademlia as a
@@ -468,9 +546,18 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     let net = |e: &dyn std::fmt::Display| NodeError::Network(e.to_string());
     let mut swarm = build_swarm(
         key,
-        &SwarmOptions::for_role(Role::Node).with_caps(cfg.connection_caps.clone()),
+        &SwarmOptions::for_role(Role::Node)
+            .with_caps(cfg.connection_caps.clone())
+            .with_advertise(if cfg.announce.is_empty() {
+                Advertise::Listening
+            } else {
+                Advertise::ExternalOnly
+            }),
     )
     .map_err(|e| net(&e))?;
+    for a in &cfg.announce {
+        swarm.add_external_address(a.clone());
+    }
     for a in &cfg.listen {
         swarm.listen_on(a.clone()).map_err(|e| {
             net(&format!(
@@ -483,14 +570,21 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         .behaviour_mut()
         .gossipsub
         .subscribe(&Behaviour::authority_topic());
-    let master_addr: Multiaddr = cfg
-        .bootstrap
-        .iter()
-        .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
-        .collect();
+    let master_addr = without_p2p(&cfg.bootstrap);
     swarm.add_peer_address(master, master_addr.clone());
     swarm.behaviour_mut().kad.add_address(&master, master_addr);
     swarm.dial(cfg.bootstrap.clone()).map_err(|e| net(&e))?;
+    let mut bootstrap_peers = HashSet::from([master]);
+    for p in &cfg.peers {
+        let id = peer_of(p).ok_or_else(|| NodeError::NoPeerId(p.clone()))?;
+        let addr = without_p2p(p);
+        swarm.add_peer_address(id, addr.clone());
+        swarm.behaviour_mut().kad.add_address(&id, addr);
+        if let Err(e) = swarm.dial(p.clone()) {
+            tracing::warn!(peer = %p, error = %e, "cannot dial peer");
+        }
+        bootstrap_peers.insert(id);
+    }
 
     let control = swarm.behaviour().stream.new_control();
     let shelf: Shelf = Arc::default();
@@ -527,8 +621,11 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         banned: banned.clone(),
         gossip: gossip.clone(),
         region: cfg.region.clone(),
-        master_connected_before: false,
+        greet_on_connect: false,
+        bootstrap_peers,
+        kad_bootstrapped: false,
         provided: HashSet::new(),
+        peer_queries: HashMap::new(),
         provider_queries: HashMap::new(),
     };
     let event_loop = spawn_critical("node event loop", lp.run(rx));
@@ -547,6 +644,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         uploaded,
         banned,
         gossip,
+        lookups: Arc::default(),
         data_dir: cfg.data_dir.clone(),
         tasks: Arc::new(Mutex::new(vec![
             server.abort_handle(),
@@ -556,24 +654,49 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         chaos: cfg.chaos,
     };
     // The first request doubles as the connection check.
-    match tokio::time::timeout(
-        Duration::from_secs(15),
+    let why = match tokio::time::timeout(
+        MASTER_HELLO_TIMEOUT,
         client.master_request(MasterRequest::Hello {
             region: cfg.region.clone(),
         }),
     )
     .await
     {
-        Ok(Ok(_)) => Ok(client),
-        Ok(Err(e)) => Err(NodeError::Network(format!(
-            "cannot reach the master at {}: {e}",
-            cfg.bootstrap
-        ))),
-        Err(_) => Err(NodeError::Network(format!(
-            "no answer from the master at {} within 15 s",
-            cfg.bootstrap
-        ))),
+        Ok(Ok(_)) => return Ok(client),
+        Ok(Err(e)) => format!("cannot reach the master at {}: {e}", cfg.bootstrap),
+        Err(_) => format!(
+            "no answer from the master at {} within {} s",
+            cfg.bootstrap,
+            MASTER_HELLO_TIMEOUT.as_secs()
+        ),
+    };
+    if !cfg.start_without_master {
+        return Err(NodeError::Network(why));
     }
+    tracing::warn!(
+        peers = cfg.peers.len(),
+        "{why}; starting without it (it is greeted when it comes back)"
+    );
+    let _ = client.commands.send(Command::MasterAway).await;
+    Ok(client)
+}
+
+/// How long [`start`] waits for the master's answer to its hello.
+pub const MASTER_HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How often a node that is not connected to the master dials it again. Requests dial it too;
+/// this brings back an idle node (one that only serves), so that the master hears what it
+/// holds soon after it returns.
+pub const MASTER_REDIAL: Duration = Duration::from_secs(2);
+
+/// Most peer lookups in flight at once (one more is answered "not found" at once).
+pub const MAX_PEER_QUERIES: usize = 64;
+
+/// `addr` without its `/p2p/` part.
+fn without_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+        .collect()
 }
 
 /// Loads the keypair at `path`, creating it on first use (mode 0600, written durably). A
@@ -592,7 +715,14 @@ struct EventLoop {
     banned: Bans,
     gossip: Arc<GossipCounts>,
     region: String,
-    master_connected_before: bool,
+    /// Whether the next connection to the master must say hello again and re-announce what
+    /// this node holds: once a connection existed, or when the node started without it.
+    greet_on_connect: bool,
+    /// The master and the `--peer`s: Kademlia bootstraps once connected to one of them.
+    bootstrap_peers: HashSet<PeerId>,
+    kad_bootstrapped: bool,
+    /// Peer lookups in flight: the peer looked for, and who waits for the answer.
+    peer_queries: HashMap<kad::QueryId, (PeerId, oneshot::Sender<bool>)>,
     /// Files this node announced itself on Kademlia as a provider of.
     provided: HashSet<FileId>,
     /// Provider lookups in flight: who waits, and the providers found so far.
@@ -647,6 +777,8 @@ impl EventLoop {
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut provide = tokio::time::interval(PROVIDE_INTERVAL);
+        let mut redial = tokio::time::interval(MASTER_REDIAL);
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event),
@@ -660,6 +792,7 @@ impl EventLoop {
                     None => return,
                 },
                 _ = provide.tick() => self.provide_shelf(),
+                _ = redial.tick() => self.redial_master(),
             }
         }
     }
@@ -691,6 +824,17 @@ impl EventLoop {
                 // The store is full (1,024 keys): the file is still served and located
                 // through the master, only not findable without it.
                 Err(e) => tracing::debug!(%file, error = %e, "cannot provide"),
+            }
+        }
+    }
+
+    /// Dials the master when a connection existed (or the node started without it) and is
+    /// gone. At most one dial at a time (`DisconnectedAndNotDialing`).
+    fn redial_master(&mut self) {
+        if self.greet_on_connect && !self.swarm.is_connected(&self.master) {
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(self.master).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::trace!(error = %e, "master redial");
             }
         }
     }
@@ -731,6 +875,14 @@ impl EventLoop {
                 }
             }
             kad::QueryResult::GetProviders(_) => true,
+            kad::QueryResult::GetClosestPeers(r) => {
+                let peers = match r {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                self.on_peer_found(id, peers);
+                false
+            }
             kad::QueryResult::StartProviding(Err(e)) => {
                 // The local record stands, but the network may not have heard: announce again
                 // at the next provide tick rather than at the next refresh (30 min).
@@ -749,6 +901,28 @@ impl EventLoop {
                 let _ = tx.send(found.into_iter().collect());
             }
         }
+    }
+
+    /// A peer lookup ended: the addresses found for the peer looked for are added to the
+    /// swarm (capped, unspecified ones dropped), and whoever waits is told whether it was found.
+    fn on_peer_found(&mut self, id: kad::QueryId, peers: Vec<kad::PeerInfo>) {
+        let Some((target, tx)) = self.peer_queries.remove(&id) else {
+            return;
+        };
+        let mut found = self.swarm.is_connected(&target);
+        for info in peers.into_iter().filter(|p| p.peer_id == target) {
+            for a in info
+                .addrs
+                .into_iter()
+                .filter(|a| !is_unspecified(a))
+                .take(MAX_HINT_ADDRS)
+            {
+                self.swarm.add_peer_address(target, a);
+                found = true;
+            }
+        }
+        tracing::debug!(peer = %target, found, "peer lookup ended");
+        let _ = tx.send(found);
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -780,15 +954,24 @@ impl EventLoop {
                 }
             }
             Command::Hint(peer, addrs, ack) => {
+                // For the swarm's dials only, not for Kademlia's routing table: a hint is
+                // unverified, and Kademlia keeps a peer's last address even after it failed,
+                // so a wrong hint there would be dialed again by the very lookup meant to
+                // replace it (and be handed on to other peers).
                 for a in addrs.into_iter().take(MAX_HINT_ADDRS) {
-                    self.swarm.add_peer_address(peer, a.clone());
-                    self.swarm.behaviour_mut().kad.add_address(&peer, a);
+                    self.swarm.add_peer_address(peer, a);
                 }
                 let _ = ack.send(());
             }
-            Command::FindPeer(peer) => {
-                self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+            Command::FindPeer(peer, tx) => {
+                if self.peer_queries.len() >= MAX_PEER_QUERIES {
+                    let _ = tx.send(self.swarm.is_connected(&peer));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                self.peer_queries.insert(id, (peer, tx));
             }
+            Command::MasterAway => self.greet_on_connect = true,
             Command::FindProviders(file, tx) => {
                 if self.provider_queries.len() >= MAX_PROVIDER_QUERIES {
                     let _ = tx.send(Vec::new());
@@ -887,20 +1070,27 @@ impl EventLoop {
                 peer_id,
                 num_established,
                 ..
-            } if peer_id == self.master => {
-                if num_established.get() == 1 {
-                    if self.master_connected_before {
-                        self.reannounce();
-                    } else if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
-                        // The master is the first bootstrap peer: join the DHT through it.
-                        tracing::debug!(error = %e, "Kademlia bootstrap");
-                    }
-                    self.master_connected_before = true;
-                }
-            }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            } => {
                 if self.banned.lock().expect("ban lock").contains(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                if num_established.get() > 1 {
+                    return;
+                }
+                if peer_id == self.master {
+                    if self.greet_on_connect {
+                        self.reannounce();
+                    }
+                    self.greet_on_connect = true;
+                }
+                if !self.kad_bootstrapped && self.bootstrap_peers.contains(&peer_id) {
+                    // The master (or a --peer) is the first bootstrap peer: join the DHT
+                    // through whichever answers first.
+                    self.kad_bootstrapped = true;
+                    if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+                        tracing::debug!(error = %e, "Kademlia bootstrap");
+                    }
                 }
             }
             SwarmEvent::NewListenAddr { address, .. } => tracing::debug!(%address, "listening"),

@@ -89,14 +89,32 @@ pub enum Role {
     Node,
 }
 
+/// Which addresses identify tells other peers to dial this peer at (and so which addresses
+/// the master hints for it and peers feed into Kademlia).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Advertise {
+    /// The addresses it listens on and its external addresses. The default.
+    #[default]
+    Listening,
+    /// Only its external addresses (`Swarm::add_external_address`): for a peer reachable
+    /// elsewhere than where it listens (a port forward, a public address in front of it).
+    ExternalOnly,
+}
+
 /// Why the behaviour could not be built.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the shoal behaviour: {0}")]
 pub struct BehaviourError(String);
 
 impl Behaviour {
-    /// Builds the behaviour for `key` in `role`, with `caps` on connections.
-    pub fn new(key: &Keypair, role: Role, caps: &ConnectionCaps) -> Result<Self, BehaviourError> {
+    /// Builds the behaviour for `key` in `role`, with `caps` on connections, advertising the
+    /// addresses `advertise` says.
+    pub fn new(
+        key: &Keypair,
+        role: Role,
+        caps: &ConnectionCaps,
+        advertise: Advertise,
+    ) -> Result<Self, BehaviourError> {
         let peer = key.public().to_peer_id();
         let limits = connection_limits::Behaviour::new(
             connection_limits::ConnectionLimits::default()
@@ -178,7 +196,8 @@ impl Behaviour {
         kad.set_mode(Some(kad::Mode::Server));
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                .with_agent_version(format!("shoal/{}", env!("CARGO_PKG_VERSION"))),
+                .with_agent_version(format!("shoal/{}", env!("CARGO_PKG_VERSION")))
+                .with_hide_listen_addrs(advertise == Advertise::ExternalOnly),
         );
         let ping = ping::Behaviour::new(
             ping::Config::new()
@@ -339,6 +358,12 @@ mod tests {
         p.validate().unwrap();
         t.validate().unwrap();
         let key = Keypair::generate_ed25519();
-        Behaviour::new(&key, Role::Node, &ConnectionCaps::for_role(Role::Node)).unwrap();
+        Behaviour::new(
+            &key,
+            Role::Node,
+            &ConnectionCaps::for_role(Role::Node),
+            Advertise::default(),
+        )
+        .unwrap();
     }
 }
