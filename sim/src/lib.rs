@@ -12,6 +12,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod bound;
+pub mod draw;
 pub mod engine;
 pub mod net;
 pub mod plot;
