@@ -14,6 +14,7 @@
 pub mod bound;
 pub mod draw;
 pub mod engine;
+pub mod live;
 pub mod net;
 pub mod plot;
 pub mod redirect;
