@@ -474,6 +474,7 @@ async fn session(
             }
             Some(Ok(report)) => {
                 life.finish_s = Some(ctx.secs());
+                tracing::debug!(node = %client.peer_id(), at_s = ctx.secs(), from_master = got.bytes_from_master, "fetched");
                 life.retries += report.retries;
                 if !copy_matches(&out, ctx.source_sha256).await {
                     life.bad_blocks += 1;
