@@ -202,12 +202,13 @@ pub fn load_or_create_key(path: &Path) -> Result<Keypair, RegistryError> {
     })
 }
 
-/// Hashes the file at `path` into a manifest body and digest list, streaming it.
-pub fn hash_file(path: &Path) -> Result<ManifestBuilder, RegistryError> {
+/// Hashes the file at `path` into a manifest body and digest list, streaming it, in blocks of
+/// `block_size` bytes (`None`: [`choose_block_size`] for its size).
+pub fn hash_file(path: &Path, block_size: Option<u32>) -> Result<ManifestBuilder, RegistryError> {
     let f = fs::File::open(path).map_err(io_err(path))?;
     let size = f.metadata().map_err(io_err(path))?.len();
-    ManifestBuilder::hash_reader(io::BufReader::new(f), choose_block_size(size))
-        .map_err(io_err(path))
+    let block_size = block_size.unwrap_or_else(|| choose_block_size(size));
+    ManifestBuilder::hash_reader(io::BufReader::new(f), block_size).map_err(io_err(path))
 }
 
 /// A file the master knows: its manifest and where its bytes are.
@@ -358,7 +359,18 @@ impl Registry {
     /// signs and countersigns the manifest with `key`, copies the bytes into the data
     /// directory. Returns the manifest.
     pub fn add_local(&self, src: &Path, key: &Keypair) -> Result<VerifiedManifest, RegistryError> {
-        let builder = hash_file(src)?;
+        self.add_local_in_blocks(src, key, None)
+    }
+
+    /// [`Registry::add_local`] with blocks of `block_size` bytes (`None`: chosen for the
+    /// file's size). The simulator uses it to give a file the block size of its scenario.
+    pub fn add_local_in_blocks(
+        &self,
+        src: &Path,
+        key: &Keypair,
+        block_size: Option<u32>,
+    ) -> Result<VerifiedManifest, RegistryError> {
+        let builder = hash_file(src, block_size)?;
         let name = shoal_protocol::manifest::name_for(src);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -416,6 +428,24 @@ mod tests {
         assert_eq!(all[0].manifest.id(), m.id());
         assert!(all[0].complete);
         assert_eq!(fs::read(&all[0].path).unwrap(), vec![5u8; 200_000]);
+    }
+
+    #[test]
+    fn add_local_in_blocks_uses_the_block_size_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.bin");
+        fs::write(&src, vec![5u8; 200_000]).unwrap();
+        let reg = Registry::open(&dir.path().join("data")).unwrap();
+        let key = reg.key().unwrap();
+        let chosen = reg.add_local(&src, &key).unwrap();
+        let small = reg
+            .add_local_in_blocks(&src, &key, Some(16 * 1024))
+            .unwrap();
+        assert_ne!(chosen.geometry().block_size, 16 * 1024);
+        assert_eq!(small.geometry().block_size, 16 * 1024);
+        assert_eq!(small.blocks(), 13);
+        // A size the manifest does not allow is an error, not a silent change.
+        assert!(reg.add_local_in_blocks(&src, &key, Some(1000)).is_err());
     }
 
     #[test]

@@ -18,17 +18,17 @@ use std::time::{Duration, Instant};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use shoal_master::bans::{respond, BanBook, BanConfig, Charge, ProbeOutcome, Verdict};
 use shoal_node::scheduler::{Action, Failure, Scheduler, SchedulerConfig, TransferId};
 use shoal_protocol::block::{BlockRange, Blocks};
 use shoal_protocol::wire::{Assignment, Problem, RefuseReason};
 
+use crate::draw::Swarm;
 use crate::net::{FlowId, LinkId, Net, Reschedule};
 use crate::redirect::{self, PolicyKind, Redirector};
-use crate::scenario::{ArrivalMode, ChaosMode, Scenario};
+use crate::scenario::Scenario;
 
 /// How a node behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,13 +279,8 @@ struct Engine<'a> {
 
 impl<'a> Engine<'a> {
     fn new(sc: &'a Scenario, kind: PolicyKind, seed: u64) -> Result<Self, EngineError> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut regions: Vec<String> = vec![sc.master.region.clone()];
-        for g in &sc.groups {
-            if !regions.contains(&g.region) {
-                regions.push(g.region.clone());
-            }
-        }
+        let (drawn, rng) = Swarm::draw(sc, seed);
+        let regions = drawn.regions;
         let lat: Vec<Vec<u64>> = regions
             .iter()
             .map(|a| {
@@ -301,74 +296,46 @@ impl<'a> Engine<'a> {
         net.observe(master_up);
         let blocks = sc.blocks();
         let mut nodes = Vec::with_capacity(n);
-        let mut group_of = Vec::with_capacity(n);
         let mut peers = Vec::with_capacity(n);
         let mut addrs = Vec::with_capacity(n);
-        for (gi, g) in sc.groups.iter().enumerate() {
-            let region = regions.iter().position(|r| *r == g.region).unwrap_or(0);
-            for _ in 0..g.count {
-                let mut key: [u8; 32] = rng.gen();
-                let kp = Keypair::ed25519_from_bytes(&mut key)
-                    .map_err(|e| EngineError::Key(e.to_string()))?;
-                let peer = kp.public().to_peer_id();
-                let up_cap = g.upload.draw(&mut rng);
-                let down_cap = g.download.draw(&mut rng);
-                let up = net.add_link(up_cap);
-                let down = net.add_link(down_cap);
-                addrs.push(Multiaddr::empty().with(Protocol::Memory(nodes.len() as u64 + 1)));
-                group_of.push(gi);
-                peers.push(peer);
-                nodes.push(Node {
-                    peer,
-                    region,
-                    role: match g.chaos {
-                        None => Role::Honest,
-                        Some(ChaosMode::Corrupt) => Role::Corrupt,
-                        Some(ChaosMode::LieHave) => Role::LieHave,
-                        Some(ChaosMode::Stall) => Role::Stall,
-                        Some(ChaosMode::FalseAccuse) => Role::FalseAccuse,
-                    },
-                    up_cap,
-                    down_cap,
-                    up,
-                    down,
-                    slots: g.upload_slots,
-                    online: false,
-                    crashed: false,
-                    gone: false,
-                    banned: false,
-                    epoch: 0,
-                    sched: None,
-                    kept: Blocks::new(blocks),
-                    start: None,
-                    finish: None,
-                    from_master: 0,
-                    from_peers: 0,
-                    uploaded: 0,
-                    retries: 0,
-                    bad_blocks: 0,
-                    serving: 0,
-                    inbound: Vec::new(),
-                    outbound: Vec::new(),
-                    wake: None,
-                });
-            }
-        }
-        // Misbehaving nodes: a random choice among the others, by share.
-        let mut order: Vec<usize> = (0..n).filter(|i| nodes[*i].role == Role::Honest).collect();
-        order.shuffle(&mut rng);
-        let mut next = 0;
-        for (share, role) in [
-            (sc.chaos.corrupt, Role::Corrupt),
-            (sc.chaos.lie_have, Role::LieHave),
-            (sc.chaos.stall, Role::Stall),
-            (sc.chaos.false_accuse, Role::FalseAccuse),
-        ] {
-            let k = (share * n as f64).round() as usize;
-            for &i in order.iter().skip(next).take(k) {
-                nodes[i].role = role;
-            }
-            next += k;
+        for d in drawn.nodes {
+            let mut key = d.key;
+            let kp = Keypair::ed25519_from_bytes(&mut key)
+                .map_err(|e| EngineError::Key(e.to_string()))?;
+            let peer = kp.public().to_peer_id();
+            let (up_cap, down_cap) = (d.upload, d.download);
+            let up = net.add_link(up_cap);
+            let down = net.add_link(down_cap);
+            addrs.push(Multiaddr::empty().with(Protocol::Memory(nodes.len() as u64 + 1)));
+            peers.push(peer);
+            nodes.push(Node {
+                peer,
+                region: d.region,
+                role: d.role,
+                up_cap,
+                down_cap,
+                up,
+                down,
+                slots: sc.groups[d.group].upload_slots,
+                online: false,
+                crashed: false,
+                gone: false,
+                banned: false,
+                epoch: 0,
+                sched: None,
+                kept: Blocks::new(blocks),
+                start: None,
+                finish: None,
+                from_master: 0,
+                from_peers: 0,
+                uploaded: 0,
+                retries: 0,
+                bad_blocks: 0,
+                serving: 0,
+                inbound: Vec::new(),
+                outbound: Vec::new(),
+                wake: None,
+            });
         }
         let honest = nodes.iter().filter(|x| x.role == Role::Honest).count();
         let by_peer = peers.iter().enumerate().map(|(i, p)| (*p, i)).collect();
@@ -420,34 +387,14 @@ impl<'a> Engine<'a> {
             trace: std::env::var_os("SHOAL_SIM_TRACE").is_some(),
             master_sent: vec![0; blocks as usize],
         };
-        // Arrivals.
-        // Arrivals, per group from its start time.
-        for (gi, g) in sc.groups.iter().enumerate() {
-            let mut members: Vec<usize> = (0..n).filter(|i| group_of[*i] == gi).collect();
-            match sc.arrivals.mode {
-                ArrivalMode::Flash => {
-                    for i in members {
-                        e.push(ns(g.start_s), Ev::Arrive(i));
-                    }
-                }
-                ArrivalMode::Poisson => {
-                    members.shuffle(&mut e.rng);
-                    // The crowd's rate, shared by the groups in proportion to their size.
-                    let rate = sc.arrivals.rate * g.count as f64 / n as f64;
-                    let mut t = g.start_s;
-                    for i in members {
-                        e.push(ns(t), Ev::Arrive(i));
-                        t += e.exp(rate);
-                    }
-                }
-            }
+        for (i, t) in drawn.arrivals {
+            e.push(ns(t), Ev::Arrive(i));
         }
         Ok(e)
     }
 
     fn exp(&mut self, rate: f64) -> f64 {
-        let u: f64 = self.rng.gen_range(f64::MIN_POSITIVE..1.0);
-        -u.ln() / rate
+        crate::draw::exp(&mut self.rng, rate)
     }
 
     fn push(&mut self, at: u64, ev: Ev) {

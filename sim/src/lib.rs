@@ -12,7 +12,9 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod bound;
+pub mod draw;
 pub mod engine;
+pub mod live;
 pub mod net;
 pub mod plot;
 pub mod redirect;

@@ -24,7 +24,8 @@ struct Cli {
 enum Engine {
     /// Discrete events in virtual time.
     Virtual,
-    /// The real master and node services in one process.
+    /// The real master and node services in one process, on loopback, in real time (the
+    /// shoal policy only).
     Live,
 }
 
@@ -71,11 +72,12 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
-    /// Runs a scenario in both engines and prints how far they differ.
+    /// Runs a scenario in both engines and prints how far they differ on p50 completion and
+    /// origin egress. The live engine runs the real master, so only `--policy shoal`.
     Compare {
         /// The scenario file (TOML).
         scenario: PathBuf,
-        /// shoal, origin-only or random-holder.
+        /// Only shoal: the live engine runs the real master (the baselines are virtual-only).
         #[arg(long, default_value = "shoal")]
         policy: PolicyKind,
         /// Where to write both runs' results (virtual/ and live/).
@@ -123,6 +125,63 @@ fn run_virtual(
     let wall = started.elapsed().as_secs_f64();
     let summary = Summary::new(sc, &outcome, "virtual", policy.name(), seed, wall);
     Ok((summary, outcome))
+}
+
+/// The live engine runs the real master: its policy is shoal, the baselines exist only in the
+/// virtual engine.
+fn check_live_policy(policy: PolicyKind) -> Result<()> {
+    if policy != PolicyKind::Shoal {
+        bail!(
+            "the live engine runs the real master, whose policy is shoal; --policy {} is \
+             virtual-only (use --engine virtual)",
+            policy.name()
+        );
+    }
+    Ok(())
+}
+
+/// Runs one scenario in the live engine (the real master: `shoal` policy only).
+fn run_live(
+    sc: &Scenario,
+    policy: PolicyKind,
+    seed: u64,
+    quiet: bool,
+) -> Result<(Summary, shoal_sim::Outcome)> {
+    check_live_policy(policy)?;
+    let pb = progress_bar(quiet, sc.nodes());
+    let started = Instant::now();
+    let outcome = shoal_sim::live::run(sc, seed, None, &mut |p| {
+        pb.set_length(p.honest as u64);
+        pb.set_position(p.done as u64);
+        pb.set_message(format!("live {:.1} s", p.virtual_s));
+    })?;
+    pb.finish_and_clear();
+    let wall = started.elapsed().as_secs_f64();
+    let summary = Summary::new(sc, &outcome, "live", policy.name(), seed, wall);
+    Ok((summary, outcome))
+}
+
+/// Runs `sc` in both engines, writes each run into `out/virtual` and `out/live`, and prints
+/// how far they differ.
+fn compare(path: &Path, policy: PolicyKind, out: Option<PathBuf>, seed: Option<u64>) -> Result<()> {
+    let sc = Scenario::load(path)?;
+    let seed = seed.unwrap_or(sc.seed);
+    check_live_policy(policy)?;
+    let (v, vo) = run_virtual(&sc, policy, seed, false)?;
+    let (l, lo) = run_live(&sc, policy, seed, false)?;
+    if let Some(out) = &out {
+        write_all(&out.join("virtual"), &sc, &v, &vo)?;
+        write_all(&out.join("live"), &sc, &l, &lo)?;
+    }
+    print!("{}", shoal_sim::report::agreement(&v, &l));
+    if let Some(out) = out {
+        println!(
+            "wrote {} and {}",
+            out.join("virtual").display(),
+            out.join("live").display()
+        );
+    }
+    Ok(())
 }
 
 fn write_all(
@@ -281,6 +340,8 @@ fn csv_quote(v: &str) -> String {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The live engine's master and nodes log through tracing (RUST_LOG).
+    shoal_net::cli::init_logging("warn");
     match cli.cmd {
         Cmd::Run {
             scenario,
@@ -294,7 +355,7 @@ fn main() -> Result<()> {
             let seed = seed.unwrap_or(sc.seed);
             let (summary, outcome) = match engine {
                 Engine::Virtual => run_virtual(&sc, policy, seed, quiet)?,
-                Engine::Live => bail!("--engine live is not built yet"),
+                Engine::Live => run_live(&sc, policy, seed, quiet)?,
             };
             write_all(&out, &sc, &summary, &outcome)?;
             print!("{}", summary.text());
@@ -308,9 +369,12 @@ fn main() -> Result<()> {
             seed,
             quiet,
         } => sweep(&scenario, &vary, &policy, &out, seed, quiet)?,
-        Cmd::Compare { .. } => {
-            bail!("compare needs --engine live, which is not built yet (see the README)")
-        }
+        Cmd::Compare {
+            scenario,
+            policy,
+            out,
+            seed,
+        } => compare(&scenario, policy, out, seed)?,
     }
     Ok(())
 }

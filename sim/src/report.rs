@@ -227,6 +227,76 @@ impl Summary {
     }
 }
 
+/// How far `b` is from `a`, relative to `a`: `|b - a| / |a|` (infinite when `a` is 0 and `b`
+/// is not).
+pub fn relative_difference(a: f64, b: f64) -> f64 {
+    if a == b {
+        0.0
+    } else {
+        (b - a).abs() / a.abs()
+    }
+}
+
+/// The agreement of two runs of one scenario (`compare`): p50 completion and origin egress of
+/// each, and the live run's difference relative to the virtual one.
+pub fn agreement(virt: &Summary, live: &Summary) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "scenario {}  policy {}  seed {}  nodes {}",
+        virt.scenario, virt.policy, virt.seed, virt.nodes
+    );
+    let _ = writeln!(
+        s,
+        "{:<22} {:>12} {:>12} {:>11}",
+        "", virt.engine, live.engine, "difference"
+    );
+    for (name, a, b, unit) in [
+        (
+            "completion p50",
+            virt.completion_p50_s,
+            live.completion_p50_s,
+            "s",
+        ),
+        (
+            "origin egress",
+            virt.origin_egress_ratio,
+            live.origin_egress_ratio,
+            "F",
+        ),
+        (
+            "completion max",
+            virt.completion_max_s,
+            live.completion_max_s,
+            "s",
+        ),
+    ] {
+        let _ = writeln!(
+            s,
+            "{name:<22} {a:>10.3} {unit} {b:>10.3} {unit} {:>10.1}%",
+            relative_difference(a, b) * 100.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{:<22} {:>12} {:>12}",
+        "completed",
+        format!("{}/{}", virt.completed, virt.honest_nodes),
+        format!("{}/{}", live.completed, live.honest_nodes)
+    );
+    let _ = writeln!(
+        s,
+        "{:<22} {:>12} {:>12}",
+        "all verified", virt.all_verified, live.all_verified
+    );
+    let _ = writeln!(
+        s,
+        "{:<22} {:>10.2} s {:>10.2} s",
+        "wall", virt.wall_s, live.wall_s
+    );
+    s
+}
+
 /// `nodes.csv`: one row per node.
 pub fn nodes_csv(o: &Outcome) -> String {
     let mut s = String::from(
