@@ -395,10 +395,10 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
     unknown_problem.push(peer_bytes.len() as u8);
     unknown_problem.extend_from_slice(&peer_bytes);
     unknown_problem.push(5);
-    // MasterRequest has 7 variants (Locate ... List), Problem 5, DigestRequest fewer than 9:
-    // the first bytes below name none of them.
+    // MasterRequest has 8 variants (Locate ... List, Rtt), Problem 5, DigestRequest fewer
+    // than 9: the first bytes below name none of them.
     for (protocol, bytes) in [
-        (MASTER_PROTOCOL, vec![7u8]),
+        (MASTER_PROTOCOL, vec![8u8]),
         (MASTER_PROTOCOL, vec![250]),
         (MASTER_PROTOCOL, unknown_problem),
         (DIGEST_PROTOCOL, vec![9]),
