@@ -45,8 +45,12 @@ pub enum NetPrefix {
 
 impl NetPrefix {
     /// The prefix of the first IP address in `addr` (none for an address without one, such
-    /// as `/dns/...`). An IPv4-mapped IPv6 address counts as IPv4.
+    /// as `/dns/...`, and for a relayed address: its IP is the relay's). An IPv4-mapped IPv6
+    /// address counts as IPv4.
     pub fn of(addr: &Multiaddr) -> Option<Self> {
+        if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+            return None;
+        }
         addr.iter().find_map(|p| match p {
             Protocol::Ip4(ip) => Some(Self::of_ip(IpAddr::V4(ip))),
             Protocol::Ip6(ip) => Some(Self::of_ip(IpAddr::V6(ip))),
@@ -272,6 +276,7 @@ mod tests {
         assert_ne!(p("/ip6/2001:db8:1::1/tcp/1"), p("/ip6/2001:db8:2::1/tcp/1"));
         assert_eq!(p("/ip6/::ffff:10.1.2.3/tcp/1"), p("/ip4/10.1.2.9/tcp/1"));
         assert_eq!(p("/dns/example.com/tcp/1"), None);
+        assert_eq!(p("/ip4/10.1.2.3/tcp/1/p2p-circuit"), None);
     }
 
     #[test]
