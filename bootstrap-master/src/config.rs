@@ -181,6 +181,12 @@ impl MasterConfig {
         self.policy = policy;
         self
     }
+
+    /// Send one copy of each block into each region (see [`PolicyConfig::region_budget`]).
+    pub fn with_region_budget(mut self, on: bool) -> Self {
+        self.policy.region_budget = on;
+        self
+    }
 }
 
 /// Why the master could not start.

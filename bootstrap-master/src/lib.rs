@@ -23,6 +23,7 @@ pub mod bans;
 pub mod config;
 mod enforce;
 mod listing;
+pub mod location;
 pub mod metrics;
 pub mod policy;
 pub mod probe;
@@ -31,6 +32,7 @@ pub mod registry;
 mod report;
 mod serve;
 pub mod service;
+pub mod vivaldi;
 
 pub use config::{
     parse_publisher_keys, MasterConfig, MasterError, PublishPolicy, PublishQuotas, PullLimits,

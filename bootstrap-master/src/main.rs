@@ -72,6 +72,14 @@ struct Cli {
     /// Incoming connections still in their handshake.
     #[arg(long, value_name = "N", default_value_t = ConnectionCaps::for_role(Role::Master).pending_incoming)]
     max_pending_incoming: u32,
+    /// One copy of each block enters each region (nodes' --region labels): a node whose
+    /// region holds no copy of a block is sent to another region or to the master only if no
+    /// other copy is already on its way into its region, and the master sends each block at
+    /// most once per region (instead of once in all). Keeps traffic inside regions at the
+    /// cost of master upload (up to one copy of a file per region). Nodes without a region
+    /// label are not affected.
+    #[arg(long)]
+    region_budget: bool,
     /// Refuse new connections while the process uses more than this fraction of memory.
     #[arg(long, value_name = "FRACTION", default_value_t = ConnectionCaps::for_role(Role::Master).max_memory_fraction)]
     max_memory_fraction: f64,
@@ -191,6 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_publishing(publishing.clone())
                 .with_min_free_disk(cli.min_free_disk)
                 .with_max_pulls(cli.max_pulls)
+                .with_region_budget(cli.region_budget)
                 .with_connection_caps(cli.connection_caps()?);
             let mut master = Master::start(cfg).await.context("starting the master")?;
             eprintln!(

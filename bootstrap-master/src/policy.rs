@@ -6,13 +6,19 @@
 //! takes `now`. The swarm code around it feeds it events and carries out its answers.
 //!
 //! The rule for a Locate, block by block over what the node lacks:
-//! 1. a live peer holds it: redirect to the nearest (same region first), least-loaded holder
-//!    that the requester has not had trouble with;
+//! 1. a live peer holds it: redirect to the nearest, least-loaded holder that the requester
+//!    has not had trouble with (nearest: same region label, then same network prefix, then
+//!    lowest estimated RTT; see [`crate::location`]);
 //! 2. no live peer holds it and the master has not handed it out (or the handout expired):
 //!    the master serves it (first copies first), at most one master piece per answer, and the
 //!    piece shrinks as the master's load grows;
 //! 3. otherwise (its first copy is on its way to another node) skip it: the node asks again
 //!    after `retry_after` and will then be redirected to the new holder.
+//!
+//! With the region budget ([`PolicyConfig::region_budget`]) a block enters each region once:
+//! a requester with no holder in its region is sent across regions (or to the master) only
+//! if no other copy is on its way into that region, and the master's "one first copy at a
+//! time" holds per region instead of swarm-wide.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -22,8 +28,10 @@ use shoal_protocol::block::{normalize, BlockRange, Blocks};
 use shoal_protocol::limits::{
     MAX_ASSIGNMENTS, MAX_HINT_ADDRS, MAX_PIECE_BLOCKS, MAX_RANGES_PER_MESSAGE,
 };
-use shoal_protocol::wire::{Assignment, FileStatus, MirrorStatus, Source};
+use shoal_protocol::wire::{Assignment, FileStatus, MirrorStatus, RttSample, Source};
 use shoal_protocol::FileId;
+
+use crate::location::{Locations, NetPrefix, ReportRefused, Vantage};
 
 /// Most peers one peer avoids at once: past it, the avoidance ending first is dropped (an
 /// avoidance "for good" only when every one is for good).
@@ -77,6 +85,12 @@ pub struct PolicyConfig {
     /// were confirmed) a report about it still counts: a failed transfer never produces a
     /// `Have`, and its report may arrive after the node already asked again.
     pub report_grace: Duration,
+    /// One copy of each block enters each region: a requester whose region has no holder of
+    /// a block is sent across regions or to the master only if no other copy of it is on its
+    /// way into that region, and the master hands out a first copy once per region (not once
+    /// swarm-wide). Costs master egress (up to one copy per region) for traffic that stays
+    /// inside regions. Requesters without a region label are not budgeted.
+    pub region_budget: bool,
 }
 
 impl Default for PolicyConfig {
@@ -93,6 +107,7 @@ impl Default for PolicyConfig {
             report_grace: Duration::from_secs(10),
             master_slots: 64,
             peer_slots: 16,
+            region_budget: false,
         }
     }
 }
@@ -118,6 +133,8 @@ pub enum PolicyError {
 struct PeerState {
     addrs: Vec<Multiaddr>,
     region: String,
+    /// The network prefix of the address its connection comes from (observed).
+    prefix: Option<NetPrefix>,
     live: bool,
     /// Blocks assigned to this peer as a source and not yet confirmed by their requester.
     load: u32,
@@ -131,11 +148,13 @@ struct PeerState {
     indexed: bool,
 }
 
-/// Per region, the peers that have held blocks, ordered by (load, id): a Locate walks it from
-/// the least loaded up and stops at the first usable holder, instead of scanning every holder.
+/// Per region, and per network prefix, the peers that have held blocks, ordered by (load,
+/// id): a Locate walks it from the least loaded up and stops at the first usable holder,
+/// instead of scanning every holder.
 #[derive(Debug, Default)]
 struct LoadIndex {
     by_region: HashMap<String, BTreeSet<(u32, PeerId)>>,
+    by_prefix: HashMap<NetPrefix, BTreeSet<(u32, PeerId)>>,
 }
 
 /// A block held by at most this many peers is looked up in its own holder list; above it,
@@ -147,6 +166,19 @@ struct Pending {
     source: Option<PeerId>,
     deadline: Instant,
 }
+
+/// A copy of a block on its way into a region (region budget only).
+#[derive(Debug, Clone)]
+struct Entering {
+    region: String,
+    requester: PeerId,
+    source: Option<PeerId>,
+    deadline: Instant,
+}
+
+/// Most holders outside the requester's region one Locate ranks by nearness for a widely held
+/// block: the least loaded ones, found by walking the load index.
+const CROSS_REGION_CANDIDATES: usize = 64;
 
 /// Most closed assignments remembered per requester and file (for checking reports).
 const MAX_PAST_PER_REQUESTER: usize = 256;
@@ -174,6 +206,8 @@ struct FileState {
     pending: HashMap<PeerId, HashMap<u32, Pending>>,
     /// Per block, the requester a master copy is on its way to.
     handouts: HashMap<u32, (PeerId, Instant)>,
+    /// Per block, the copies on their way into a region from outside it (region budget).
+    entering: HashMap<u32, Vec<Entering>>,
     /// Per requester, its closed redirects (oldest first, capped).
     past: HashMap<PeerId, VecDeque<Past>>,
     bytes_from_master: u64,
@@ -198,6 +232,8 @@ pub struct Policy {
     /// Per (requester, holder), the requester's blocks pending from that holder.
     pairs: HashMap<(PeerId, PeerId), u32>,
     index: LoadIndex,
+    /// Observed prefixes and network coordinates.
+    locations: Locations,
     /// Peer numbers, for the per-block holder lists.
     numbers: HashMap<PeerId, u32>,
     numbered: Vec<PeerId>,
@@ -218,6 +254,7 @@ impl Policy {
             master_pending: HashMap::new(),
             pairs: HashMap::new(),
             index: LoadIndex::default(),
+            locations: Locations::default(),
             numbers: HashMap::new(),
             numbered: Vec::new(),
             expiry_floor: None,
@@ -235,6 +272,7 @@ impl Policy {
             holders: HashMap::new(),
             pending: HashMap::new(),
             handouts: HashMap::new(),
+            entering: HashMap::new(),
             past: HashMap::new(),
             bytes_from_master: 0,
             bytes_from_peers: 0,
@@ -284,10 +322,55 @@ impl Policy {
     pub fn set_region(&mut self, peer: PeerId, region: String) {
         let p = self.peers.entry(peer).or_default();
         if p.indexed {
-            self.index.remove(&p.region, p.load, peer);
-            self.index.insert(&region, p.load, peer);
+            self.index.remove(&p.region, p.prefix, p.load, peer);
+            self.index.insert(&region, p.prefix, p.load, peer);
         }
         p.region = region;
+    }
+
+    /// The connection from `peer` comes from `addr` (the remote address of the connection, as
+    /// the master sees it): its network prefix.
+    pub fn observe_addr(&mut self, peer: PeerId, addr: &Multiaddr) {
+        let Some(prefix) = NetPrefix::of(addr) else {
+            return;
+        };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if p.indexed {
+            self.index.remove(&p.region, p.prefix, p.load, peer);
+            self.index.insert(&p.region, Some(prefix), p.load, peer);
+        }
+        p.prefix = Some(prefix);
+    }
+
+    /// The master's ping to `peer` took `rtt`.
+    pub fn master_rtt(&mut self, peer: PeerId, rtt: Duration) {
+        if self.peers.contains_key(&peer) {
+            self.locations.master_rtt(peer, rtt);
+        }
+    }
+
+    /// `reporter` measured these RTTs to other peers (see [`Locations::report`]); only
+    /// samples about peers the master sees count. Returns how many were taken.
+    pub fn rtt_report(
+        &mut self,
+        now: Instant,
+        reporter: PeerId,
+        samples: &[RttSample],
+    ) -> Result<usize, ReportRefused> {
+        if !self.peers.contains_key(&reporter) {
+            return Ok(0);
+        }
+        let peers = &self.peers;
+        self.locations.report(now, reporter, samples, |p| {
+            peers.get(p).is_some_and(|s| s.live)
+        })
+    }
+
+    /// The estimated RTT between two peers, from their network coordinates.
+    pub fn estimated_rtt(&self, a: &PeerId, b: &PeerId) -> Option<Duration> {
+        self.locations.estimate(a, b)
     }
 
     /// A peer is gone (disconnected, failed its liveness check, or left): it leaves every
@@ -317,6 +400,10 @@ impl Policy {
                 }
             }
             f.handouts.retain(|_, (to, _)| to != peer);
+            f.entering.retain(|_, list| {
+                list.retain(|e| e.requester != *peer && e.source != Some(*peer));
+                !list.is_empty()
+            });
             // Redirects to it die with it: a report about them (its downloaders see it die)
             // is not about this peer's next session, should it come back with its key.
             for (requester, pending) in f.pending.iter_mut() {
@@ -345,12 +432,13 @@ impl Policy {
         if let Some(p) = self.peers.get(peer) {
             // Out of the load index: walks never step over it.
             if p.indexed {
-                self.index.remove(&p.region, p.load, *peer);
+                self.index.remove(&p.region, p.prefix, p.load, *peer);
             }
         }
-        // Its addresses, region and avoidances go with it: a peer that comes back starts
-        // afresh, and the table holds only connected peers.
+        // Its addresses, region, location and avoidances go with it: a peer that comes back
+        // starts afresh, and the table holds only connected peers.
         self.peers.remove(peer);
+        self.locations.forget(peer);
         was_mirror
     }
 
@@ -394,6 +482,13 @@ impl Policy {
             for b in r.iter() {
                 if held.insert(b) {
                     added.push(b);
+                }
+                // Its copy has entered its region: the region holds it now.
+                if let Some(list) = f.entering.get_mut(&b) {
+                    list.retain(|e| e.requester != peer);
+                    if list.is_empty() {
+                        f.entering.remove(&b);
+                    }
                 }
                 if let Some(p) = pending.remove(&b) {
                     release(
@@ -505,6 +600,11 @@ impl Policy {
                 }
                 keep
             });
+            f.entering.retain(|_, list| {
+                list.retain(|e| e.deadline > now);
+                list.iter().for_each(|e| lower(e.deadline));
+                !list.is_empty()
+            });
             for log in f.past.values_mut() {
                 log.retain(|x| x.until > now);
             }
@@ -577,6 +677,15 @@ impl Policy {
             .unwrap_or_default();
         let mine = f.holders.get(&requester).cloned();
         let deadline = now + cfg.assignment_timeout;
+        let vantage = self.locations.vantage(
+            requester,
+            &my_region,
+            self.peers.get(&requester).and_then(|p| p.prefix),
+        );
+        let budgeted = cfg.region_budget && !my_region.is_empty();
+        let in_my_region = |peers: &HashMap<PeerId, PeerState>, p: &PeerId| {
+            peers.get(p).is_some_and(|s| s.region == my_region)
+        };
         // Merged and clamped first: the walk below visits each block of the file once at
         // most, whatever the request repeats.
         let need = normalize(need, f.blocks, MAX_RANGES_PER_MESSAGE);
@@ -628,7 +737,10 @@ impl Policy {
                     }
                     _ => None,
                 };
-                // Else the nearest (same region first), least-loaded usable holder, ties by id.
+                // Under the region budget a run from outside the region is not continued: a
+                // holder inside it may have appeared since the run began.
+                let continuing = continuing.filter(|h| !budgeted || in_my_region(&self.peers, h));
+                // Else the nearest, least-loaded usable holder, ties by id.
                 let best = continuing.or_else(|| {
                     nearest_least_loaded(
                         f,
@@ -637,17 +749,30 @@ impl Policy {
                         &self.numbers,
                         &self.numbered,
                         b,
-                        &my_region,
+                        &vantage,
                         |peers, p| usable(peers, p),
                     )
                 });
+                let from_outside = budgeted && !best.is_some_and(|h| in_my_region(&self.peers, &h));
+                if from_outside
+                    && f.entering.get(&b).is_some_and(|list| {
+                        list.iter()
+                            .any(|e| e.region == my_region && e.requester != requester)
+                    })
+                {
+                    // A copy is on its way into the region: wait for it, then get it there.
+                    continue;
+                }
                 let source = if best.is_some() {
                     best
                 } else if f.master_has.contains(b)
                     && match f.handouts.get(&b) {
                         // Again to the requester it was handed to (its transfer failed).
-                        Some((to, _)) => *to == requester,
-                        None => master_open || master_given > 0,
+                        Some((to, _)) if *to == requester => true,
+                        // One first copy at a time: swarm-wide, or per region under the
+                        // budget (checked above).
+                        Some(_) if !budgeted => false,
+                        _ => master_open || master_given > 0,
                     }
                     && master_given < master_budget
                     && !briefly_avoided
@@ -663,7 +788,7 @@ impl Policy {
                             &self.numbers,
                             &self.numbered,
                             b,
-                            &my_region,
+                            &vantage,
                             |peers, p| reachable(peers, p),
                         )
                         .is_none())
@@ -689,6 +814,21 @@ impl Policy {
                     remember(&mut f.past, requester, b, old, false, cfg.report_grace);
                 }
                 pending.insert(b, Pending { source, deadline });
+                if budgeted {
+                    let list = f.entering.entry(b).or_default();
+                    list.retain(|e| e.requester != requester);
+                    if from_outside {
+                        list.push(Entering {
+                            region: my_region.clone(),
+                            requester,
+                            source,
+                            deadline,
+                        });
+                    }
+                    if list.is_empty() {
+                        f.entering.remove(&b);
+                    }
+                }
                 self.expiry_floor = Some(self.expiry_floor.map_or(deadline, |t| t.min(deadline)));
                 match source {
                     Some(p) => {
@@ -995,8 +1135,8 @@ fn release(
 /// Sets a peer's load, keeping its place in the load index.
 fn set_load(s: &mut PeerState, index: &mut LoadIndex, peer: PeerId, load: u32) {
     if s.indexed && s.load != load {
-        index.remove(&s.region, s.load, peer);
-        index.insert(&s.region, load, peer);
+        index.remove(&s.region, s.prefix, s.load, peer);
+        index.insert(&s.region, s.prefix, load, peer);
     }
     s.load = load;
 }
@@ -1006,7 +1146,7 @@ fn index_peer(peers: &mut HashMap<PeerId, PeerState>, index: &mut LoadIndex, pee
     let s = peers.entry(peer).or_default();
     if !s.indexed {
         s.indexed = true;
-        index.insert(&s.region, s.load, peer);
+        index.insert(&s.region, s.prefix, s.load, peer);
     }
 }
 
@@ -1019,16 +1159,31 @@ fn number(numbers: &mut HashMap<PeerId, u32>, numbered: &mut Vec<PeerId>, peer: 
 }
 
 impl LoadIndex {
-    fn insert(&mut self, region: &str, load: u32, peer: PeerId) {
+    fn insert(&mut self, region: &str, prefix: Option<NetPrefix>, load: u32, peer: PeerId) {
         self.by_region
             .entry(region.to_string())
             .or_default()
             .insert((load, peer));
+        if let Some(prefix) = prefix {
+            self.by_prefix
+                .entry(prefix)
+                .or_default()
+                .insert((load, peer));
+        }
     }
 
-    fn remove(&mut self, region: &str, load: u32, peer: PeerId) {
+    fn remove(&mut self, region: &str, prefix: Option<NetPrefix>, load: u32, peer: PeerId) {
         if let Some(set) = self.by_region.get_mut(region) {
             set.remove(&(load, peer));
+        }
+        if let Some(prefix) = prefix {
+            if let Some(set) = self.by_prefix.get_mut(&prefix) {
+                set.remove(&(load, peer));
+                // Prefixes are many: an empty set goes (regions are few and stay).
+                if set.is_empty() {
+                    self.by_prefix.remove(&prefix);
+                }
+            }
         }
     }
 }
@@ -1065,10 +1220,13 @@ fn compact(list: &mut Vec<u32>, b: u32, holders: &HashMap<PeerId, Blocks>, numbe
     });
 }
 
-/// The usable holder of block `b` that the rule prefers: same region as the requester first
-/// (any region counts as another when the requester has none), then least load, then lowest
-/// id. A rarely held block is looked up in its holder list; a widely held one by walking the
-/// load index from the least loaded peer up, where the first usable holder is the answer.
+/// The usable holder of block `b` that the rule prefers: the nearest to the requester
+/// ([`crate::location::Nearness`]: same region label, same prefix, estimated RTT), then least
+/// load, then lowest id. A rarely held block is looked up in its holder list. A widely held
+/// one by walking the load index from the least loaded peer up: in the requester's region,
+/// then on its prefix, the first usable holder is the answer; beyond them, the nearest by
+/// estimated RTT of the first [`CROSS_REGION_CANDIDATES`] usable holders (an approximation
+/// that keeps the walk bounded).
 #[allow(clippy::too_many_arguments)]
 fn nearest_least_loaded(
     f: &mut FileState,
@@ -1077,9 +1235,10 @@ fn nearest_least_loaded(
     numbers: &HashMap<PeerId, u32>,
     numbered: &[PeerId],
     b: u32,
-    my_region: &str,
+    vantage: &Vantage<'_>,
     usable: impl Fn(&HashMap<PeerId, PeerState>, &PeerId) -> bool,
 ) -> Option<PeerId> {
+    let my_region = vantage.region();
     let i = b as usize;
     let count = f.holder_count[i] as usize;
     if count == 0 {
@@ -1105,7 +1264,7 @@ fn nearest_least_loaded(
     let holds = |p: &PeerId| f.holders.get(p).is_some_and(|h| h.contains(b));
     let key = |p: &PeerId| {
         let s = &peers[p];
-        (s.region != my_region || my_region.is_empty(), s.load, *p)
+        (vantage.nearness(p, &s.region, s.prefix), s.load, *p)
     };
     if count <= RARE_HOLDERS {
         return f.rare_holders[i]
@@ -1127,14 +1286,23 @@ fn nearest_least_loaded(
             return Some(p);
         }
     }
-    // Every other region, merged in (load, id) order.
+    // Then the requester's prefix (its own region's holders there were not usable).
+    if let Some(p) = vantage
+        .prefix()
+        .and_then(|x| index.by_prefix.get(&x))
+        .and_then(first)
+    {
+        return Some(p);
+    }
+    // Every other region, merged in (load, id) order: the nearest of the least loaded.
     let mut walks: Vec<_> = index
         .by_region
         .iter()
         .filter(|(r, _)| my_region.is_empty() || r.as_str() != my_region)
         .map(|(_, set)| set.iter().peekable())
         .collect();
-    loop {
+    let mut found: Vec<PeerId> = Vec::new();
+    while found.len() < CROSS_REGION_CANDIDATES {
         let mut best: Option<(usize, &(u32, PeerId))> = None;
         for (w, it) in walks.iter_mut().enumerate() {
             if let Some(&e) = it.peek() {
@@ -1143,12 +1311,15 @@ fn nearest_least_loaded(
                 }
             }
         }
-        let (w, _) = best?;
-        let (_, p) = walks[w].next()?;
+        let Some((w, _)) = best else { break };
+        let Some((_, p)) = walks[w].next() else {
+            break;
+        };
         if holds(p) && usable(peers, p) {
-            return Some(*p);
+            found.push(*p);
         }
     }
+    found.into_iter().min_by_key(key)
 }
 
 #[cfg(test)]
@@ -1813,3 +1984,8 @@ mod tests {
         assert_eq!(len, MAX_PAST_PER_REQUESTER);
     }
 }
+
+/// Location tiers and the region budget (in a file of their own).
+#[cfg(test)]
+#[path = "policy_near_tests.rs"]
+mod near_tests;

@@ -474,6 +474,10 @@ impl EventLoop {
                 }
                 tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "peer connected");
                 self.policy.peer_up(peer_id, Vec::new());
+                // The address the connection comes from (dialed, or the listener's send-back
+                // address): observed, unlike the region label, so it gives the prefix tier.
+                self.policy
+                    .observe_addr(peer_id, endpoint.get_remote_address());
                 self.resume_pulls_from(peer_id);
                 self.metrics
                     .peers
@@ -577,6 +581,11 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
                 peer,
+                result: Ok(rtt),
+                ..
+            })) => self.policy.master_rtt(peer, rtt),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
+                peer,
                 result: Err(error),
                 ..
             })) => {
@@ -664,6 +673,20 @@ impl EventLoop {
                 MasterResponse::Ack
             }
             MasterRequest::List => crate::listing::list(&self.policy),
+            MasterRequest::Rtt { samples } => {
+                match self.policy.rtt_report(Instant::now(), peer, &samples) {
+                    Ok(taken) => {
+                        tracing::trace!(%peer, taken, "rtt report");
+                        MasterResponse::Ack
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "rtt report refused");
+                        MasterResponse::Refused {
+                            reason: e.to_string(),
+                        }
+                    }
+                }
+            }
             MasterRequest::Leave => {
                 if self.policy.peer_down(&peer) {
                     tracing::info!(%peer, "mirror left");

@@ -146,6 +146,11 @@ pub struct FetchReport {
     pub bytes_from_master: u64,
     /// Piece bytes received from other peers.
     pub bytes_from_peers: u64,
+    /// Piece bytes received from each peer, by PeerId (at most [`MAX_REPORTED_SOURCES`]
+    /// peers; the rest count in `bytes_from_peers` only).
+    pub bytes_by_peer: std::collections::BTreeMap<String, u64>,
+    /// The blocks received from the master (merged ranges).
+    pub blocks_from_master: Vec<shoal_protocol::BlockRange>,
     /// Piece bytes this node served to others during the fetch.
     pub bytes_uploaded: u64,
     /// Blocks in the file.
@@ -160,6 +165,9 @@ pub struct FetchReport {
     /// Wall-clock seconds.
     pub elapsed_s: f64,
 }
+
+/// Most peers a [`FetchReport`] lists bytes for.
+pub const MAX_REPORTED_SOURCES: usize = 1_024;
 
 /// Aborts a task when dropped (a failed fetch must not leave its hasher running).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -358,6 +366,8 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
     }
     let (mut from_master, mut from_peers, mut unreported_peer_bytes) = (0u64, 0u64, 0u64);
     let mut swarm_locates = 0u64;
+    let mut by_peer = std::collections::BTreeMap::<String, u64>::new();
+    let mut master_blocks = shoal_protocol::block::Blocks::new(manifest.blocks());
     let mut avoided: std::collections::VecDeque<libp2p::PeerId> = Default::default();
     let held = Arc::new(AtomicU64::new(
         geometry.range_bytes(geometry.all()) - missing_bytes(&store),
@@ -473,7 +483,17 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                 Event::Ended(end) => {
                     if end.from_master {
                         from_master = from_master.saturating_add(end.bytes);
+                        // Blocks arrive in order: the first `delivered` of the range.
+                        let got = end.range.start + end.delivered.min(end.range.len());
+                        master_blocks.insert_range(shoal_protocol::BlockRange::new(end.range.start, got));
                     } else {
+                        if let Some(peer) = end.peer {
+                            let key = peer.to_string();
+                            if by_peer.len() < MAX_REPORTED_SOURCES || by_peer.contains_key(&key) {
+                                let e = by_peer.entry(key).or_default();
+                                *e = e.saturating_add(end.bytes);
+                            }
+                        }
                         from_peers = from_peers.saturating_add(end.bytes);
                         unreported_peer_bytes = unreported_peer_bytes.saturating_add(end.bytes);
                     }
@@ -518,6 +538,8 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
         file: opts.file.to_string(),
         bytes_from_master: from_master,
         bytes_from_peers: from_peers,
+        bytes_by_peer: by_peer,
+        blocks_from_master: master_blocks.ranges(),
         bytes_uploaded: client.bytes_uploaded().saturating_sub(uploaded_before),
         blocks: manifest.blocks(),
         blocks_resumed,

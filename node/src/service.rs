@@ -26,7 +26,7 @@ use std::{
 
 use futures::StreamExt;
 use libp2p::{
-    gossipsub, identify, kad, request_response, swarm::SwarmEvent, Multiaddr, PeerId, Swarm,
+    gossipsub, identify, kad, ping, request_response, swarm::SwarmEvent, Multiaddr, PeerId, Swarm,
 };
 use shoal_net::{
     serve::{BlockReader, PieceServer, PieceSource, Serve, ServeConfig},
@@ -38,10 +38,10 @@ use shoal_protocol::{
         authority_acceptance, peer_of, provider_key, Advertise, Behaviour, BehaviourEvent,
         ConnectionCaps, Role,
     },
-    limits::{KAD_PROTOCOL, MAX_HINT_ADDRS},
+    limits::{KAD_PROTOCOL, MAX_HINT_ADDRS, MAX_RTT_SAMPLES},
     wire::{
         AuthorityEvent, DigestRequest, DigestResponse, MasterRequest, MasterResponse, PieceRequest,
-        PublishRequest, RefuseReason,
+        PublishRequest, RefuseReason, RttSample,
     },
     BlockRange, FileId,
 };
@@ -627,6 +627,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         provided: HashSet::new(),
         peer_queries: HashMap::new(),
         provider_queries: HashMap::new(),
+        rtts: HashMap::new(),
     };
     let event_loop = spawn_critical("node event loop", lp.run(rx));
     let panics = vec![event_loop.watch(), server.watch()];
@@ -727,7 +728,16 @@ struct EventLoop {
     provided: HashSet<FileId>,
     /// Provider lookups in flight: who waits, and the providers found so far.
     provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<PeerId>>, HashSet<PeerId>)>,
+    /// The latest ping RTT to each peer (not the master) since the last report to the master.
+    rtts: HashMap<PeerId, Duration>,
 }
+
+/// How often the node reports the RTTs libp2p ping measured to its peers to the master (for
+/// its network coordinates; the master takes one report per peer every 2 s at most).
+pub const RTT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Most peers whose RTT waits for the next report; pings from others are dropped until then.
+pub const MAX_RTT_PEERS: usize = 256;
 
 /// How often the node checks for files it shares but does not yet announce on Kademlia.
 pub const PROVIDE_INTERVAL: Duration = Duration::from_secs(1);
@@ -779,6 +789,7 @@ impl EventLoop {
         let mut provide = tokio::time::interval(PROVIDE_INTERVAL);
         let mut redial = tokio::time::interval(MASTER_REDIAL);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rtt_report = tokio::time::interval(RTT_REPORT_INTERVAL);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event),
@@ -793,8 +804,32 @@ impl EventLoop {
                 },
                 _ = provide.tick() => self.provide_shelf(),
                 _ = redial.tick() => self.redial_master(),
+                _ = rtt_report.tick() => self.report_rtts(),
             }
         }
+    }
+
+    /// Sends the master up to [`MAX_RTT_SAMPLES`] of the RTTs measured since the last report
+    /// (the rest wait for the next one). The answer is not waited for.
+    fn report_rtts(&mut self) {
+        let peers: Vec<PeerId> = self.rtts.keys().take(MAX_RTT_SAMPLES).copied().collect();
+        if peers.is_empty() {
+            return;
+        }
+        let samples = peers
+            .into_iter()
+            .filter_map(|peer| {
+                let rtt = self.rtts.remove(&peer)?;
+                Some(RttSample {
+                    peer,
+                    rtt_us: u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX),
+                })
+            })
+            .collect();
+        self.swarm
+            .behaviour_mut()
+            .master
+            .send_request(&self.master, MasterRequest::Rtt { samples });
     }
 
     /// Announces this node on Kademlia as a provider of every shared file not yet announced
@@ -1066,6 +1101,23 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) if peer != self.master => {
+                // The master measures its own RTT to us; these are for the peers it cannot.
+                if self.rtts.len() < MAX_RTT_PEERS || self.rtts.contains_key(&peer) {
+                    self.rtts.insert(peer, rtt);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.rtts.remove(&peer_id);
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 num_established,

@@ -48,6 +48,8 @@ pub const MAX_STATUS_BANNED: usize = 1_024;
 /// Most files a `List` answer carries (it also carries the total); about 300 bytes each at
 /// most, well within [`MAX_MASTER_RESPONSE`].
 pub const MAX_LIST_FILES: usize = 1_000;
+/// Most samples one RTT report may carry.
+pub const MAX_RTT_SAMPLES: usize = 32;
 /// Longest region label the master keeps.
 pub const MAX_REGION_LEN: usize = 64;
 

@@ -72,6 +72,23 @@ pub enum MasterRequest {
     Leave,
     /// The files the master holds (`shoal ls`).
     List,
+    /// Round-trip times the node measured (libp2p ping) to peers it talks to, for the
+    /// master's network coordinates. At most [`MAX_RTT_SAMPLES`] samples; the master refuses
+    /// a longer report, takes at most one report per peer every few seconds, and ignores
+    /// samples about peers it does not know.
+    Rtt {
+        /// The samples.
+        samples: Vec<RttSample>,
+    },
+}
+
+/// One measured round-trip time to a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RttSample {
+    /// The peer pinged.
+    pub peer: PeerId,
+    /// Its round-trip time, in microseconds.
+    pub rtt_us: u32,
 }
 
 /// A problem with an assigned source. Each says only what the reporter saw: a peer that died
@@ -526,6 +543,14 @@ mod tests {
             ".{0,40}".prop_map(|region| MasterRequest::Hello { region }),
             Just(MasterRequest::Leave),
             Just(MasterRequest::List),
+            proptest::collection::vec((arb_peer(), any::<u32>()), 0..8).prop_map(|s| {
+                MasterRequest::Rtt {
+                    samples: s
+                        .into_iter()
+                        .map(|(peer, rtt_us)| RttSample { peer, rtt_us })
+                        .collect(),
+                }
+            }),
         ]
     }
 

@@ -273,6 +273,13 @@ fn variable_fields() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
             enc(&MasterRequest::Hello { region: s(1) }),
         ),
         (
+            "MasterRequest",
+            enc(&MasterRequest::Rtt { samples: vec![] }),
+            enc(&MasterRequest::Rtt {
+                samples: vec![RttSample { peer, rtt_us: 1 }],
+            }),
+        ),
+        (
             "PublishRequest",
             enc(&with_name(&named)),
             enc(&with_name(&named_one)),
@@ -424,7 +431,7 @@ fn unknown_variants_are_errors() {
     report_unknown_problem.extend_from_slice(&peer);
     report_unknown_problem.push(5); // Problem has variants 0..=4
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("MasterRequest", vec![7]), // MasterRequest has 7 variants (Locate ... List)
+        ("MasterRequest", vec![8]), // MasterRequest has 8 variants (Locate ... List, Rtt)
         ("MasterRequest", vec![250]),
         ("MasterRequest", vec![251, 0xff, 0xff]),
         (

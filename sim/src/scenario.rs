@@ -414,6 +414,8 @@ pub struct PolicySpec {
     pub assignment_timeout_s: Option<f64>,
     /// Wait after an empty answer, seconds.
     pub retry_after_s: Option<f64>,
+    /// One copy of each block enters each region (`shoal-master --region-budget`).
+    pub region_budget: Option<bool>,
 }
 
 impl PolicySpec {
@@ -436,6 +438,9 @@ impl PolicySpec {
         }
         if let Some(s) = self.retry_after_s {
             c.retry_after = std::time::Duration::from_secs_f64(s);
+        }
+        if let Some(on) = self.region_budget {
+            c.region_budget = on;
         }
         c
     }

@@ -116,17 +116,28 @@ pub async fn published(
     seed: u64,
     master_rate: Option<u64>,
 ) -> anyhow::Result<Published> {
+    published_with(root, size, seed, master_rate, |cfg| cfg).await
+}
+
+/// [`published`], with the master's configuration changed by `tune` first.
+pub async fn published_with(
+    root: &Path,
+    size: usize,
+    seed: u64,
+    master_rate: Option<u64>,
+    tune: impl FnOnce(MasterConfig) -> MasterConfig,
+) -> anyhow::Result<Published> {
     let src = root.join("source.bin");
     write_random_file(&src, size, seed)?;
     // The publisher's key exists first, and the master trusts that key only (as an operator
     // would set it up): announces from any other key are refused.
     let publisher_dir = root.join("publisher");
     let key = shoal_node::service::load_or_create_key(&publisher_dir.join("identity.key"))?;
-    let master = Master::start(
+    let master = Master::start(tune(
         master_config(&root.join("master"), master_rate).with_publishing(PublishPolicy::Trusted(
             std::collections::BTreeSet::from([key.public().to_peer_id()]),
         )),
-    )
+    ))
     .await
     .context("starting master")?;
     let bootstrap = master.addrs()[0].clone();

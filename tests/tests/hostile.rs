@@ -287,6 +287,16 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
             }),
             enc(&MasterRequest::Hello { region: "x".into() }),
         ),
+        (
+            "Rtt.samples",
+            enc(&MasterRequest::Rtt { samples: vec![] }),
+            enc(&MasterRequest::Rtt {
+                samples: vec![RttSample {
+                    peer: any_peer,
+                    rtt_us: 1,
+                }],
+            }),
+        ),
     ];
     let publish_fields: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
         (
@@ -395,10 +405,10 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
     unknown_problem.push(peer_bytes.len() as u8);
     unknown_problem.extend_from_slice(&peer_bytes);
     unknown_problem.push(5);
-    // MasterRequest has 7 variants (Locate ... List), Problem 5, DigestRequest fewer than 9:
-    // the first bytes below name none of them.
+    // MasterRequest has 8 variants (Locate ... List, Rtt), Problem 5, DigestRequest fewer
+    // than 9: the first bytes below name none of them.
     for (protocol, bytes) in [
-        (MASTER_PROTOCOL, vec![7u8]),
+        (MASTER_PROTOCOL, vec![8u8]),
         (MASTER_PROTOCOL, vec![250]),
         (MASTER_PROTOCOL, unknown_problem),
         (DIGEST_PROTOCOL, vec![9]),
@@ -410,6 +420,63 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
         });
     }
     alive(&master, file, &hostile, "unknown variants", &mut failures).await?;
+
+    // 3b. RTT reports: over the sample cap (one over, and as many as fit in a request) they
+    // are refused whole; garbage samples (unknown peers, itself, zero, 71 minutes) are taken
+    // as nothing; a second report at once is refused (rate limit); a report whose sample
+    // list is cut off or holds a bogus PeerId does not decode.
+    let sample = |peer, rtt_us| RttSample { peer, rtt_us };
+    let me = hostile.peer_id();
+    for n in [MAX_RTT_SAMPLES + 1, 1_400] {
+        let bytes = frame(&enc(&MasterRequest::Rtt {
+            samples: vec![sample(any_peer, 1_000); n],
+        }));
+        anyhow::ensure!(
+            bytes.len() <= MAX_MASTER_REQUEST + 4,
+            "{n} samples exceed the request cap"
+        );
+        let answer = send_raw(&hostile, mid, MASTER_PROTOCOL, &bytes).await?;
+        failures.check(not_accepted(&answer), || {
+            format!("an RTT report of {n} samples was answered: {answer:?}")
+        });
+    }
+    let garbage: Vec<RttSample> = (0..MAX_RTT_SAMPLES as u32)
+        .map(|i| match i % 4 {
+            0 => sample(Keypair::generate_ed25519().public().to_peer_id(), 1_000),
+            1 => sample(me, 1),
+            2 => sample(mid, 0),
+            _ => sample(mid, u32::MAX),
+        })
+        .collect();
+    let garbage = frame(&enc(&MasterRequest::Rtt { samples: garbage }));
+    let answer = send_raw(&hostile, mid, MASTER_PROTOCOL, &garbage).await?;
+    failures.check(
+        answer.as_ref().is_some_and(|a| {
+            unframe::<MasterResponse>(a, MAX_MASTER_RESPONSE)
+                .is_ok_and(|r| r == MasterResponse::Ack)
+        }),
+        || format!("a report of garbage samples was not simply acknowledged: {answer:?}"),
+    );
+    let answer = send_raw(&hostile, mid, MASTER_PROTOCOL, &garbage).await?;
+    failures.check(not_accepted(&answer), || {
+        format!("a second RTT report at once was answered: {answer:?}")
+    });
+    let whole = enc(&MasterRequest::Rtt {
+        samples: vec![sample(any_peer, 5); 2],
+    });
+    let mut bogus_peer = whole.clone();
+    // The first sample's PeerId: its length byte, then a multihash; spoil the multihash code.
+    bogus_peer[3] ^= 0xff;
+    for (what, bytes) in [
+        ("cut off", whole[..whole.len() - 3].to_vec()),
+        ("with a bogus PeerId", bogus_peer),
+    ] {
+        let answer = send_raw(&hostile, mid, MASTER_PROTOCOL, &frame(&bytes)).await?;
+        failures.check(answer.is_none(), || {
+            format!("an RTT report {what} was answered: {answer:?}")
+        });
+    }
+    alive(&master, file, &hostile, "RTT reports", &mut failures).await?;
 
     // 4. An announce from a key the master was not told to trust: refused, and no disk used
     // (no manifest stored, no space reserved, no pull).
