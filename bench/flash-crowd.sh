@@ -5,5 +5,6 @@
 # time. Usage: bench/flash-crowd.sh [N] [MIB]   (default 12 64)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -q -p shoal-node -p shoal-master -p shoal-examples --example flash_crowd
+cargo build --release -q -p shoal-node -p shoal-master
+cargo build --release -q -p shoal-examples --example flash_crowd
 exec target/release/examples/flash_crowd "${1:-12}" "${2:-64}" --bin-dir target/release
