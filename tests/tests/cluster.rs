@@ -45,7 +45,8 @@ async fn ten_nodes_get_exact_bytes_mostly_from_peers() -> anyhow::Result<()> {
         "nodes and master disagree on master bytes"
     );
     let ratio = master_bytes as f64 / size as f64;
-    assert!(ratio <= 1.5, "master sent {ratio:.2}x the file size");
+    // Issue 11: about one copy from the origin (measured 1.000 in three runs).
+    assert!(ratio <= 1.1, "master sent {ratio:.3}x the file size");
     assert!(
         from_peers * 2 >= from_peers + from_master,
         "only {from_peers} of {} piece bytes came from peers",
