@@ -20,7 +20,15 @@
 //! if no other copy is on its way into that region, and the master's "one first copy at a
 //! time" holds per region instead of swarm-wide.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+/// The policy's hash maps and sets: nearly every lookup of a Locate is by `PeerId` (about 40
+/// bytes), and with std's SipHash the hashing was most of a Locate's time (perf, simulator).
+/// foldhash is several times faster and still seeded at random per process and per map, so a
+/// peer cannot aim keys at one bucket without knowing the seed (and a PeerId is a public key,
+/// which it can only grind, not choose).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
@@ -70,8 +78,13 @@ pub struct PolicyConfig {
     /// How long an assignment counts as load (and a master handout blocks re-handouts)
     /// without the requester confirming the blocks.
     pub assignment_timeout: Duration,
-    /// What to tell a node to wait when nothing can be assigned now.
+    /// What to tell a node to wait when nothing can be assigned now (at least).
     pub retry_after: Duration,
+    /// Empty answers per second the master paces its waiting requesters to: with `W` of them
+    /// waiting, each is told to wait `max(retry_after, W / waiting_polls_per_s)`, so a crowd
+    /// waiting for full holders asks at a fixed total rate whatever its size, and a freed slot
+    /// is still found within about `1 / waiting_polls_per_s`.
+    pub waiting_polls_per_s: u32,
     /// The master's upload slots (piece streams it serves at once; more are refused). Master
     /// pieces go to at most `master_slots / pieces per answer` requesters at a time, one
     /// answer's worth each, so that what the policy hands out the master can serve: more
@@ -104,6 +117,7 @@ impl Default for PolicyConfig {
             max_blocks_per_answer: 512,
             assignment_timeout: Duration::from_secs(20),
             retry_after: Duration::from_millis(200),
+            waiting_polls_per_s: 1_000,
             report_grace: Duration::from_secs(10),
             master_slots: 64,
             peer_slots: 16,
@@ -141,6 +155,8 @@ struct PeerState {
     /// Requesters with blocks assigned from this peer and not yet confirmed: about the
     /// piece streams it serves. At `peer_slots` it is full and not sent more requesters.
     serving: u32,
+    /// Its last Locate was answered with nothing (it is waiting).
+    waiting: bool,
     /// Peers this one could not get data from: never sent there again.
     /// Until when (`None`: for good).
     avoid: HashMap<PeerId, Option<Instant>>,
@@ -229,6 +245,8 @@ pub struct Policy {
     master_load: u32,
     /// Per requester, its blocks on their way from the master (pending, any file).
     master_pending: HashMap<PeerId, u32>,
+    /// Peers whose last Locate was answered with nothing.
+    waiting: u32,
     /// Per (requester, holder), the requester's blocks pending from that holder.
     pairs: HashMap<(PeerId, PeerId), u32>,
     index: LoadIndex,
@@ -247,15 +265,16 @@ impl Policy {
     pub fn new(cfg: PolicyConfig) -> Self {
         Self {
             cfg,
-            files: HashMap::new(),
-            peers: HashMap::new(),
-            banned: HashSet::new(),
+            files: HashMap::default(),
+            peers: HashMap::default(),
+            banned: HashSet::default(),
             master_load: 0,
-            master_pending: HashMap::new(),
-            pairs: HashMap::new(),
+            master_pending: HashMap::default(),
+            waiting: 0,
+            pairs: HashMap::default(),
             index: LoadIndex::default(),
             locations: Locations::default(),
-            numbers: HashMap::new(),
+            numbers: HashMap::default(),
             numbered: Vec::new(),
             expiry_floor: None,
         }
@@ -269,11 +288,11 @@ impl Policy {
             size,
             blocks,
             master_has,
-            holders: HashMap::new(),
-            pending: HashMap::new(),
-            handouts: HashMap::new(),
-            entering: HashMap::new(),
-            past: HashMap::new(),
+            holders: HashMap::default(),
+            pending: HashMap::default(),
+            handouts: HashMap::default(),
+            entering: HashMap::default(),
+            past: HashMap::default(),
             bytes_from_master: 0,
             bytes_from_peers: 0,
             holder_count: vec![0; blocks as usize],
@@ -437,7 +456,9 @@ impl Policy {
         }
         // Its addresses, region, location and avoidances go with it: a peer that comes back
         // starts afresh, and the table holds only connected peers.
-        self.peers.remove(peer);
+        if self.peers.remove(peer).is_some_and(|p| p.waiting) {
+            self.waiting = self.waiting.saturating_sub(1);
+        }
         self.locations.forget(peer);
         was_mirror
     }
@@ -882,8 +903,21 @@ impl Policy {
                 },
             })
             .collect();
-        let retry_after = if assignments.is_empty() {
-            cfg.retry_after
+        let waits = assignments.is_empty();
+        if let Some(p) = self.peers.get_mut(&requester) {
+            if p.waiting != waits {
+                p.waiting = waits;
+                self.waiting = if waits {
+                    self.waiting + 1
+                } else {
+                    self.waiting.saturating_sub(1)
+                };
+            }
+        }
+        let retry_after = if waits {
+            cfg.retry_after.max(Duration::from_secs_f64(
+                f64::from(self.waiting) / f64::from(cfg.waiting_polls_per_s.max(1)),
+            ))
         } else {
             Duration::ZERO
         };
@@ -1433,6 +1467,53 @@ mod tests {
         assert!(
             ans.assignments.iter().all(|x| x.source != Source::Master),
             "{ans:?}"
+        );
+    }
+
+    #[test]
+    fn a_waiting_crowd_is_paced_to_a_fixed_rate_of_empty_answers() {
+        let mut p = Policy::new(PolicyConfig {
+            retry_after: Duration::from_millis(100),
+            waiting_polls_per_s: 10,
+            ..PolicyConfig::default()
+        });
+        // The master holds nothing yet (a pull under way): nobody can be given anything.
+        p.add_file(file(), "f".into(), 4 * 1024, Blocks::new(4));
+        let now = Instant::now();
+        let peers: Vec<PeerId> = (0..5).map(|_| peer()).collect();
+        let mut waits = Vec::new();
+        for x in &peers {
+            p.peer_up(*x, vec![addr()]);
+            let ans = p.locate(now, *x, &file(), &all(4)).unwrap();
+            assert!(ans.assignments.is_empty());
+            waits.push(ans.retry_after.as_millis());
+        }
+        // One waiter: 100 ms (the floor); five: 5 / 10 per second.
+        assert_eq!(waits, vec![100, 200, 300, 400, 500]);
+        // Asking again while waiting does not count twice; leaving stops counting.
+        assert_eq!(
+            p.locate(now, peers[0], &file(), &all(4))
+                .unwrap()
+                .retry_after,
+            Duration::from_millis(500)
+        );
+        p.peer_down(&peers[0]);
+        p.peer_down(&peers[1]);
+        assert_eq!(
+            p.locate(now, peers[2], &file(), &all(4))
+                .unwrap()
+                .retry_after,
+            Duration::from_millis(300)
+        );
+        // A waiter that is given something is no longer waiting.
+        p.master_stored(&file(), 0);
+        let ans = p.locate(now, peers[3], &file(), &all(4)).unwrap();
+        assert!(!ans.assignments.is_empty());
+        assert_eq!(
+            p.locate(now, peers[4], &file(), &all(4))
+                .unwrap()
+                .retry_after,
+            Duration::from_millis(200)
         );
     }
 

@@ -280,7 +280,7 @@ fn under_a_region_budget_the_master_sends_each_block_once_per_region() {
         .map(|i| join(&mut p, &format!("10.1.0.{i}"), "us"))
         .collect();
     // Per region, per block: how many copies the master handed out.
-    let mut sent: HashMap<(&str, u32), u32> = HashMap::new();
+    let mut sent: HashMap<(&str, u32), u32> = HashMap::default();
     for (region, group) in [("eu", &eu), ("us", &us)] {
         for x in group.iter() {
             for a in p.locate(t0, *x, &file(), &all(8)).unwrap().assignments {
