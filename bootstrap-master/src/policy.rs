@@ -152,9 +152,12 @@ struct PeerState {
     live: bool,
     /// Blocks assigned to this peer as a source and not yet confirmed by their requester.
     load: u32,
-    /// Requesters with blocks assigned from this peer and not yet confirmed: about the
-    /// piece streams it serves. At `peer_slots` it is full and not sent more requesters.
+    /// Runs (piece streams) assigned from this peer whose requester has not confirmed all
+    /// it was assigned from it (a run counts until its requester's last block from this peer
+    /// is confirmed: a little over, never under). At `peer_slots` it is full.
     serving: u32,
+    /// As a requester: per holder, (blocks assigned from it and not confirmed, runs).
+    sources: HashMap<PeerId, (u32, u32)>,
     /// Its last Locate was answered with nothing (it is waiting).
     waiting: bool,
     /// Peers this one could not get data from: never sent there again.
@@ -247,8 +250,6 @@ pub struct Policy {
     master_pending: HashMap<PeerId, u32>,
     /// Peers whose last Locate was answered with nothing.
     waiting: u32,
-    /// Per (requester, holder), the requester's blocks pending from that holder.
-    pairs: HashMap<(PeerId, PeerId), u32>,
     index: LoadIndex,
     /// Observed prefixes and network coordinates.
     locations: Locations,
@@ -271,7 +272,6 @@ impl Policy {
             master_load: 0,
             master_pending: HashMap::default(),
             waiting: 0,
-            pairs: HashMap::default(),
             index: LoadIndex::default(),
             locations: Locations::default(),
             numbers: HashMap::default(),
@@ -412,7 +412,6 @@ impl Policy {
                         &mut self.index,
                         &mut self.master_load,
                         &mut self.master_pending,
-                        &mut self.pairs,
                         *peer,
                         p.source,
                     );
@@ -434,7 +433,6 @@ impl Policy {
                             &mut self.index,
                             &mut self.master_load,
                             &mut self.master_pending,
-                            &mut self.pairs,
                             *requester,
                             p.source,
                         );
@@ -517,7 +515,6 @@ impl Policy {
                         &mut self.index,
                         &mut self.master_load,
                         &mut self.master_pending,
-                        &mut self.pairs,
                         peer,
                         p.source,
                     );
@@ -604,7 +601,6 @@ impl Policy {
                             &mut self.index,
                             &mut self.master_load,
                             &mut self.master_pending,
-                            &mut self.pairs,
                             *requester,
                             p.source,
                         );
@@ -828,7 +824,6 @@ impl Policy {
                         &mut self.index,
                         &mut self.master_load,
                         &mut self.master_pending,
-                        &mut self.pairs,
                         requester,
                         old.source,
                     );
@@ -853,11 +848,17 @@ impl Policy {
                 self.expiry_floor = Some(self.expiry_floor.map_or(deadline, |t| t.min(deadline)));
                 match source {
                     Some(p) => {
-                        let pair = self.pairs.entry((requester, p)).or_default();
-                        *pair += 1;
-                        let first = *pair == 1;
+                        // A new run from it (not the current run continued): one more stream.
+                        let new_run = !matches!(runs.last(), Some((r, Some(h)))
+                            if *h == p && r.end == b && r.len() < cfg.max_peer_piece);
+                        let counted = self.peers.get_mut(&requester).is_some_and(|r| {
+                            let (blocks, n) = r.sources.entry(p).or_default();
+                            *blocks += 1;
+                            *n += u32::from(new_run);
+                            true
+                        });
                         if let Some(s) = self.peers.get_mut(&p) {
-                            if first {
+                            if counted && new_run {
                                 s.serving += 1;
                             }
                             let load = s.load + 1;
@@ -1130,26 +1131,28 @@ fn release(
     index: &mut LoadIndex,
     master_load: &mut u32,
     master_pending: &mut HashMap<PeerId, u32>,
-    pairs: &mut HashMap<(PeerId, PeerId), u32>,
     requester: PeerId,
     source: Option<PeerId>,
 ) {
     match source {
         Some(p) => {
-            let last = match pairs.get_mut(&(requester, p)) {
-                Some(n) => {
-                    *n = n.saturating_sub(1);
-                    *n == 0
-                }
-                None => false,
-            };
-            if last {
-                pairs.remove(&(requester, p));
-            }
+            let done_runs = peers
+                .get_mut(&requester)
+                .map_or(0, |r| match r.sources.get_mut(&p) {
+                    Some((blocks, runs)) => {
+                        *blocks = blocks.saturating_sub(1);
+                        if *blocks == 0 {
+                            let runs = *runs;
+                            r.sources.remove(&p);
+                            runs
+                        } else {
+                            0
+                        }
+                    }
+                    None => 0,
+                });
             if let Some(s) = peers.get_mut(&p) {
-                if last {
-                    s.serving = s.serving.saturating_sub(1);
-                }
+                s.serving = s.serving.saturating_sub(done_runs);
                 let load = s.load.saturating_sub(1);
                 set_load(s, index, p, load);
             }
@@ -2047,6 +2050,8 @@ mod tests {
     #[test]
     fn closed_assignments_are_remembered_in_bounded_space() {
         let mut p = setup(1024);
+        // The holder never fills: b confirms nothing, and its runs would count against it.
+        p.cfg.peer_slots = u32::MAX;
         let (a, b) = (peer(), peer());
         p.peer_up(a, vec![addr()]);
         p.peer_up(b, vec![addr()]);
