@@ -723,11 +723,12 @@ impl Policy {
         let mut budget = cfg.max_blocks_per_answer;
         let mut scans = cfg.max_blocks_per_answer.saturating_mul(LOCATE_SCAN_FACTOR);
         let mut master_given = 0u32;
-        // New first copies only to a requester with less than an answer's worth on its way
-        // from the master (so it can ask for the next before the last arrive), and to a new
-        // requester only while the master's slots can take two more answers' worth of pieces.
+        // New first copies only to a requester with less than two answers' worth on its way
+        // from the master (so it can ask for the next before the last arrive: with one, a lone
+        // fetch ran at a third of its speed), and to a new requester only while the master's
+        // slots can take two more answers' worth of pieces.
         let master_open = match self.master_pending.get(&requester) {
-            Some(n) => *n < master_budget,
+            Some(n) => *n < 2 * master_budget,
             None => self.master_pending.len() < master_clients as usize,
         };
 
@@ -1547,24 +1548,31 @@ mod tests {
             })
             .collect();
         assert_eq!(got, vec![2, 2, 0, 0]);
-        // A requester with an answer's worth on its way gets no more until some arrive.
+        // A requester may have two answers' worth on its way (it asks for the next before the
+        // last arrive), no more until some arrive.
+        let rest = |from: u32| -> Vec<BlockRange> {
+            (from..64).map(|b| BlockRange::new(b, b + 1)).collect()
+        };
+        assert_eq!(
+            p.locate(now, peers[0], &file(), &rest(8))
+                .unwrap()
+                .assignments
+                .len(),
+            2
+        );
         assert!(p
-            .locate(
-                now,
-                peers[0],
-                &file(),
-                &BlockRange::new(8, 64)
-                    .iter()
-                    .map(|b| BlockRange::new(b, b + 1))
-                    .collect::<Vec<_>>()
-            )
+            .locate(now, peers[0], &file(), &rest(16))
             .unwrap()
             .assignments
             .is_empty());
         // When the first one's blocks arrive, the next requester is served.
-        p.have(&file(), peers[0], &[BlockRange::new(0, 4)]);
+        p.have(
+            &file(),
+            peers[0],
+            &[BlockRange::new(0, 4), BlockRange::new(8, 12)],
+        );
         let ans = p
-            .locate(now, peers[2], &file(), &[BlockRange::new(8, 64)])
+            .locate(now, peers[2], &file(), &[BlockRange::new(16, 64)])
             .unwrap();
         assert!(
             ans.assignments.iter().any(|a| a.source == Source::Master),
