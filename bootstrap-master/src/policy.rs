@@ -233,6 +233,8 @@ struct FileState {
     bytes_from_peers: u64,
     /// Per block, how many peers hold it.
     holder_count: Vec<u32>,
+    /// Holders of every block (seeds): they need no first copies.
+    complete: u32,
     /// Per block, its holders (peer numbers, may name peers that no longer hold it) while
     /// few hold it; `None` once there were too many to list (rebuilt when they are few again).
     rare_holders: Vec<Option<Vec<u32>>>,
@@ -250,6 +252,8 @@ pub struct Policy {
     master_pending: HashMap<PeerId, u32>,
     /// Peers whose last Locate was answered with nothing.
     waiting: u32,
+    /// Live peers.
+    live: u32,
     index: LoadIndex,
     /// Observed prefixes and network coordinates.
     locations: Locations,
@@ -272,6 +276,7 @@ impl Policy {
             master_load: 0,
             master_pending: HashMap::default(),
             waiting: 0,
+            live: 0,
             index: LoadIndex::default(),
             locations: Locations::default(),
             numbers: HashMap::default(),
@@ -296,6 +301,7 @@ impl Policy {
             bytes_from_master: 0,
             bytes_from_peers: 0,
             holder_count: vec![0; blocks as usize],
+            complete: 0,
             rare_holders: vec![Some(Vec::new()); blocks as usize],
         });
     }
@@ -328,7 +334,10 @@ impl Policy {
             return;
         }
         let p = self.peers.entry(peer).or_default();
-        p.live = true;
+        if !p.live {
+            p.live = true;
+            self.live += 1;
+        }
         for a in addrs {
             if !p.addrs.contains(&a) {
                 p.addrs.push(a);
@@ -399,6 +408,7 @@ impl Policy {
         for f in self.files.values_mut() {
             if let Some(held) = f.holders.remove(peer) {
                 was_mirror = true;
+                f.complete -= u32::from(held.is_full());
                 for r in held.ranges() {
                     for b in r.iter() {
                         f.holder_count[b as usize] -= 1;
@@ -454,8 +464,13 @@ impl Policy {
         }
         // Its addresses, region, location and avoidances go with it: a peer that comes back
         // starts afresh, and the table holds only connected peers.
-        if self.peers.remove(peer).is_some_and(|p| p.waiting) {
-            self.waiting = self.waiting.saturating_sub(1);
+        if let Some(p) = self.peers.remove(peer) {
+            if p.waiting {
+                self.waiting = self.waiting.saturating_sub(1);
+            }
+            if p.live {
+                self.live = self.live.saturating_sub(1);
+            }
         }
         self.locations.forget(peer);
         was_mirror
@@ -472,6 +487,7 @@ impl Policy {
             let n = number(&mut self.numbers, &mut self.numbered, peer);
             index_peer(&mut self.peers, &mut self.index, peer);
             let before = f.holders.insert(peer, Blocks::full(f.blocks));
+            f.complete += u32::from(!before.as_ref().is_some_and(|h| h.is_full()));
             for b in 0..f.blocks {
                 if !before.as_ref().is_some_and(|h| h.contains(b)) {
                     f.added_holder(b, n, &self.numbered);
@@ -493,6 +509,7 @@ impl Policy {
             .holders
             .entry(peer)
             .or_insert_with(|| Blocks::new(geometry_blocks));
+        let was_full = held.is_full();
         let pending = f.pending.entry(peer).or_default();
         let grace = self.cfg.report_grace;
         let mut added = Vec::new();
@@ -521,6 +538,9 @@ impl Policy {
                     remember(&mut f.past, peer, b, p, true, grace);
                 }
             }
+        }
+        if !was_full && f.holders.get(&peer).is_some_and(|h| h.is_full()) {
+            f.complete += 1;
         }
         for b in added {
             f.added_holder(b, n, &self.numbered);
@@ -643,9 +663,23 @@ impl Policy {
 
     /// Requesters that may have master pieces on their way at once: the master's slots over
     /// the pieces of two answers (each may have one answer on its way and ask for the next).
-    fn master_clients(&self) -> u32 {
-        let pieces = self.under_load(self.cfg.max_master_pieces).max(1);
+    fn master_clients(&self, share: u32) -> u32 {
+        let pieces = self
+            .under_load(self.cfg.max_master_pieces)
+            .min(share.div_ceil(self.master_piece().max(1)))
+            .max(1);
         (self.cfg.master_slots / (2 * pieces)).max(1)
+    }
+
+    /// A requester's fair share of first copies of `f`, in blocks: the file over the peers
+    /// that may want it (live, not holding all of it). The first node of a crowd that asks
+    /// must not take every first copy (it alone would then serve the whole crowd, through its
+    /// slots, while every other upload sits idle): with 30 nodes and 32 blocks, each gets
+    /// about one, and all of them have something to serve at once. A lone node's share is
+    /// the whole file (the answer budget bounds it then).
+    fn first_copy_share(&self, f: &FileState) -> u32 {
+        let wanting = self.live.saturating_sub(f.complete).max(1);
+        f.blocks.div_ceil(wanting).max(1)
     }
 
     /// Blocks the master hands out in one answer: several pieces when idle, one when busy.
@@ -666,8 +700,9 @@ impl Policy {
             self.expire(now);
         }
         let master_piece = self.master_piece();
-        let master_budget = self.master_budget();
-        let master_clients = self.master_clients();
+        let share = self.files.get(file).map_or(1, |f| self.first_copy_share(f));
+        let master_budget = self.master_budget().min(share);
+        let master_clients = self.master_clients(share);
         let cfg = self.cfg.clone();
         let f = self
             .files
@@ -979,6 +1014,7 @@ impl Policy {
             return 0;
         };
         let mut dropped = 0;
+        f.complete -= u32::from(held.is_full());
         for r in blocks {
             for b in BlockRange::new(r.start, r.end.min(f.blocks)).iter() {
                 if held.remove(b) {
@@ -988,6 +1024,7 @@ impl Policy {
                 }
             }
         }
+        f.complete += u32::from(held.is_full());
         if held.count() == 0 {
             f.holders.remove(peer);
         }
@@ -1401,6 +1438,55 @@ mod tests {
     }
 
     #[test]
+    fn first_copies_are_shared_out_over_the_crowd_not_taken_by_the_first_to_ask() {
+        // 32 blocks, an idle master that would hand 4 pieces of 8 to one requester.
+        let mut p = Policy::new(PolicyConfig {
+            max_master_piece: 8,
+            min_master_piece: 1,
+            max_master_pieces: 4,
+            master_load_half: 1_000_000,
+            ..PolicyConfig::default()
+        });
+        p.add_file(file(), "f".into(), 64 * 1024, Blocks::full(32));
+        let now = Instant::now();
+        let blocks_of = |a: &LocateAnswer| -> u32 {
+            a.assignments
+                .iter()
+                .inspect(|x| assert_eq!(x.source, Source::Master))
+                .map(|x| x.range.len())
+                .sum()
+        };
+        // Alone, a node gets the whole answer's worth.
+        let lone = peer();
+        p.peer_up(lone, vec![addr()]);
+        assert_eq!(
+            blocks_of(&p.locate(now, lone, &file(), &all(32)).unwrap()),
+            32
+        );
+        p.peer_down(&lone);
+        // In a crowd of 16, each gets its share (two blocks), and 16 of them start at once
+        // with a distinct first copy each to serve the others.
+        let crowd: Vec<PeerId> = (0..16).map(|_| peer()).collect();
+        for x in &crowd {
+            p.peer_up(*x, vec![addr()]);
+        }
+        let mut seen = Blocks::new(32);
+        for x in &crowd {
+            let ans = p.locate(now, *x, &file(), &all(32)).unwrap();
+            assert_eq!(blocks_of(&ans), 2, "{ans:?}");
+            for a in &ans.assignments {
+                assert_eq!(seen.insert_range(a.range), a.range.len(), "sent twice");
+            }
+        }
+        assert!(seen.is_full());
+        // A peer that holds everything (a seed) wants no share: 17 live, 16 wanting.
+        p.have(&file(), crowd[0], &all(32));
+        let late = peer();
+        p.peer_up(late, vec![addr()]);
+        assert_eq!(p.first_copy_share(&p.files[&file()]), 32u32.div_ceil(16));
+    }
+
+    #[test]
     fn first_request_is_served_by_the_master() {
         let mut p = setup(16);
         let a = peer();
@@ -1643,8 +1729,11 @@ mod tests {
         p.peer_up(a, vec![]);
         p.peer_up(b, vec![]);
         let now = Instant::now();
-        p.locate(now, a, &file(), &all(4)).unwrap();
-        let wait = p.locate(now, b, &file(), &all(4)).unwrap();
+        // Two peers want the file: each may have half of the first copies.
+        let first = p.locate(now, a, &file(), &all(4)).unwrap().assignments;
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].range, BlockRange::new(0, 2));
+        let wait = p.locate(now, b, &file(), &[BlockRange::new(0, 2)]).unwrap();
         assert!(wait.assignments.is_empty());
         assert!(wait.retry_after > Duration::ZERO);
         // The handout expires in virtual time: the master serves b itself.

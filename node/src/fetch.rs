@@ -228,7 +228,13 @@ enum Event {
     /// The answer to a Locate, and whether it came from the swarm (master unreachable).
     Located(Result<MasterResponse, NodeError>, bool),
     Ended(TransferEnd),
+    /// A transfer's first `.1` blocks are verified and stored (it goes on).
+    Progress(TransferId, u32),
 }
+
+/// How often a running transfer tells the fetch loop how far it got (the scheduler then
+/// paces the Haves to the master on its own interval).
+const PROGRESS_EVERY: Duration = Duration::from_millis(50);
 
 /// Providers asked for their holdings in one swarm locate.
 pub const MAX_PROVIDERS_ASKED: usize = 16;
@@ -421,7 +427,7 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                     );
                     let d = opts.scheduler.deadlines.clone();
                     tokio::spawn(async move {
-                        let end = run_transfer(&c, &m, &s, t, &d, &h, p, l).await;
+                        let end = run_transfer(&c, &m, &s, t, &d, &h, p, l, &tx).await;
                         let _ = tx.send(Event::Ended(end)).await;
                     });
                 }
@@ -517,6 +523,7 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                     }
                     sched.on_transfer_end(Instant::now(), end.id, end.delivered, end.failure);
                 }
+                Event::Progress(id, delivered) => sched.on_progress(Instant::now(), id, delivered),
             },
             _ = async { match timeout { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
         }
@@ -666,6 +673,7 @@ async fn run_transfer(
     held: &AtomicU64,
     progress: Option<crate::fetch::ProgressFn>,
     live: Option<Arc<crate::progress::FetchProgress>>,
+    events: &mpsc::Sender<Event>,
 ) -> TransferEnd {
     let peer = t.peer().unwrap_or(client.master());
     let from_master = t.peer().is_none();
@@ -701,6 +709,7 @@ async fn run_transfer(
         head: Vec::with_capacity(ok.len()),
     });
     let total = g.size;
+    let mut told = Instant::now();
     let work = async {
         let mut stream = Metered {
             inner: stream,
@@ -709,7 +718,13 @@ async fn run_transfer(
         };
         receive_blocks(&mut stream, manifest, t.range, |b, data| {
             store.write_checked_block(b, data)?;
-            delivered.fetch_add(1, Ordering::Relaxed);
+            let n = delivered.fetch_add(1, Ordering::Relaxed) + 1;
+            if told.elapsed() >= PROGRESS_EVERY {
+                // Counts only grow: a report dropped on a full channel is made good by the
+                // next one, or by the transfer's end.
+                told = Instant::now();
+                let _ = events.try_send(Event::Progress(t.id, n as u32));
+            }
             let now = held.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
             if let Some(l) = &live {
                 l.add(from_master, data.len() as u64);

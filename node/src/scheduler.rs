@@ -31,6 +31,10 @@ pub struct SchedulerConfig {
     pub max_locate_backoff: Duration,
     /// Deadlines of each transfer.
     pub deadlines: TransferDeadlines,
+    /// Blocks verified in the middle of a transfer ([`Scheduler::on_progress`]) are told to
+    /// the master at most this often, so that others may fetch them from this node before its
+    /// whole piece is in; blocks of a transfer that ended are told at once.
+    pub have_interval: Duration,
 }
 
 /// Receive-side deadlines of one transfer: it is abandoned when no byte arrived for `stall`,
@@ -157,6 +161,7 @@ impl Default for SchedulerConfig {
             locate_backoff: Duration::from_millis(250),
             max_locate_backoff: Duration::from_secs(5),
             deadlines: TransferDeadlines::default(),
+            have_interval: Duration::from_millis(250),
         }
     }
 }
@@ -247,6 +252,12 @@ pub struct Scheduler {
     locating: bool,
     next_locate: Option<Instant>,
     unreported: Vec<BlockRange>,
+    /// When `unreported` is due to be told (`None`: at once).
+    have_due: Option<Instant>,
+    /// When the last Have was told.
+    last_have: Option<Instant>,
+    /// Per transfer, its blocks already verified and taken into `have` by `on_progress`.
+    progressed: HashMap<TransferId, u32>,
     reports: VecDeque<(PeerId, Problem)>,
     retries: u64,
     locate_failures: u32,
@@ -271,7 +282,10 @@ impl Scheduler {
             next_id: 0,
             locating: false,
             next_locate: None,
+            have_due: None,
             unreported,
+            last_have: None,
+            progressed: HashMap::new(),
             reports: VecDeque::new(),
             retries: 0,
             locate_failures: 0,
@@ -317,11 +331,15 @@ impl Scheduler {
         if let Some((peer, problem)) = self.reports.pop_front() {
             return Some(Action::Report { peer, problem });
         }
-        if !self.unreported.is_empty() {
+        if !self.unreported.is_empty() && self.have_due.is_none_or(|t| now >= t) {
             let ranges: Vec<BlockRange> = self
                 .unreported
                 .drain(..self.unreported.len().min(MAX_RANGES_PER_MESSAGE))
                 .collect();
+            if self.unreported.is_empty() {
+                self.have_due = None;
+            }
+            self.last_have = Some(now);
             return Some(Action::Have(ranges));
         }
         while self.transfers.len() < self.cfg.max_transfers {
@@ -371,11 +389,50 @@ impl Scheduler {
 
     /// When [`Scheduler::poll`] may next have something to do without any other event.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.locating {
+        let locate = if self.locating {
             None
         } else {
             self.next_locate
+        };
+        let have = if self.unreported.is_empty() {
+            None
+        } else {
+            self.have_due
+        };
+        match (locate, have) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
+    }
+
+    /// The first `delivered` blocks of transfer `id` are verified and stored, while the rest
+    /// is still coming: they are held from now on and told to the master within
+    /// `have_interval` of the last Have (so a node serves the first blocks of a long piece
+    /// long before its last block is in, and the master hears of it at a bounded rate).
+    pub fn on_progress(&mut self, now: Instant, id: TransferId, delivered: u32) {
+        let Some(t) = self.transfers.get(&id) else {
+            return;
+        };
+        let done = self.progressed.get(&id).copied().unwrap_or(0);
+        let delivered = delivered.min(t.range.len());
+        if delivered <= done {
+            return;
+        }
+        let got = BlockRange::new(t.range.start + done, t.range.start + delivered);
+        self.progressed.insert(id, delivered);
+        for b in got.iter() {
+            self.in_flight.remove(b);
+            self.have.insert(b);
+        }
+        let waiting = !self.unreported.is_empty();
+        self.unreported.push(got);
+        if waiting && self.have_due.is_none() {
+            return; // already due at once
+        }
+        let due = self
+            .last_have
+            .map_or(now, |t| (t + self.cfg.have_interval).max(now));
+        self.have_due = Some(self.have_due.map_or(due, |d| d.min(due)));
     }
 
     /// The master answered a Locate.
@@ -424,6 +481,8 @@ impl Scheduler {
         let Some(t) = self.transfers.remove(&id) else {
             return;
         };
+        let done = self.progressed.remove(&id).unwrap_or(0);
+        let delivered = delivered.max(done);
         let got = BlockRange::new(t.range.start, (t.range.start + delivered).min(t.range.end));
         for b in t.range.iter() {
             self.in_flight.remove(b);
@@ -431,8 +490,14 @@ impl Scheduler {
         for b in got.iter() {
             self.have.insert(b);
         }
+        // Only what `on_progress` did not take in yet is new.
+        let new = BlockRange::new(got.start.saturating_add(done).min(got.end), got.end);
+        if !new.is_empty() {
+            self.unreported.push(new);
+            // A finished piece is told at once.
+            self.have_due = None;
+        }
         if !got.is_empty() {
-            self.unreported.push(got);
             // Once the master hears of these, it may have more to give (it hands a requester
             // new first copies only when its last ones arrived, and a holder it was waiting
             // for has a slot free): ask again now rather than at the end of an old wait.
@@ -687,6 +752,93 @@ mod tests {
         );
         assert!(s.is_complete());
         assert!(s.is_idle());
+    }
+
+    fn from_peer(p: PeerId, range: BlockRange) -> Assignment {
+        assign(
+            range,
+            Source::Peer {
+                peer: p,
+                addrs: vec![],
+            },
+        )
+    }
+
+    #[test]
+    fn blocks_verified_mid_transfer_are_held_and_told_at_a_bounded_rate() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
+        drain(&mut s, now);
+        s.on_assignments(now, vec![from_peer(peer(), BlockRange::new(0, 8))], ms(0));
+        assert_eq!(drain(&mut s, now).len(), 1);
+        // The first blocks of a piece are told at once: others may fetch them from here now.
+        s.on_progress(now, 0, 2);
+        assert!(s.have().contains_range(BlockRange::new(0, 2)));
+        assert_eq!(
+            drain(&mut s, now),
+            vec![Action::Have(vec![BlockRange::new(0, 2)])]
+        );
+        // More, soon after: held at once, told only when the interval since the last Have
+        // has passed.
+        s.on_progress(now + ms(10), 0, 4);
+        s.on_progress(now + ms(20), 0, 3); // stale counts change nothing
+        assert!(s.have().contains_range(BlockRange::new(0, 4)));
+        assert!(drain(&mut s, now + ms(10)).is_empty());
+        assert_eq!(s.poll_timeout(), Some(now + ms(250)));
+        assert!(drain(&mut s, now + ms(249)).is_empty());
+        assert_eq!(
+            drain(&mut s, now + ms(250)),
+            vec![Action::Have(vec![BlockRange::new(2, 4)])]
+        );
+        // The end of the piece is told at once, and only what was not told yet.
+        s.on_progress(now + ms(260), 0, 5);
+        s.on_transfer_end(now + ms(270), 0, 8, None);
+        assert_eq!(
+            drain(&mut s, now + ms(270)),
+            vec![Action::Have(vec![
+                BlockRange::new(4, 5),
+                BlockRange::new(5, 8)
+            ])]
+        );
+        assert!(s.is_complete() && s.is_idle());
+    }
+
+    #[test]
+    fn blocks_verified_before_a_transfer_failed_are_kept() {
+        let now = Instant::now();
+        let p = peer();
+        let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
+        drain(&mut s, now);
+        s.on_assignments(
+            now,
+            vec![from_peer(p, BlockRange::new(0, 8))],
+            Duration::ZERO,
+        );
+        drain(&mut s, now);
+        s.on_progress(now, 0, 3);
+        drain(&mut s, now);
+        // The shell saw fewer blocks than it said before (it cannot, but a count is no
+        // reason to drop verified blocks): all three stay held, and only the rest is
+        // asked for again.
+        s.on_transfer_end(now, 0, 1, Some(Failure::Unreachable));
+        assert!(s.have().contains_range(BlockRange::new(0, 3)));
+        let actions = drain(&mut s, now);
+        assert_eq!(
+            actions,
+            vec![
+                Action::Report {
+                    peer: p,
+                    problem: Problem::Unreachable
+                },
+                Action::Locate {
+                    need: vec![BlockRange::new(3, 8)]
+                }
+            ]
+        );
+        // A progress report for a transfer that ended is ignored.
+        s.on_progress(now, 0, 8);
+        assert!(!s.have().contains(3));
     }
 
     #[test]

@@ -149,6 +149,8 @@ enum Ev {
     Open(XferId),
     Fail(XferId, u32, Failure),
     FlowEnd(FlowId, u64, XferId),
+    /// A flow's next whole block is in (stale unless the version is current).
+    Block(FlowId, u64, XferId),
     ProbeDone(usize),
     Leave(usize, u32),
     Rejoin(usize),
@@ -491,6 +493,11 @@ impl<'a> Engine<'a> {
                     self.flow_done(x);
                 }
             }
+            Ev::Block(flow, version, x) => {
+                if self.net.is_current(flow, version) {
+                    self.block_done(flow, version, x);
+                }
+            }
             Ev::ProbeDone(s) => {
                 let node = &self.nodes[s];
                 let outcome = if !node.online || node.banned {
@@ -565,7 +572,14 @@ impl<'a> Engine<'a> {
             let epoch = self.nodes[n].epoch;
             self.push(self.now + ns(t), Ev::Leave(n, epoch));
         }
-        self.drive(n);
+        // As a real node does, it asks the master for the manifest first (one round trip after
+        // its Hello) and only then starts its scheduler: in a crowd that arrives at once, the
+        // master knows the whole crowd before the first Locate.
+        let at = self.now + 2 * self.lat_master(n);
+        let node = &mut self.nodes[n];
+        node.wake = Some(at);
+        let epoch = node.epoch;
+        self.push(at, Ev::Wake(n, epoch));
     }
 
     fn go_offline(&mut self, n: usize, crash: bool) {
@@ -674,10 +688,51 @@ impl<'a> Engine<'a> {
         for &(flow, version, at) in &list {
             if let Some(x) = self.flow_owner(flow) {
                 self.push(at, Ev::FlowEnd(flow, version, x));
+                self.next_block(flow, version, x, at);
             }
         }
         self.resched = list;
         self.resched.clear();
+    }
+
+    /// Schedules the event of the flow's next whole block, if it comes before the flow's end
+    /// at `end`.
+    fn next_block(&mut self, flow: FlowId, version: u64, x: XferId, end: u64) {
+        let Some((rate, total)) = self.net.rate_and_total(flow) else {
+            return;
+        };
+        if rate <= 0.0 || self.xfers.get(&x).is_none_or(|xf| xf.corrupt) {
+            return;
+        }
+        let moved = self.net.moved(self.now, flow);
+        let block = self.block as f64;
+        let next = ((moved + 1.0) / block).floor() * block + block;
+        if next >= total {
+            return;
+        }
+        let at = self.now + ns((next - moved) / rate);
+        if at < end {
+            self.push(at, Ev::Block(flow, version, x));
+        }
+    }
+
+    /// A flow's next block is in: the receiver's scheduler holds it (and tells the master in
+    /// its own time, as a real node does).
+    fn block_done(&mut self, flow: FlowId, version: u64, x: XferId) {
+        let moved = self.net.moved(self.now, flow);
+        let Some(xf) = self.xfers.get(&x) else {
+            return;
+        };
+        let (dst, tid) = (xf.dst, xf.tid);
+        let delivered = (((moved + 1.0) / self.block as f64).floor() as u32).min(xf.range.len());
+        let now = self.instant();
+        if let Some(s) = self.nodes[dst].sched.as_mut() {
+            s.on_progress(now, tid, delivered);
+        }
+        self.drive(dst);
+        if let Some((_, end)) = self.net.end_of(flow) {
+            self.next_block(flow, version, x, end);
+        }
     }
 
     fn flow_owner(&self, flow: FlowId) -> Option<XferId> {

@@ -172,6 +172,26 @@ impl Net {
             })
     }
 
+    /// A running flow's rate (bytes per second) and size, if it runs.
+    pub fn rate_and_total(&self, id: FlowId) -> Option<(f64, f64)> {
+        self.flows
+            .get(id)
+            .and_then(|f| f.as_ref())
+            .map(|f| (f.rate, f.total))
+    }
+
+    /// A running flow's version and expected end (ns), as last scheduled.
+    pub fn end_of(&self, id: FlowId) -> Option<(u64, u64)> {
+        let f = self.flows.get(id)?.as_ref()?;
+        (f.rate > 0.0).then(|| {
+            let secs = f.remaining.max(0.0) / f.rate;
+            (
+                f.version,
+                f.since.saturating_add((secs * 1e9).ceil() as u64),
+            )
+        })
+    }
+
     fn settle(&mut self, now: u64, id: FlowId) {
         let Some(f) = self.flows.get_mut(id).and_then(|f| f.as_mut()) else {
             return;
