@@ -104,6 +104,13 @@ pub struct PolicyConfig {
     /// swarm-wide). Costs master egress (up to one copy per region) for traffic that stays
     /// inside regions. Requesters without a region label are not budgeted.
     pub region_budget: bool,
+    /// One copy of a block enters a labelled region at a time: a requester whose region has
+    /// no usable holder of a block is sent across regions only if no other copy of it is
+    /// already on its way into that region (else it waits for that copy, then gets it inside),
+    /// and a run from outside the region is not continued. Unlike `region_budget`, the master
+    /// still sends one first copy swarm-wide, so it costs no origin egress; it keeps the
+    /// crowd of a region from all crossing for the same blocks before the first copy lands.
+    pub one_entry_per_region: bool,
 }
 
 impl Default for PolicyConfig {
@@ -122,6 +129,7 @@ impl Default for PolicyConfig {
             master_slots: 64,
             peer_slots: 16,
             region_budget: false,
+            one_entry_per_region: true,
         }
     }
 }
@@ -735,6 +743,7 @@ impl Policy {
             self.peers.get(&requester).and_then(|p| p.prefix),
         );
         let budgeted = cfg.region_budget && !my_region.is_empty();
+        let regional = (budgeted || cfg.one_entry_per_region) && !my_region.is_empty();
         let in_my_region = |peers: &HashMap<PeerId, PeerState>, p: &PeerId| {
             peers.get(p).is_some_and(|s| s.region == my_region)
         };
@@ -790,9 +799,9 @@ impl Policy {
                     }
                     _ => None,
                 };
-                // Under the region budget a run from outside the region is not continued: a
+                // Within a region (one entry per region, or the budget) a run from outside the region is not continued: a
                 // holder inside it may have appeared since the run began.
-                let continuing = continuing.filter(|h| !budgeted || in_my_region(&self.peers, h));
+                let continuing = continuing.filter(|h| !regional || in_my_region(&self.peers, h));
                 // Else the nearest, least-loaded usable holder, ties by id.
                 let best = continuing.or_else(|| {
                     nearest_least_loaded(
@@ -806,7 +815,7 @@ impl Policy {
                         |peers, p| usable(peers, p),
                     )
                 });
-                let from_outside = budgeted && !best.is_some_and(|h| in_my_region(&self.peers, &h));
+                let from_outside = regional && !best.is_some_and(|h| in_my_region(&self.peers, &h));
                 if from_outside
                     && f.entering.get(&b).is_some_and(|list| {
                         list.iter()
@@ -816,9 +825,7 @@ impl Policy {
                     // A copy is on its way into the region: wait for it, then get it there.
                     continue;
                 }
-                let source = if best.is_some() {
-                    best
-                } else if f.master_has.contains(b)
+                let master_may = f.master_has.contains(b)
                     && match f.handouts.get(&b) {
                         // Again to the requester it was handed to (its transfer failed).
                         Some((to, _)) if *to == requester => true,
@@ -830,7 +837,31 @@ impl Policy {
                     && master_given < master_budget
                     && !briefly_avoided
                         .iter()
-                        .any(|p| f.holders.get(p).is_some_and(|h| h.contains(b)))
+                        .any(|p| f.holders.get(p).is_some_and(|h| h.contains(b)));
+                let mut region_has = || {
+                    nearest_least_loaded(
+                        f,
+                        &self.peers,
+                        &self.index,
+                        &self.numbers,
+                        &self.numbered,
+                        b,
+                        &vantage,
+                        |peers, p| reachable(peers, p) && in_my_region(peers, p),
+                    )
+                    .is_some()
+                };
+                let source = if from_outside && region_has() {
+                    // Its holders in the region are only full: wait for a slot there rather
+                    // than cross (each crossing is one more copy between regions).
+                    continue;
+                } else if budgeted && from_outside && master_may {
+                    // Under the budget a region's copy comes from the master, which pays for
+                    // it, rather than across regions.
+                    None
+                } else if best.is_some() {
+                    best
+                } else if master_may
                     // A holder that is only full frees a slot soon: wait for it rather than
                     // send the block from the master again.
                     && (f.holder_count[b as usize] == 0
@@ -866,7 +897,7 @@ impl Policy {
                     remember(&mut f.past, requester, b, old, false, cfg.report_grace);
                 }
                 pending.insert(b, Pending { source, deadline });
-                if budgeted {
+                if regional {
                     let list = f.entering.entry(b).or_default();
                     list.retain(|e| e.requester != requester);
                     if from_outside {

@@ -248,16 +248,18 @@ fn a_region_budget_lets_one_copy_in_and_keeps_the_rest_inside() {
         join(&mut p, "10.2.0.2", "eu"),
     );
     let t0 = Instant::now();
-    // The first European requester brings the copy in, across regions.
-    assert!(is_peer(&first_source(&mut p, t0, e1, 8), us));
-    // The second waits for it rather than crossing too (nor does the master send it).
+    // The first European requester gets the region's copy from the master, which pays for
+    // it, rather than across regions.
+    assert_eq!(first_source(&mut p, t0, e1, 8), Source::Master);
+    // The second waits for it rather than crossing (nor does the master send it again).
     let ans = p.locate(t0, e2, &file(), &all(8)).unwrap();
     assert!(ans.assignments.is_empty(), "{:?}", ans.assignments);
     assert!(ans.retry_after > Duration::ZERO);
     // The copy arrived: the second is sent to it, inside the region.
     p.have(&file(), e1, &all(8));
     assert!(is_peer(&first_source(&mut p, t0, e2, 8), e1));
-    // Without the budget the second would have crossed at once.
+    // Without the budget (one entry per region, the default): the first crosses, as the
+    // master sends no second copy, and the second waits for it to land.
     let mut q = policy(8, false);
     let us = join(&mut q, "10.1.0.1", "us");
     q.have(&file(), us, &all(8));
@@ -266,7 +268,21 @@ fn a_region_budget_lets_one_copy_in_and_keeps_the_rest_inside() {
         join(&mut q, "10.2.0.2", "eu"),
     );
     assert!(is_peer(&first_source(&mut q, t0, e1, 8), us));
-    assert!(is_peer(&first_source(&mut q, t0, e2, 8), us));
+    let ans = q.locate(t0, e2, &file(), &all(8)).unwrap();
+    assert!(ans.assignments.is_empty(), "{:?}", ans.assignments);
+    q.have(&file(), e1, &all(8));
+    assert!(is_peer(&first_source(&mut q, t0, e2, 8), e1));
+    // With neither, the second crosses at once.
+    let mut r = policy(8, false);
+    r.cfg.one_entry_per_region = false;
+    let us = join(&mut r, "10.1.0.1", "us");
+    r.have(&file(), us, &all(8));
+    let (e1, e2) = (
+        join(&mut r, "10.2.0.1", "eu"),
+        join(&mut r, "10.2.0.2", "eu"),
+    );
+    assert!(is_peer(&first_source(&mut r, t0, e1, 8), us));
+    assert!(is_peer(&first_source(&mut r, t0, e2, 8), us));
 }
 
 #[test]

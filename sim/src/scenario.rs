@@ -416,6 +416,8 @@ pub struct PolicySpec {
     pub retry_after_s: Option<f64>,
     /// One copy of each block enters each region (`shoal-master --region-budget`).
     pub region_budget: Option<bool>,
+    /// One copy of a block enters a region at a time (default on; `false` to compare).
+    pub one_entry_per_region: Option<bool>,
 }
 
 impl PolicySpec {
@@ -441,6 +443,9 @@ impl PolicySpec {
         }
         if let Some(on) = self.region_budget {
             c.region_budget = on;
+        }
+        if let Some(on) = self.one_entry_per_region {
+            c.one_entry_per_region = on;
         }
         c
     }

@@ -27,7 +27,7 @@ struct Outcome {
     master_bytes: u64,
 }
 
-async fn run(region_budget: bool, seed: u64) -> anyhow::Result<Outcome> {
+async fn run(region_budget: bool, one_entry: bool, seed: u64) -> anyhow::Result<Outcome> {
     let tmp = tempfile::tempdir()?;
     let size = 4 * 1024 * 1024;
     // Small master pieces and capped uploads: first copies spread over many nodes of both
@@ -43,6 +43,7 @@ async fn run(region_budget: bool, seed: u64) -> anyhow::Result<Outcome> {
             max_master_piece: 4,
             max_master_pieces: 1,
             max_peer_piece: 8,
+            one_entry_per_region: one_entry,
             ..PolicyConfig::default()
         })
         .with_region_budget(region_budget)
@@ -128,7 +129,7 @@ async fn bytes_stay_in_their_region_and_the_budget_sends_each_block_once_per_reg
     shoal_tests::init_tracing();
     let size = 4 * 1024 * 1024u64;
 
-    let budget = run(true, 31).await?;
+    let budget = run(true, true, 31).await?;
     let over: Vec<_> = budget
         .master_copies
         .iter()
@@ -154,12 +155,33 @@ async fn bytes_stay_in_their_region_and_the_budget_sends_each_block_once_per_reg
         100.0 * share(&budget)
     );
 
-    let plain = run(false, 32).await?;
+    // The default: no budget, one copy of a block enters a region at a time (from the
+    // master or across), and the rest of the region gets it inside.
+    let plain = run(false, true, 32).await?;
     println!(
-        "no budget: {:.1}% of {} peer-served bytes inside their region; master sent {:.2}x the file",
+        "default (one entry per region): {:.1}% of {} peer-served bytes inside their region; master sent {:.2}x the file",
         100.0 * share(&plain),
         plain.served,
         plain.master_bytes as f64 / size as f64
+    );
+    assert!(plain.served > 0, "no peer served anything");
+    assert!(
+        share(&plain) >= 0.90,
+        "by default only {:.1}% of peer-served bytes stayed in their region",
+        100.0 * share(&plain)
+    );
+    assert!(
+        plain.master_bytes <= size * 11 / 10,
+        "by default the master sent {:.2}x the file",
+        plain.master_bytes as f64 / size as f64
+    );
+    // For comparison: ranking alone (nearest holder first), without the entry rule.
+    let free = run(false, false, 33).await?;
+    println!(
+        "ranking only: {:.1}% of {} peer-served bytes inside their region; master sent {:.2}x the file",
+        100.0 * share(&free),
+        free.served,
+        free.master_bytes as f64 / size as f64
     );
     Ok(())
 }
