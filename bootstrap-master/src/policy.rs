@@ -22,13 +22,85 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
-/// The policy's hash maps and sets: nearly every lookup of a Locate is by `PeerId` (about 40
-/// bytes), and with std's SipHash the hashing was most of a Locate's time (perf, simulator).
-/// foldhash is several times faster and still seeded at random per process and per map, so a
-/// peer cannot aim keys at one bucket without knowing the seed (and a PeerId is a public key,
-/// which it can only grind, not choose).
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+/// The policy's hash maps and sets, hashed as their key type says ([`Keyed`]): nearly every
+/// lookup of a Locate is by `PeerId`, and with std's SipHash the hashing was most of a
+/// Locate's time (perf, simulator).
+type HashMap<K, V> = std::collections::HashMap<K, V, <K as Keyed>::Build>;
+type HashSet<K> = std::collections::HashSet<K, <K as Keyed>::Build>;
+
+/// How a key type of the policy's maps is hashed.
+trait Keyed {
+    /// The hasher builder of maps with this key.
+    type Build: std::hash::BuildHasher + Default + Clone;
+}
+
+/// foldhash: fast, and seeded at random per process and per map, so that nobody can aim keys
+/// at one bucket without knowing the seed.
+macro_rules! folded {
+    ($($t:ty),*) => {$(impl Keyed for $t { type Build = foldhash::fast::RandomState; })*};
+}
+folded!(FileId, NetPrefix, String, u32);
+#[cfg(test)]
+impl Keyed for (&str, u32) {
+    type Build = foldhash::fast::RandomState;
+}
+
+impl Keyed for PeerId {
+    type Build = PeerIdHash;
+}
+
+/// Hashes a `PeerId` by the last 8 bytes of its digest, mixed with a per-map random seed.
+/// Those bytes are the tail of an ed25519 public key (identity multihash) or of a SHA-256
+/// (other key types): as random as the whole, and a peer can only grind its key for them, not
+/// choose them; hashing all ~40 bytes and the code, as `PeerId`'s `Hash` asks, cost a
+/// Locate a quarter of its time (perf, patent-650 in the simulator). Equality still compares
+/// whole ids.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PeerIdHash(u64);
+
+impl Default for PeerIdHash {
+    fn default() -> Self {
+        use std::hash::BuildHasher;
+        Self(foldhash::fast::RandomState::default().hash_one(0x5eed_u64))
+    }
+}
+
+impl std::hash::BuildHasher for PeerIdHash {
+    type Hasher = PeerIdHasher;
+    fn build_hasher(&self) -> PeerIdHasher {
+        PeerIdHasher(self.0)
+    }
+}
+
+/// See [`PeerIdHash`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PeerIdHasher(u64);
+
+impl PeerIdHasher {
+    fn mix(&mut self, v: u64) {
+        let m = u128::from(self.0 ^ v) * 0x9E37_79B9_7F4A_7C15;
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
+    }
+}
+
+impl std::hash::Hasher for PeerIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // The digest's last 8 bytes (all of it, when shorter).
+        let tail = &bytes[bytes.len().saturating_sub(8)..];
+        let mut v = [0u8; 8];
+        v[..tail.len()].copy_from_slice(tail);
+        self.mix(u64::from_le_bytes(v));
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.mix(v);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.mix(v as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
@@ -75,6 +147,10 @@ pub struct PolicyConfig {
     pub max_peer_piece: u32,
     /// Most blocks assigned in one answer.
     pub max_blocks_per_answer: u32,
+    /// Most runs (piece streams) in one answer: about what a node runs at once (its
+    /// scheduler's default is 8 transfers). More would sit in its queue while holding a slot
+    /// at each holder (which then looks full to everyone else), and cost the walk.
+    pub max_runs_per_answer: u32,
     /// How long an assignment counts as load (and a master handout blocks re-handouts)
     /// without the requester confirming the blocks.
     pub assignment_timeout: Duration,
@@ -122,6 +198,7 @@ impl Default for PolicyConfig {
             master_load_half: 256,
             max_peer_piece: 8,
             max_blocks_per_answer: 512,
+            max_runs_per_answer: 16,
             assignment_timeout: Duration::from_secs(20),
             retry_after: Duration::from_millis(200),
             waiting_polls_per_s: 1_000,
@@ -764,6 +841,7 @@ impl Policy {
             reachable(peers, p) && peers.get(p).is_some_and(|s| s.serving < cfg.peer_slots)
         };
         let mut runs: Vec<(BlockRange, Option<PeerId>)> = Vec::new();
+        let run_room = cfg.max_runs_per_answer.max(1);
         let mut budget = cfg.max_blocks_per_answer;
         let mut scans = cfg.max_blocks_per_answer.saturating_mul(LOCATE_SCAN_FACTOR);
         let mut master_given = 0u32;
@@ -883,6 +961,16 @@ impl Policy {
                     // answer is used up.
                     continue;
                 };
+                let max_len = if source.is_some() {
+                    cfg.max_peer_piece
+                } else {
+                    master_piece
+                };
+                let extends = matches!(runs.last(),
+                    Some((run, src)) if *src == source && run.end == b && run.len() < max_len);
+                if !extends && runs.len() as u32 >= run_room {
+                    break 'outer;
+                }
                 // Retract any older assignment of this block to this requester.
                 let pending = f.pending.entry(requester).or_default();
                 if let Some(old) = pending.remove(&b) {
@@ -940,15 +1028,8 @@ impl Policy {
                     }
                 }
                 budget -= 1;
-                let max_len = if source.is_some() {
-                    cfg.max_peer_piece
-                } else {
-                    master_piece
-                };
                 match runs.last_mut() {
-                    Some((run, src)) if *src == source && run.end == b && run.len() < max_len => {
-                        run.end = b + 1;
-                    }
+                    Some((run, _)) if extends => run.end = b + 1,
                     _ => runs.push((BlockRange::new(b, b + 1), source)),
                 }
             }
@@ -1466,6 +1547,32 @@ mod tests {
 
     fn all(blocks: u32) -> Vec<BlockRange> {
         vec![BlockRange::new(0, blocks)]
+    }
+
+    #[test]
+    fn an_answer_has_at_most_max_runs_per_answer_runs() {
+        let mut p = Policy::new(PolicyConfig {
+            max_peer_piece: 2,
+            max_runs_per_answer: 3,
+            ..PolicyConfig::default()
+        });
+        p.add_file(file(), "f".into(), 64 * 1024, Blocks::full(32));
+        let (holder, me) = (peer(), peer());
+        p.peer_up(holder, vec![addr()]);
+        p.peer_up(me, vec![addr()]);
+        p.have(&file(), holder, &all(32));
+        let ans = p.locate(Instant::now(), me, &file(), &all(32)).unwrap();
+        // Three runs of two blocks; the rest of the file waits for the next answer rather
+        // than sitting in the node's queue while holding the holder's slots.
+        let ranges: Vec<BlockRange> = ans.assignments.iter().map(|a| a.range).collect();
+        assert_eq!(
+            ranges,
+            vec![
+                BlockRange::new(0, 2),
+                BlockRange::new(2, 4),
+                BlockRange::new(4, 6)
+            ]
+        );
     }
 
     #[test]
