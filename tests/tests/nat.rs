@@ -1,0 +1,282 @@
+//! Nodes behind NAT (issue 10, item 5), as real processes in network namespaces this test
+//! makes: the master and a directly reachable node on a "public" bridge, and two nodes each
+//! behind its own masquerading router (nftables). Both NATed nodes find out through AutoNAT
+//! that they are unreachable and listen through the master's relay; both fetch with exact
+//! bytes; and the second NATed node gets the file from the first (the master hints the first
+//! at its relayed address; DCUtR may punch a direct connection through both NATs). The test
+//! prints which way the bytes went: over the relay or over a hole-punched connection.
+//!
+//! Needs root, `ip` and `nft`; skips with the reason printed otherwise.
+//!
+//! ```text
+//!  [master 10.77.0.1]  [direct 10.77.0.4]  [router-a 10.77.0.2]  [router-b 10.77.0.3]
+//!          \________________ br0 (public) _____/___________________/
+//!                                        lan 10.78.1.1           lan 10.78.2.1
+//!                                        [nat-a 10.78.1.2]       [nat-b 10.78.2.2]
+//! ```
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use shoal_tests::{
+    netns::{unavailable, Lab},
+    procs::{bin_dir, sha256_file, wait_for_file, Proc},
+};
+
+const MASTER_IP: &str = "10.77.0.1";
+
+/// Builds the topology above.
+fn topology() -> anyhow::Result<Lab> {
+    let mut lab = Lab::new();
+    for ns in ["pub", "master", "direct", "ra", "rb", "na", "nb"] {
+        lab.add_ns(ns)?;
+    }
+    lab.add_bridge("pub")?;
+    lab.link(("pub", "vm", None), ("master", "eth0", "10.77.0.1/24"))?;
+    lab.link(("pub", "vd", None), ("direct", "eth0", "10.77.0.4/24"))?;
+    lab.link(("pub", "vra", None), ("ra", "wan", "10.77.0.2/24"))?;
+    lab.link(("pub", "vrb", None), ("rb", "wan", "10.77.0.3/24"))?;
+    lab.link(
+        ("ra", "lan", Some("10.78.1.1/24")),
+        ("na", "eth0", "10.78.1.2/24"),
+    )?;
+    lab.link(
+        ("rb", "lan", Some("10.78.2.1/24")),
+        ("nb", "eth0", "10.78.2.2/24"),
+    )?;
+    lab.masquerade("ra", "wan")?;
+    lab.masquerade("rb", "wan")?;
+    lab.default_route("na", "10.78.1.1")?;
+    lab.default_route("nb", "10.78.2.1")?;
+    // The NAT is in the way: the public side has no route to the NATed nodes' addresses.
+    for ns in ["master", "direct", "rb"] {
+        if lab.exec(ns, &["ip", "route", "get", "10.78.1.2"]).is_ok() {
+            bail!("{ns} has a route to 10.78.1.2: the NAT is not in the way");
+        }
+    }
+    Ok(lab)
+}
+
+/// Waits until `log` contains `needle`, while `proc` runs; at most `limit`.
+fn wait_for_log(
+    log: &Path,
+    needle: &str,
+    proc: &mut Proc,
+    limit: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(());
+        }
+        if let Some(status) = proc.0.try_wait()? {
+            bail!("{what} exited ({status}) before logging {needle:?}:\n{text}");
+        }
+        if start.elapsed() > limit {
+            bail!("{what} did not log {needle:?} within {limit:?}:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Fetcher {
+    proc: Proc,
+    log: PathBuf,
+    report: PathBuf,
+    out: PathBuf,
+}
+
+fn spawn_fetch(
+    lab: &Lab,
+    bins: &Path,
+    tmp: &Path,
+    ns: &str,
+    file_id: &str,
+    bootstrap: &str,
+    seed_time: u64,
+) -> anyhow::Result<Fetcher> {
+    let dir = tmp.join(ns);
+    std::fs::create_dir_all(&dir)?;
+    let log = dir.join("log");
+    let report = dir.join("report.json");
+    let out = dir.join("got.bin");
+    let proc = Proc(
+        lab.command(ns, &bins.join("shoal"))
+            .args(["fetch", file_id, "--bootstrap", bootstrap])
+            .args(["--listen", "/ip4/0.0.0.0/tcp/0", "--progress", "none"])
+            .args(["--seed-time", &seed_time.to_string()])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--out")
+            .arg(&out)
+            .arg("--report")
+            .arg(&report)
+            .env("RUST_LOG", "warn,shoal_node=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
+    );
+    Ok(Fetcher {
+        proc,
+        log,
+        report,
+        out,
+    })
+}
+
+fn report(path: &Path) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
+
+#[test]
+fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow::Result<()> {
+    if let Some(why) = unavailable() {
+        println!("skipping the NAT test: {why}");
+        return Ok(());
+    }
+    let bins = bin_dir()?;
+    let tmp = tempfile::tempdir()?;
+    // Processes are declared after the lab: they are dropped (killed) before it, so the
+    // namespaces are free to go.
+    let lab = topology()?;
+
+    let src = tmp.path().join("src.bin");
+    let size = 6 * 1024 * 1024;
+    shoal_tests::write_random_file(&src, size, 1010)?;
+    let want = sha256_file(&src)?;
+    let master_dir = tmp.path().join("master");
+    let added = std::process::Command::new(bins.join("shoal-master"))
+        .arg("add")
+        .arg(&src)
+        .arg("--data-dir")
+        .arg(&master_dir)
+        .stderr(Stdio::null())
+        .output()?;
+    anyhow::ensure!(added.status.success(), "shoal-master add failed");
+    let file_id = String::from_utf8(added.stdout)?.trim().to_string();
+
+    let master_log = tmp.path().join("master.log");
+    let _master = Proc(
+        lab.command("master", &bins.join("shoal-master"))
+            .arg("--data-dir")
+            .arg(&master_dir)
+            .args(["--listen", &format!("/ip4/{MASTER_IP}/tcp/4001")])
+            .env("RUST_LOG", "info,libp2p=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&master_log)?)
+            .spawn()?,
+    );
+    let addrs = wait_for_file(&master_dir.join("bootstrap.addr"), Duration::from_secs(30))?;
+    let bootstrap = addrs
+        .lines()
+        .find(|l| l.contains(MASTER_IP))
+        .with_context(|| format!("no {MASTER_IP} address in bootstrap.addr:\n{addrs}"))?
+        .to_string();
+
+    // The first NATed node: AutoNAT says it is unreachable, so it listens through the relay;
+    // it fetches from the master (nobody else holds the file) and stays to serve.
+    let mut a = spawn_fetch(&lab, &bins, tmp.path(), "na", &file_id, &bootstrap, 600)?;
+    wait_for_log(
+        &a.log,
+        "reservation on the master's relay accepted",
+        &mut a.proc,
+        Duration::from_secs(60),
+        "NATed node A",
+    )?;
+    wait_for_file(&a.report, Duration::from_secs(120))?;
+    anyhow::ensure!(
+        sha256_file(&a.out)? == want,
+        "NATed node A got different bytes"
+    );
+    let a_report = report(&a.report)?;
+    let a_id = a_report["peer_id"]
+        .as_str()
+        .context("no peer_id in A's report")?
+        .to_string();
+    let a_log = std::fs::read_to_string(&a.log)?;
+    anyhow::ensure!(
+        a_log.contains("Private"),
+        "A listens through the relay without AutoNAT having found it unreachable:\n{a_log}"
+    );
+
+    // The second NATed node: the master redirects it to A, the only other holder, hinted at
+    // A's relayed address.
+    let mut b = spawn_fetch(&lab, &bins, tmp.path(), "nb", &file_id, &bootstrap, 600)?;
+    let done = wait_for_file(&b.report, Duration::from_secs(180));
+    let b_log = std::fs::read_to_string(&b.log).unwrap_or_default();
+    done.with_context(|| format!("NATed node B did not finish; its log:\n{b_log}"))?;
+    anyhow::ensure!(
+        sha256_file(&b.out)? == want,
+        "NATed node B got different bytes"
+    );
+    let b_report = report(&b.report)?;
+    let from_a = b_report["bytes_by_peer"][&a_id].as_u64().unwrap_or(0);
+    let from_master = b_report["bytes_from_master"].as_u64().unwrap_or(0);
+    anyhow::ensure!(
+        from_a > 0,
+        "NATed node A served NATed node B nothing (B: {from_master} bytes from the master, \
+         report {b_report}); B's log:\n{b_log}"
+    );
+    wait_for_log(
+        &b.log,
+        "reservation on the master's relay accepted",
+        &mut b.proc,
+        Duration::from_secs(60),
+        "NATed node B",
+    )?;
+
+    // The directly reachable node.
+    let mut d = spawn_fetch(&lab, &bins, tmp.path(), "direct", &file_id, &bootstrap, 0)?;
+    let status = shoal_tests::procs::wait_with_limit(
+        &mut d.proc.0,
+        Duration::from_secs(120),
+        "the direct node's fetch",
+    )?;
+    let d_log = std::fs::read_to_string(&d.log).unwrap_or_default();
+    anyhow::ensure!(status.success(), "the direct node's fetch failed:\n{d_log}");
+    anyhow::ensure!(
+        sha256_file(&d.out)? == want,
+        "the direct node got different bytes"
+    );
+
+    // What the master says it relayed (`shoal status`, from the public side).
+    let st = lab
+        .command("direct", &bins.join("shoal"))
+        .args(["status", &file_id, "--json", "--bootstrap", &bootstrap])
+        .stderr(Stdio::null())
+        .output()?;
+    anyhow::ensure!(st.status.success(), "shoal status failed");
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout)?;
+    let relayed = st["relayed_bytes"]
+        .as_u64()
+        .with_context(|| format!("no relayed_bytes in the status: {st}"))?;
+    let punched = a_log_now(&a.log).contains("hole punched") || b_log.contains("hole punched");
+    let way = if relayed >= from_a {
+        "over the master's relay"
+    } else if punched {
+        "over a hole-punched direct connection"
+    } else {
+        "partly outside the relay without a logged hole punch (unexpected)"
+    };
+    println!(
+        "NAT: node B got {from_a} of {size} bytes from NATed node A and {from_master} from the \
+         master, {way}; the master relayed {relayed} bytes in all (both directions); hole \
+         punch logged: {punched}"
+    );
+    anyhow::ensure!(
+        relayed >= from_a || punched,
+        "A's {from_a} bytes to B went neither through the relay ({relayed} bytes) nor over a \
+         hole-punched connection"
+    );
+    Ok(())
+}
+
+fn a_log_now(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
