@@ -1228,6 +1228,9 @@ impl EventLoop {
                 result,
             })) => match result {
                 Ok(connection) => {
+                    // The relayed connection stays until it is idle or the relay's caps end it:
+                    // closing it at once cuts the pieces streaming over it (they fail as
+                    // "unreachable" and the peer is avoided). New streams pick either.
                     tracing::info!(peer = %remote_peer_id, ?connection, "hole punched: direct connection")
                 }
                 Err(error) => {

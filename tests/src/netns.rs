@@ -136,13 +136,19 @@ impl Lab {
 
     /// Turns namespace `name` into a masquerading router: forwards, rewrites the source of
     /// everything leaving by `wan` to its own address there, and lets in from `wan` only
-    /// what answers a connection made from inside (no port forwards).
+    /// what answers a connection made from inside (no port forwards). Anything else from
+    /// `wan` is dropped silently, as home routers do (no TCP reset): a connection attempt
+    /// from outside times out rather than being refused.
     pub fn masquerade(&self, name: &str, wan: &str) -> anyhow::Result<()> {
         self.exec(name, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
         let rules = format!(
             "table ip shoalnat {{\n\
              \x20 chain masq {{ type nat hook postrouting priority 100; oifname \"{wan}\" masquerade; }}\n\
-             \x20 chain filter_in {{ type filter hook forward priority 0; policy accept;\n\
+             \x20 chain through {{ type filter hook forward priority 0; policy accept;\n\
+             \x20   ct state established,related accept\n\
+             \x20   iifname \"{wan}\" drop\n\
+             \x20 }}\n\
+             \x20 chain to_router {{ type filter hook input priority 0; policy accept;\n\
              \x20   ct state established,related accept\n\
              \x20   iifname \"{wan}\" drop\n\
              \x20 }}\n\

@@ -223,6 +223,8 @@ fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow:
         "NATed node A served NATed node B nothing (B: {from_master} bytes from the master, \
          report {b_report}); B's log:\n{b_log}"
     );
+    // What the master relayed so far: A's bytes to B, if they went through the relay.
+    let relayed_to_b = relayed_bytes(&lab, &bins, &file_id, &bootstrap)?;
     wait_for_log(
         &b.log,
         "reservation on the master's relay accepted",
@@ -245,38 +247,53 @@ fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow:
         "the direct node got different bytes"
     );
 
-    // What the master says it relayed (`shoal status`, from the public side).
-    let st = lab
-        .command("direct", &bins.join("shoal"))
-        .args(["status", &file_id, "--json", "--bootstrap", &bootstrap])
-        .stderr(Stdio::null())
-        .output()?;
-    anyhow::ensure!(st.status.success(), "shoal status failed");
-    let st: serde_json::Value = serde_json::from_slice(&st.stdout)?;
-    let relayed = st["relayed_bytes"]
-        .as_u64()
-        .with_context(|| format!("no relayed_bytes in the status: {st}"))?;
-    let punched = a_log_now(&a.log).contains("hole punched") || b_log.contains("hole punched");
-    let way = if relayed >= from_a {
-        "over the master's relay"
-    } else if punched {
-        "over a hole-punched direct connection"
-    } else {
-        "partly outside the relay without a logged hole punch (unexpected)"
+    let relayed_total = relayed_bytes(&lab, &bins, &file_id, &bootstrap)?;
+    let d_report = report(&d.report)?;
+
+    // Which way A's bytes went to B: DCUtR logs a punched connection on both ends; the
+    // relay's count says how much of A's bytes it carried (both directions, so a relayed
+    // transfer counts at least its size).
+    let b_log = std::fs::read_to_string(&b.log)?;
+    let a_log = std::fs::read_to_string(&a.log)?;
+    let punched = a_log.contains("hole punched") && b_log.contains("hole punched");
+    // At most this much of A's bytes went through the relay (its count includes B's
+    // requests and protocol overhead); the rest over the punched connection.
+    let via_relay = relayed_to_b.min(from_a);
+    let direct = from_a - via_relay;
+    let way = match (via_relay, direct) {
+        (_, 0) => "all over the master's relay".to_string(),
+        (0, _) => "all over a hole-punched direct connection".to_string(),
+        _ => format!(
+            "about {via_relay} over the master's relay, then {direct} over a hole-punched \
+             direct connection"
+        ),
     };
     println!(
-        "NAT: node B got {from_a} of {size} bytes from NATed node A and {from_master} from the \
-         master, {way}; the master relayed {relayed} bytes in all (both directions); hole \
-         punch logged: {punched}"
+        "NAT: node B got {from_a} of {size} bytes from NATed node A ({way}) and {from_master} \
+         from the master; the relay had carried {relayed_to_b} bytes by then; hole punch \
+         A<->B logged: {punched}. The direct node got {} bytes from the master and {} from \
+         peers; the master relayed {relayed_total} bytes in all.",
+        d_report["bytes_from_master"], d_report["bytes_from_peers"],
     );
     anyhow::ensure!(
-        relayed >= from_a || punched,
-        "A's {from_a} bytes to B went neither through the relay ({relayed} bytes) nor over a \
-         hole-punched connection"
+        relayed_to_b >= from_a || punched,
+        "A's {from_a} bytes to B went neither through the relay ({relayed_to_b} bytes) nor \
+         over a hole-punched connection"
     );
     Ok(())
 }
 
-fn a_log_now(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
+/// The bytes the master's relay carried, as `shoal status` shows them (asked from the
+/// public side).
+fn relayed_bytes(lab: &Lab, bins: &Path, file_id: &str, bootstrap: &str) -> anyhow::Result<u64> {
+    let st = lab
+        .command("direct", &bins.join("shoal"))
+        .args(["status", file_id, "--json", "--bootstrap", bootstrap])
+        .stderr(Stdio::null())
+        .output()?;
+    anyhow::ensure!(st.status.success(), "shoal status failed");
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout)?;
+    st["relayed_bytes"]
+        .as_u64()
+        .with_context(|| format!("no relayed_bytes in the status: {st}"))
 }
