@@ -915,7 +915,7 @@ impl Policy {
                     None => Source::Master,
                     Some(peer) => Source::Peer {
                         peer,
-                        addrs: self.addrs(&peer),
+                        addrs: self.hint(&peer, &requester),
                     },
                 },
             })
@@ -1017,7 +1017,34 @@ impl Policy {
             .is_some_and(|h| !blocks.is_empty() && h.contains_range(blocks))
     }
 
-    /// The addresses the master hints for `peer`: through the master's relay first while it
+    /// The addresses to hint `requester` for `source`: those it declared; for a source that
+    /// holds a reservation on the master's relay (it is behind a NAT), its relayed addresses,
+    /// and the ones it declared only to a requester on the same network as it (same observed
+    /// prefix: behind the same NAT). To anyone else they are private or unreachable, and a
+    /// dial to them can hang for seconds (a dial in progress delays a stream to that peer).
+    pub fn hint(&self, source: &PeerId, requester: &PeerId) -> Vec<Multiaddr> {
+        let Some(s) = self.peers.get(source) else {
+            return Vec::new();
+        };
+        if s.relayed.is_empty() {
+            return s.addrs.clone();
+        }
+        let same_net =
+            s.prefix.is_some() && s.prefix == self.peers.get(requester).and_then(|r| r.prefix);
+        s.relayed
+            .iter()
+            .chain(s.addrs.iter().filter(|_| same_net))
+            .take(MAX_HINT_ADDRS)
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `peer` holds a reservation on the master's relay.
+    pub fn is_relayed(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|p| !p.relayed.is_empty())
+    }
+
+    /// Every address the master knows for `peer`: through the master's relay first while it
     /// holds a reservation there, then those it declared; at most [`MAX_HINT_ADDRS`].
     pub fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
         self.peers
@@ -1525,22 +1552,33 @@ mod tests {
         let circuit = shoal_protocol::relay::circuit_addr(&relay, holder).unwrap();
         let own: Multiaddr = "/ip4/192.168.1.2/tcp/7".parse().unwrap();
         p.peer_up(holder, vec![own.clone()]);
+        p.observe_addr(holder, &"/ip4/203.0.113.7/tcp/1".parse().unwrap());
         // More than MAX_RELAYED_HINTS are cut.
         p.set_relayed(holder, vec![circuit.clone(); MAX_RELAYED_HINTS + 3]);
-        let mut want = vec![circuit.clone(); MAX_RELAYED_HINTS];
-        want.push(own.clone());
-        assert_eq!(p.addrs(&holder), want);
-        let requester2 = peer();
-        p.peer_up(requester2, vec![addr()]);
-        let got = p.locate(now, requester2, &file(), &all(4)).unwrap();
-        assert!(
-            got.assignments.iter().any(|a| a.source
-                == Source::Peer {
-                    peer: holder,
-                    addrs: want.clone()
-                }),
-            "{got:?}"
-        );
+        assert!(p.is_relayed(&holder));
+        let relayed_only = vec![circuit.clone(); MAX_RELAYED_HINTS];
+        let mut both = relayed_only.clone();
+        both.push(own.clone());
+        assert_eq!(p.addrs(&holder), both);
+        // A requester elsewhere is given the relayed addresses only; one behind the same
+        // NAT (same observed prefix) its own addresses too.
+        for (observed, want) in [
+            ("/ip4/198.51.100.1/tcp/2", relayed_only.clone()),
+            ("/ip4/203.0.113.9/tcp/2", both.clone()),
+        ] {
+            let r = peer();
+            p.peer_up(r, vec![addr()]);
+            p.observe_addr(r, &observed.parse().unwrap());
+            let got = p.locate(now, r, &file(), &all(4)).unwrap();
+            assert!(
+                got.assignments.iter().any(|a| a.source
+                    == Source::Peer {
+                        peer: holder,
+                        addrs: want.clone()
+                    }),
+                "{observed}: {got:?}"
+            );
+        }
         // The reservation ends: its own address only.
         p.set_relayed(holder, Vec::new());
         assert_eq!(p.addrs(&holder), vec![own]);

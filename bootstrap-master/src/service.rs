@@ -559,11 +559,15 @@ impl EventLoop {
                     // A peer names as many addresses as it likes; the master keeps a hint's worth.
                     .take(MAX_HINT_ADDRS)
                     .collect();
-                for a in &addrs {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer_id, a.clone());
+                // Kademlia hands these out to anyone looking the peer up: for a peer behind
+                // a NAT, only its addresses through the relay (its own would hang dials).
+                if !self.policy.is_relayed(&peer_id) {
+                    for a in &addrs {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, a.clone());
+                    }
                 }
                 self.policy.peer_up(peer_id, addrs);
             }
@@ -695,6 +699,12 @@ impl EventLoop {
                 tracing::info!(peer = %src_peer_id, "node listens through the relay");
                 self.relay_reservations.insert(src_peer_id);
                 let hints = self.circuit_hints(src_peer_id);
+                // In Kademlia too: the addresses it declared give way to the relayed ones.
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                kad.remove_peer(&src_peer_id);
+                for a in &hints {
+                    kad.add_address(&src_peer_id, a.clone());
+                }
                 self.policy.set_relayed(src_peer_id, hints);
             }
             Event::ReservationClosed { src_peer_id }

@@ -9,11 +9,14 @@
 //! Needs root, `ip` and `nft`; skips with the reason printed otherwise.
 //!
 //! ```text
-//!  [master 10.77.0.1]  [direct 10.77.0.4]  [router-a 10.77.0.2]  [router-b 10.77.0.3]
-//!          \________________ br0 (public) _____/___________________/
+//!  [master 10.77.0.1]  [direct 10.77.4.4]  [router-a 10.77.1.2]  [router-b 10.77.2.3]
+//!          \___________ br0 (public, 10.77.0.0/16) ____/___________________/
 //!                                        lan 10.78.1.1           lan 10.78.2.1
 //!                                        [nat-a 10.78.1.2]       [nat-b 10.78.2.2]
 //! ```
+//!
+//! The public side is one /16 so that each router's address is on a /24 of its own: the
+//! master treats peers on the same /24 as one network (behind one NAT).
 
 use std::{
     path::{Path, PathBuf},
@@ -36,10 +39,10 @@ fn topology() -> anyhow::Result<Lab> {
         lab.add_ns(ns)?;
     }
     lab.add_bridge("pub")?;
-    lab.link(("pub", "vm", None), ("master", "eth0", "10.77.0.1/24"))?;
-    lab.link(("pub", "vd", None), ("direct", "eth0", "10.77.0.4/24"))?;
-    lab.link(("pub", "vra", None), ("ra", "wan", "10.77.0.2/24"))?;
-    lab.link(("pub", "vrb", None), ("rb", "wan", "10.77.0.3/24"))?;
+    lab.link(("pub", "vm", None), ("master", "eth0", "10.77.0.1/16"))?;
+    lab.link(("pub", "vd", None), ("direct", "eth0", "10.77.4.4/16"))?;
+    lab.link(("pub", "vra", None), ("ra", "wan", "10.77.1.2/16"))?;
+    lab.link(("pub", "vrb", None), ("rb", "wan", "10.77.2.3/16"))?;
     lab.link(
         ("ra", "lan", Some("10.78.1.1/24")),
         ("na", "eth0", "10.78.1.2/24"),
