@@ -33,6 +33,21 @@ pub fn relay_wanted(mode: RelayMode, status: &NatStatus) -> Option<bool> {
     }
 }
 
+/// Whether a node in `mode` whose reachability is `status` should be listening through the
+/// relay now (checked every [`RELAY_RETRY`], to recover a lost or refused reservation).
+pub fn relay_wanted_now(mode: RelayMode, status: &NatStatus) -> bool {
+    match mode {
+        RelayMode::Always => true,
+        RelayMode::Auto => *status == NatStatus::Private,
+        RelayMode::Never => false,
+    }
+}
+
+/// How often a node that should listen through the relay and does not (its reservation was
+/// lost or refused) tries again: one reservation request per interval at most, so a master
+/// without a relay (`--no-relay`) is not asked in a loop.
+pub const RELAY_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,7 +64,11 @@ mod tests {
         for m in [RelayMode::Always, RelayMode::Never] {
             for s in [NatStatus::Private, public.clone(), NatStatus::Unknown] {
                 assert_eq!(relay_wanted(m, &s), None);
+                assert_eq!(relay_wanted_now(m, &s), m == RelayMode::Always);
             }
         }
+        assert!(relay_wanted_now(RelayMode::Auto, &NatStatus::Private));
+        assert!(!relay_wanted_now(RelayMode::Auto, &public));
+        assert!(!relay_wanted_now(RelayMode::Auto, &NatStatus::Unknown));
     }
 }

@@ -49,7 +49,7 @@ use shoal_protocol::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::chaos::ChaosMode;
-use crate::nat::{relay_wanted, RelayMode};
+use crate::nat::{relay_wanted, relay_wanted_now, RelayMode, RELAY_RETRY};
 use crate::store::PieceStore;
 
 /// How a node runs.
@@ -838,6 +838,18 @@ impl EventLoop {
         }
     }
 
+    /// Listens through the relay again if it should and does not (a lost or refused
+    /// reservation), while the master is connected.
+    fn retry_relay(&mut self) {
+        let status = self.swarm.behaviour().autonat.nat_status();
+        if self.relay_listener.is_none()
+            && relay_wanted_now(self.relay_mode, &status)
+            && self.swarm.is_connected(&self.master)
+        {
+            self.listen_through_relay(true);
+        }
+    }
+
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         if self.relay_mode == RelayMode::Always {
             self.listen_through_relay(true);
@@ -846,6 +858,8 @@ impl EventLoop {
         let mut redial = tokio::time::interval(MASTER_REDIAL);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rtt_report = tokio::time::interval(RTT_REPORT_INTERVAL);
+        let mut relay_retry = tokio::time::interval(RELAY_RETRY);
+        relay_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event),
@@ -861,6 +875,7 @@ impl EventLoop {
                 _ = provide.tick() => self.provide_shelf(),
                 _ = redial.tick() => self.redial_master(),
                 _ = rtt_report.tick() => self.report_rtts(),
+                _ = relay_retry.tick() => self.retry_relay(),
             }
         }
     }
@@ -1207,13 +1222,10 @@ impl EventLoop {
                 reason,
                 ..
             } if Some(listener_id) == self.relay_listener => {
-                // The reservation was lost (the master restarted, or refused it): try again
-                // when AutoNAT next reports, or at once when asked to always relay.
+                // The reservation was lost or refused (the master restarted, runs no relay,
+                // or is at its cap): tried again every RELAY_RETRY while still wanted.
                 tracing::info!(?reason, "listener through the relay closed");
                 self.relay_listener = None;
-                if self.relay_mode == RelayMode::Always {
-                    self.listen_through_relay(true);
-                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Autonat(
                 libp2p::autonat::Event::StatusChanged { old, new },

@@ -236,18 +236,27 @@ fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow:
         "NATed node B",
     )?;
 
-    // The directly reachable node.
-    let mut d = spawn_fetch(&lab, &bins, tmp.path(), "direct", &file_id, &bootstrap, 0)?;
-    let status = shoal_tests::procs::wait_with_limit(
-        &mut d.proc.0,
-        Duration::from_secs(120),
-        "the direct node's fetch",
-    )?;
+    // The directly reachable node: AutoNAT finds it public, so it never listens through the
+    // relay.
+    let mut d = spawn_fetch(&lab, &bins, tmp.path(), "direct", &file_id, &bootstrap, 60)?;
+    let done = wait_for_file(&d.report, Duration::from_secs(120));
     let d_log = std::fs::read_to_string(&d.log).unwrap_or_default();
-    anyhow::ensure!(status.success(), "the direct node's fetch failed:\n{d_log}");
+    done.with_context(|| format!("the direct node did not finish; its log:\n{d_log}"))?;
     anyhow::ensure!(
         sha256_file(&d.out)? == want,
         "the direct node got different bytes"
+    );
+    wait_for_log(
+        &d.log,
+        "new=Public",
+        &mut d.proc,
+        Duration::from_secs(60),
+        "the direct node",
+    )?;
+    let d_log = std::fs::read_to_string(&d.log)?;
+    anyhow::ensure!(
+        !d_log.contains("listening through the master's relay"),
+        "the directly reachable node listened through the relay:\n{d_log}"
     );
 
     let relayed_total = relayed_bytes(&lab, &bins, &file_id, &bootstrap)?;
