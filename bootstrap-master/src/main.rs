@@ -93,10 +93,10 @@ struct Cli {
     /// the relay closes it. Relayed bytes cost the master twice (in and out): this and
     /// --relay-max-circuits keep the relay from becoming a second master. The default is two
     /// of the largest pieces at the default block size.
-    #[arg(long, value_name = "BYTES", default_value_t = RelayLimits::default().max_circuit_bytes)]
+    #[arg(long, value_name = "BYTES", default_value_t = RelayLimits::default().max_circuit_bytes, value_parser = clap::value_parser!(u64).range(1..))]
     relay_circuit_bytes: u64,
     /// Seconds one circuit may last.
-    #[arg(long, value_name = "SECS", default_value_t = RelayLimits::default().max_circuit_duration.as_secs())]
+    #[arg(long, value_name = "SECS", default_value_t = RelayLimits::default().max_circuit_duration.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     relay_circuit_secs: u64,
     /// Circuits open at once, all nodes together.
     #[arg(long, value_name = "N", default_value_t = RelayLimits::default().max_circuits)]

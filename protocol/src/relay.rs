@@ -65,7 +65,8 @@ impl RelayLimits {
             reservation_duration: self.reservation_duration,
             max_circuits: self.max_circuits,
             max_circuits_per_peer: self.max_circuits_per_peer,
-            max_circuit_bytes: self.max_circuit_bytes,
+            // libp2p reads 0 as "unlimited": a cap of 0 is a cap of 1 byte here.
+            max_circuit_bytes: self.max_circuit_bytes.max(1),
             // libp2p requires it to fit in u32 seconds.
             max_circuit_duration: self
                 .max_circuit_duration
@@ -178,6 +179,11 @@ mod tests {
         assert_eq!(c.max_circuit_bytes, 32 << 20);
         assert_eq!(c.max_circuits, 64);
         assert_eq!(c.max_reservations, 1_024);
+        let zero = RelayLimits {
+            max_circuit_bytes: 0,
+            ..l.clone()
+        };
+        assert_eq!(zero.server_config().max_circuit_bytes, 1);
         let long = RelayLimits {
             max_circuit_duration: Duration::from_secs(u64::MAX),
             ..l
