@@ -9,8 +9,13 @@ use std::process::{Command, Output, Stdio};
 use anyhow::{bail, Context};
 
 /// Why namespaces cannot be made here, if they cannot (not root, `ip` or `nft` missing,
-/// or the kernel refuses).
+/// or the kernel refuses). Checked once per process (tests run in parallel).
 pub fn unavailable() -> Option<String> {
+    static WHY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    WHY.get_or_init(check).clone()
+}
+
+fn check() -> Option<String> {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -65,10 +70,13 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// An empty lab whose namespace names start with `shoal<pid>` (unique per test run).
+    /// An empty lab whose namespace names start with `shoal<pid>n<k>` (unique per test run
+    /// and per lab in it).
     pub fn new() -> Self {
+        static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self {
-            prefix: format!("shoal{}", std::process::id()),
+            prefix: format!("shoal{}n{k}", std::process::id()),
             namespaces: Vec::new(),
         }
     }
@@ -136,11 +144,22 @@ impl Lab {
 
     /// Turns namespace `name` into a masquerading router: forwards, rewrites the source of
     /// everything leaving by `wan` to its own address there, and lets in from `wan` only
-    /// what answers a connection made from inside (no port forwards). Anything else from
-    /// `wan` is dropped silently, as home routers do (no TCP reset): a connection attempt
-    /// from outside times out rather than being refused.
-    pub fn masquerade(&self, name: &str, wan: &str) -> anyhow::Result<()> {
+    /// what answers a connection made from inside (no port forwards). With `drop_unsolicited`
+    /// anything else from `wan` addressed to the router is dropped silently, as home routers
+    /// do: a connection attempt from outside times out. Without, the router's kernel answers
+    /// it (a TCP reset: refused at once).
+    pub fn masquerade(&self, name: &str, wan: &str, drop_unsolicited: bool) -> anyhow::Result<()> {
         self.exec(name, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        let to_router = if drop_unsolicited {
+            format!(
+                "\x20 chain to_router {{ type filter hook input priority 0; policy accept;\n\
+                 \x20   ct state established,related accept\n\
+                 \x20   iifname \"{wan}\" drop\n\
+                 \x20 }}\n"
+            )
+        } else {
+            String::new()
+        };
         let rules = format!(
             "table ip shoalnat {{\n\
              \x20 chain masq {{ type nat hook postrouting priority 100; oifname \"{wan}\" masquerade; }}\n\
@@ -148,10 +167,7 @@ impl Lab {
              \x20   ct state established,related accept\n\
              \x20   iifname \"{wan}\" drop\n\
              \x20 }}\n\
-             \x20 chain to_router {{ type filter hook input priority 0; policy accept;\n\
-             \x20   ct state established,related accept\n\
-             \x20   iifname \"{wan}\" drop\n\
-             \x20 }}\n\
+             {to_router}\
              }}\n"
         );
         let ns = self.ns(name);

@@ -32,8 +32,11 @@ use shoal_tests::{
 
 const MASTER_IP: &str = "10.77.0.1";
 
-/// Builds the topology above.
-fn topology() -> anyhow::Result<Lab> {
+/// Builds the topology above. With `drop_unsolicited` the routers drop what comes in
+/// unasked, as home routers do (hole punching can work); without, they answer it with a TCP
+/// reset (an outside SYN that arrives before the inside one has left is refused, so hole
+/// punching fails and the relay carries everything).
+fn topology(drop_unsolicited: bool) -> anyhow::Result<Lab> {
     let mut lab = Lab::new();
     for ns in ["pub", "master", "direct", "ra", "rb", "na", "nb"] {
         lab.add_ns(ns)?;
@@ -51,8 +54,8 @@ fn topology() -> anyhow::Result<Lab> {
         ("rb", "lan", Some("10.78.2.1/24")),
         ("nb", "eth0", "10.78.2.2/24"),
     )?;
-    lab.masquerade("ra", "wan")?;
-    lab.masquerade("rb", "wan")?;
+    lab.masquerade("ra", "wan", drop_unsolicited)?;
+    lab.masquerade("rb", "wan", drop_unsolicited)?;
     lab.default_route("na", "10.78.1.1")?;
     lab.default_route("nb", "10.78.2.1")?;
     // The NAT is in the way: the public side has no route to the NATed nodes' addresses.
@@ -137,17 +140,25 @@ fn report(path: &Path) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
 }
 
-#[test]
-fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow::Result<()> {
-    if let Some(why) = unavailable() {
-        println!("skipping the NAT test: {why}");
-        return Ok(());
-    }
+/// A lab with the master running in it and one file added.
+struct Swarm {
+    // Field order is drop order: the master is killed before the namespaces go.
+    _master: Proc,
+    master_log: PathBuf,
+    lab: Lab,
+    bins: PathBuf,
+    tmp: tempfile::TempDir,
+    file_id: String,
+    bootstrap: String,
+    size: usize,
+    want: [u8; 32],
+}
+
+/// Builds the lab, adds a 6 MiB file, starts the master with `master_args`.
+fn swarm(drop_unsolicited: bool, master_args: &[&str]) -> anyhow::Result<Swarm> {
     let bins = bin_dir()?;
     let tmp = tempfile::tempdir()?;
-    // Processes are declared after the lab: they are dropped (killed) before it, so the
-    // namespaces are free to go.
-    let lab = topology()?;
+    let lab = topology(drop_unsolicited)?;
 
     let src = tmp.path().join("src.bin");
     let size = 6 * 1024 * 1024;
@@ -165,12 +176,13 @@ fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow:
     let file_id = String::from_utf8(added.stdout)?.trim().to_string();
 
     let master_log = tmp.path().join("master.log");
-    let _master = Proc(
+    let master = Proc(
         lab.command("master", &bins.join("shoal-master"))
             .arg("--data-dir")
             .arg(&master_dir)
             .args(["--listen", &format!("/ip4/{MASTER_IP}/tcp/4001")])
-            .env("RUST_LOG", "info,libp2p=warn")
+            .args(master_args)
+            .env("RUST_LOG", "info,libp2p=warn,shoal_master::service=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&master_log)?)
             .spawn()?,
@@ -181,10 +193,33 @@ fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow:
         .find(|l| l.contains(MASTER_IP))
         .with_context(|| format!("no {MASTER_IP} address in bootstrap.addr:\n{addrs}"))?
         .to_string();
+    Ok(Swarm {
+        _master: master,
+        master_log,
+        lab,
+        bins,
+        tmp,
+        file_id,
+        bootstrap,
+        size,
+        want,
+    })
+}
 
-    // The first NATed node: AutoNAT says it is unreachable, so it listens through the relay;
-    // it fetches from the master (nobody else holds the file) and stays to serve.
-    let mut a = spawn_fetch(&lab, &bins, tmp.path(), "na", &file_id, &bootstrap, 600)?;
+/// NATed node A fetches the file from the master and stays; returns it and its PeerId once
+/// it listens through the relay and holds the whole file.
+fn first_nated_node(sw: &Swarm) -> anyhow::Result<(Fetcher, String)> {
+    // AutoNAT says it is unreachable, so it listens through the relay; it fetches from the
+    // master (nobody else holds the file) and stays to serve.
+    let mut a = spawn_fetch(
+        &sw.lab,
+        &sw.bins,
+        sw.tmp.path(),
+        "na",
+        &sw.file_id,
+        &sw.bootstrap,
+        600,
+    )?;
     wait_for_log(
         &a.log,
         "reservation on the master's relay accepted",
@@ -194,40 +229,62 @@ fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow:
     )?;
     wait_for_file(&a.report, Duration::from_secs(120))?;
     anyhow::ensure!(
-        sha256_file(&a.out)? == want,
+        sha256_file(&a.out)? == sw.want,
         "NATed node A got different bytes"
     );
-    let a_report = report(&a.report)?;
-    let a_id = a_report["peer_id"]
+    let a_id = report(&a.report)?["peer_id"]
         .as_str()
         .context("no peer_id in A's report")?
         .to_string();
     let a_log = std::fs::read_to_string(&a.log)?;
     anyhow::ensure!(
-        a_log.contains("Private"),
+        a_log.contains("new=Private"),
         "A listens through the relay without AutoNAT having found it unreachable:\n{a_log}"
     );
+    Ok((a, a_id))
+}
 
-    // The second NATed node: the master redirects it to A, the only other holder, hinted at
-    // A's relayed address.
-    let mut b = spawn_fetch(&lab, &bins, tmp.path(), "nb", &file_id, &bootstrap, 600)?;
+/// NATed node B fetches the file (the master sends it to A); returns it once done with
+/// exact bytes, and the bytes it got from A and from the master.
+fn second_nated_node(sw: &Swarm, a_id: &str) -> anyhow::Result<(Fetcher, u64, u64)> {
+    let b = spawn_fetch(
+        &sw.lab,
+        &sw.bins,
+        sw.tmp.path(),
+        "nb",
+        &sw.file_id,
+        &sw.bootstrap,
+        600,
+    )?;
     let done = wait_for_file(&b.report, Duration::from_secs(180));
     let b_log = std::fs::read_to_string(&b.log).unwrap_or_default();
     done.with_context(|| format!("NATed node B did not finish; its log:\n{b_log}"))?;
     anyhow::ensure!(
-        sha256_file(&b.out)? == want,
+        sha256_file(&b.out)? == sw.want,
         "NATed node B got different bytes"
     );
     let b_report = report(&b.report)?;
-    let from_a = b_report["bytes_by_peer"][&a_id].as_u64().unwrap_or(0);
+    let from_a = b_report["bytes_by_peer"][a_id].as_u64().unwrap_or(0);
     let from_master = b_report["bytes_from_master"].as_u64().unwrap_or(0);
     anyhow::ensure!(
         from_a > 0,
         "NATed node A served NATed node B nothing (B: {from_master} bytes from the master, \
          report {b_report}); B's log:\n{b_log}"
     );
+    Ok((b, from_a, from_master))
+}
+
+#[test]
+fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow::Result<()> {
+    if let Some(why) = unavailable() {
+        println!("skipping the NAT test: {why}");
+        return Ok(());
+    }
+    let sw = swarm(true, &[])?;
+    let (a, a_id) = first_nated_node(&sw)?;
+    let (mut b, from_a, from_master) = second_nated_node(&sw, &a_id)?;
     // What the master relayed so far: A's bytes to B, if they went through the relay.
-    let relayed_to_b = relayed_bytes(&lab, &bins, &file_id, &bootstrap)?;
+    let relayed_to_b = relayed_bytes(&sw)?;
     wait_for_log(
         &b.log,
         "reservation on the master's relay accepted",
@@ -238,12 +295,20 @@ fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow:
 
     // The directly reachable node: AutoNAT finds it public, so it never listens through the
     // relay.
-    let mut d = spawn_fetch(&lab, &bins, tmp.path(), "direct", &file_id, &bootstrap, 60)?;
+    let mut d = spawn_fetch(
+        &sw.lab,
+        &sw.bins,
+        sw.tmp.path(),
+        "direct",
+        &sw.file_id,
+        &sw.bootstrap,
+        60,
+    )?;
     let done = wait_for_file(&d.report, Duration::from_secs(120));
     let d_log = std::fs::read_to_string(&d.log).unwrap_or_default();
     done.with_context(|| format!("the direct node did not finish; its log:\n{d_log}"))?;
     anyhow::ensure!(
-        sha256_file(&d.out)? == want,
+        sha256_file(&d.out)? == sw.want,
         "the direct node got different bytes"
     );
     wait_for_log(
@@ -259,7 +324,7 @@ fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow:
         "the directly reachable node listened through the relay:\n{d_log}"
     );
 
-    let relayed_total = relayed_bytes(&lab, &bins, &file_id, &bootstrap)?;
+    let relayed_total = relayed_bytes(&sw)?;
     let d_report = report(&d.report)?;
 
     // Which way A's bytes went to B: DCUtR logs a punched connection on both ends; the
@@ -281,11 +346,11 @@ fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow:
         ),
     };
     println!(
-        "NAT: node B got {from_a} of {size} bytes from NATed node A ({way}) and {from_master} \
+        "NAT: node B got {from_a} of {} bytes from NATed node A ({way}) and {from_master} \
          from the master; the relay had carried {relayed_to_b} bytes by then; hole punch \
          A<->B logged: {punched}. The direct node got {} bytes from the master and {} from \
          peers; the master relayed {relayed_total} bytes in all.",
-        d_report["bytes_from_master"], d_report["bytes_from_peers"],
+        sw.size, d_report["bytes_from_master"], d_report["bytes_from_peers"],
     );
     anyhow::ensure!(
         relayed_to_b >= from_a || punched,
@@ -297,10 +362,17 @@ fn nated_nodes_fetch_and_serve_each_other_through_the_masters_relay() -> anyhow:
 
 /// The bytes the master's relay carried, as `shoal status` shows them (asked from the
 /// public side).
-fn relayed_bytes(lab: &Lab, bins: &Path, file_id: &str, bootstrap: &str) -> anyhow::Result<u64> {
-    let st = lab
-        .command("direct", &bins.join("shoal"))
-        .args(["status", file_id, "--json", "--bootstrap", bootstrap])
+fn relayed_bytes(sw: &Swarm) -> anyhow::Result<u64> {
+    let st = sw
+        .lab
+        .command("direct", &sw.bins.join("shoal"))
+        .args([
+            "status",
+            &sw.file_id,
+            "--json",
+            "--bootstrap",
+            &sw.bootstrap,
+        ])
         .stderr(Stdio::null())
         .output()?;
     anyhow::ensure!(st.status.success(), "shoal status failed");
@@ -308,4 +380,51 @@ fn relayed_bytes(lab: &Lab, bins: &Path, file_id: &str, bootstrap: &str) -> anyh
     st["relayed_bytes"]
         .as_u64()
         .with_context(|| format!("no relayed_bytes in the status: {st}"))
+}
+
+/// Routers that refuse (reset) what comes in unasked: hole punching fails, so the relay
+/// carries everything, and its per-circuit cap (here 1 MiB, against a 6 MiB file) cuts each
+/// circuit. B still gets exact bytes (from A over new circuits, or from the master), A
+/// serves some of them, and no circuit carried more than the cap.
+#[test]
+fn a_relayed_transfer_is_capped_per_circuit_and_still_completes() -> anyhow::Result<()> {
+    if let Some(why) = unavailable() {
+        println!("skipping the NAT test: {why}");
+        return Ok(());
+    }
+    const CAP: u64 = 1 << 20;
+    let sw = swarm(false, &["--relay-circuit-bytes", &CAP.to_string()])?;
+    let (a, a_id) = first_nated_node(&sw)?;
+    let (b, from_a, from_master) = second_nated_node(&sw, &a_id)?;
+    let relayed = relayed_bytes(&sw)?;
+    let b_log = std::fs::read_to_string(&b.log)?;
+    let a_log = std::fs::read_to_string(&a.log)?;
+    anyhow::ensure!(
+        !b_log.contains("hole punched") && !a_log.contains("hole punched"),
+        "a hole was punched through routers that reset unsolicited connections:\n{b_log}"
+    );
+    let master_log = std::fs::read_to_string(&sw.master_log)?;
+    let circuits = master_log.matches("circuit opened").count() as u64;
+    anyhow::ensure!(
+        circuits >= 1,
+        "no circuit in the master's log:\n{master_log}"
+    );
+    // libp2p checks the cap after each copy (up to 8 KiB in each direction) and the meter
+    // also counts the circuit's stop handshake.
+    let slack = 64 * 1024;
+    anyhow::ensure!(
+        relayed <= circuits * (CAP + slack),
+        "{relayed} bytes relayed over {circuits} circuits of at most {CAP} bytes"
+    );
+    anyhow::ensure!(
+        from_a <= relayed,
+        "A served B {from_a} bytes, more than the relay carried ({relayed}), without a hole punch"
+    );
+    println!(
+        "NAT, hole punching impossible, {CAP}-byte circuits: node B got {from_a} of {} bytes \
+         from NATed node A, all over the relay ({circuits} circuits, {relayed} bytes relayed), \
+         and {from_master} from the master",
+        sw.size
+    );
+    Ok(())
 }
