@@ -851,9 +851,6 @@ impl EventLoop {
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        if self.relay_mode == RelayMode::Always {
-            self.listen_through_relay(true);
-        }
         let mut provide = tokio::time::interval(PROVIDE_INTERVAL);
         let mut redial = tokio::time::interval(MASTER_REDIAL);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1206,6 +1203,9 @@ impl EventLoop {
                         self.reannounce();
                     }
                     self.greet_on_connect = true;
+                    // Reserve on its relay now if wanted (`--relay always`, or still found
+                    // unreachable after a reconnect) rather than at the next retry tick.
+                    self.retry_relay();
                 }
                 if !self.kad_bootstrapped && self.bootstrap_peers.contains(&peer_id) {
                     // The master (or a --peer) is the first bootstrap peer: join the DHT
