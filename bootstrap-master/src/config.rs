@@ -3,7 +3,10 @@
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
 
 use libp2p::{Multiaddr, PeerId};
-use shoal_protocol::behaviour::{ConnectionCaps, Role};
+use shoal_protocol::{
+    behaviour::{ConnectionCaps, Role},
+    relay::RelayLimits,
+};
 
 use crate::policy::PolicyConfig;
 use crate::registry::RegistryError;
@@ -38,6 +41,8 @@ pub struct MasterConfig {
     /// Free space an announce must leave on the data dir's file system, beyond the file
     /// and the files still being pulled. Default 1 GiB.
     pub min_free_disk: u64,
+    /// The relay for nodes behind NAT: on, within [`RelayLimits::default`]'s caps.
+    pub relay: RelayLimits,
 }
 
 /// Who may publish files to the master over the network (`/shoal/publish/1`). The
@@ -125,7 +130,14 @@ impl MasterConfig {
             pull: PullLimits::default(),
             max_pulls: 16,
             min_free_disk: 1 << 30,
+            relay: RelayLimits::default(),
         }
+    }
+
+    /// Run the relay for nodes behind NAT within these caps (or not, `enabled: false`).
+    pub fn with_relay(mut self, relay: RelayLimits) -> Self {
+        self.relay = relay;
+        self
     }
 
     /// Listen on these addresses instead.

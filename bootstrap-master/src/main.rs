@@ -8,7 +8,10 @@ use libp2p::{Multiaddr, PeerId};
 use shoal_master::{
     parse_publisher_keys, registry::Registry, Master, MasterConfig, PublishPolicy, PublishQuotas,
 };
-use shoal_protocol::behaviour::{ConnectionCaps, Role};
+use shoal_protocol::{
+    behaviour::{ConnectionCaps, Role},
+    relay::RelayLimits,
+};
 
 /// The master of a shoal swarm: holds the original files, redirects piece requests to peers
 /// that already hold them, and is the address nodes join with.
@@ -83,9 +86,42 @@ struct Cli {
     /// Refuse new connections while the process uses more than this fraction of memory.
     #[arg(long, value_name = "FRACTION", default_value_t = ConnectionCaps::for_role(Role::Master).max_memory_fraction)]
     max_memory_fraction: f64,
+    /// Run no relay for nodes behind NAT (they can then fetch but not serve).
+    #[arg(long)]
+    no_relay: bool,
+    /// Bytes one relayed connection (circuit) may carry, both directions together, before
+    /// the relay closes it. Relayed bytes cost the master twice (in and out): this and
+    /// --relay-max-circuits keep the relay from becoming a second master. The default is two
+    /// of the largest pieces at the default block size.
+    #[arg(long, value_name = "BYTES", default_value_t = RelayLimits::default().max_circuit_bytes, value_parser = clap::value_parser!(u64).range(1..))]
+    relay_circuit_bytes: u64,
+    /// Seconds one circuit may last.
+    #[arg(long, value_name = "SECS", default_value_t = RelayLimits::default().max_circuit_duration.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    relay_circuit_secs: u64,
+    /// Circuits open at once, all nodes together.
+    #[arg(long, value_name = "N", default_value_t = RelayLimits::default().max_circuits)]
+    relay_max_circuits: usize,
+    /// Circuits one node is an end of at once.
+    #[arg(long, value_name = "N", default_value_t = RelayLimits::default().max_circuits_per_peer)]
+    relay_max_circuits_per_peer: usize,
+    /// Nodes listening through the relay at once (reservations).
+    #[arg(long, value_name = "N", default_value_t = RelayLimits::default().max_reservations)]
+    relay_max_reservations: usize,
 }
 
 impl Cli {
+    fn relay(&self) -> RelayLimits {
+        RelayLimits {
+            enabled: !self.no_relay,
+            max_circuit_bytes: self.relay_circuit_bytes,
+            max_circuit_duration: std::time::Duration::from_secs(self.relay_circuit_secs),
+            max_circuits: self.relay_max_circuits,
+            max_circuits_per_peer: self.relay_max_circuits_per_peer,
+            max_reservations: self.relay_max_reservations,
+            ..RelayLimits::default()
+        }
+    }
+
     fn publishing(&self) -> anyhow::Result<PublishPolicy> {
         if self.open_publishing {
             return Ok(PublishPolicy::Open(PublishQuotas {
@@ -200,6 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_min_free_disk(cli.min_free_disk)
                 .with_max_pulls(cli.max_pulls)
                 .with_region_budget(cli.region_budget)
+                .with_relay(cli.relay())
                 .with_connection_caps(cli.connection_caps()?);
             let mut master = Master::start(cfg).await.context("starting the master")?;
             eprintln!(

@@ -47,6 +47,14 @@ pub struct Metrics {
     pub probes_dropped: Counter,
     /// Probes running or waiting to run.
     pub probes_pending: Gauge,
+    /// Bytes the relay carried for nodes behind NAT (both directions of every circuit).
+    pub relayed_bytes: Counter<u64, AtomicU64>,
+    /// Nodes listening through the relay (reservations held).
+    pub relay_reservations: Gauge,
+    /// Circuits open through the relay.
+    pub relay_circuits: Gauge,
+    /// Circuits and reservations the relay refused (caps reached, rate limits).
+    pub relay_refused: Counter,
     registry: Arc<Registry>,
 }
 
@@ -126,7 +134,35 @@ impl Metrics {
             "Probes running or waiting to run",
             probes_pending.clone(),
         );
+        let relayed_bytes = Counter::<u64, AtomicU64>::default();
+        let relay_reservations = Gauge::default();
+        let relay_circuits = Gauge::default();
+        let relay_refused = Counter::default();
+        registry.register(
+            "relayed_bytes",
+            "Bytes the relay carried for nodes behind NAT, both directions",
+            relayed_bytes.clone(),
+        );
+        registry.register(
+            "relay_reservations",
+            "Nodes listening through the relay",
+            relay_reservations.clone(),
+        );
+        registry.register(
+            "relay_circuits",
+            "Circuits open through the relay",
+            relay_circuits.clone(),
+        );
+        registry.register(
+            "relay_refused",
+            "Relay reservations and circuits refused (caps, rate limits)",
+            relay_refused.clone(),
+        );
         Self {
+            relayed_bytes,
+            relay_reservations,
+            relay_circuits,
+            relay_refused,
             piece_bytes_sent,
             redirects,
             assignments,
@@ -259,6 +295,10 @@ mod tests {
             "shoal_master_pulled_bytes_total 0",
             "shoal_master_announces_refused_total 0",
             "shoal_master_reports_ignored_total{reason=\"not_assigned\"} 1",
+            "shoal_master_relayed_bytes_total 0",
+            "shoal_master_relay_reservations 0",
+            "shoal_master_relay_circuits 0",
+            "shoal_master_relay_refused_total 0",
         ] {
             assert!(body.contains(name), "missing {name:?} in:\n{body}");
         }

@@ -113,6 +113,10 @@ use shoal_protocol::FileId;
 
 use crate::location::{Locations, NetPrefix, ReportRefused, Vantage};
 
+/// Most relayed addresses hinted for one peer (one per address of the master's, first ones
+/// first), out of the [`MAX_HINT_ADDRS`] of a hint.
+pub const MAX_RELAYED_HINTS: usize = 2;
+
 /// Most peers one peer avoids at once: past it, the avoidance ending first is dropped (an
 /// avoidance "for good" only when every one is for good).
 pub const MAX_AVOID_PER_PEER: usize = 1_024;
@@ -231,6 +235,9 @@ pub enum PolicyError {
 #[derive(Debug, Default)]
 struct PeerState {
     addrs: Vec<Multiaddr>,
+    /// Its addresses through the master's relay, while it holds a reservation there (a node
+    /// behind NAT): hinted before `addrs`, which it may not be reachable at.
+    relayed: Vec<Multiaddr>,
     region: String,
     /// The network prefix of the address its connection comes from (observed).
     prefix: Option<NetPrefix>,
@@ -429,6 +436,16 @@ impl Policy {
             }
         }
         p.addrs.truncate(MAX_HINT_ADDRS);
+    }
+
+    /// `peer` is reachable at `addrs` through the master's relay (it holds a reservation), or
+    /// no longer (`addrs` empty). At most [`MAX_RELAYED_HINTS`] are kept. Only a connected
+    /// peer (one [`Policy::peer_up`] told of) can hold a reservation; others are ignored.
+    pub fn set_relayed(&mut self, peer: PeerId, mut addrs: Vec<Multiaddr>) {
+        addrs.truncate(MAX_RELAYED_HINTS);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.relayed = addrs;
+        }
     }
 
     /// A peer's region label.
@@ -834,7 +851,9 @@ impl Policy {
                 && !avoid
                     .get(p)
                     .is_some_and(|until| until.is_none_or(|u| u > now))
-                && peers.get(p).is_some_and(|s| s.live && !s.addrs.is_empty())
+                && peers
+                    .get(p)
+                    .is_some_and(|s| s.live && !(s.addrs.is_empty() && s.relayed.is_empty()))
         };
         // ... and not full.
         let usable = |peers: &HashMap<PeerId, PeerState>, p: &PeerId| {
@@ -1043,11 +1062,7 @@ impl Policy {
                     None => Source::Master,
                     Some(peer) => Source::Peer {
                         peer,
-                        addrs: self
-                            .peers
-                            .get(&peer)
-                            .map(|p| p.addrs.clone())
-                            .unwrap_or_default(),
+                        addrs: self.hint(&peer, &requester),
                     },
                 },
             })
@@ -1151,11 +1166,46 @@ impl Policy {
             .is_some_and(|h| !blocks.is_empty() && h.contains_range(blocks))
     }
 
-    /// The addresses the master knows for `peer`.
+    /// The addresses to hint `requester` for `source`: those it declared; for a source that
+    /// holds a reservation on the master's relay (it is behind a NAT), its relayed addresses,
+    /// and the ones it declared only to a requester on the same network as it (same observed
+    /// prefix: behind the same NAT). To anyone else they are private or unreachable, and a
+    /// dial to them can hang for seconds (a dial in progress delays a stream to that peer).
+    pub fn hint(&self, source: &PeerId, requester: &PeerId) -> Vec<Multiaddr> {
+        let Some(s) = self.peers.get(source) else {
+            return Vec::new();
+        };
+        if s.relayed.is_empty() {
+            return s.addrs.clone();
+        }
+        let same_net =
+            s.prefix.is_some() && s.prefix == self.peers.get(requester).and_then(|r| r.prefix);
+        s.relayed
+            .iter()
+            .chain(s.addrs.iter().filter(|_| same_net))
+            .take(MAX_HINT_ADDRS)
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `peer` holds a reservation on the master's relay.
+    pub fn is_relayed(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|p| !p.relayed.is_empty())
+    }
+
+    /// Every address the master knows for `peer`: through the master's relay first while it
+    /// holds a reservation there, then those it declared; at most [`MAX_HINT_ADDRS`].
     pub fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
         self.peers
             .get(peer)
-            .map(|p| p.addrs.clone())
+            .map(|p| {
+                p.relayed
+                    .iter()
+                    .chain(p.addrs.iter())
+                    .take(MAX_HINT_ADDRS)
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -1235,6 +1285,8 @@ impl Policy {
             bytes_from_peers: f.bytes_from_peers,
             banned,
             banned_total,
+            // The service fills it in: the policy sees no traffic.
+            relayed_bytes: 0,
         })
     }
 }
@@ -1696,6 +1748,68 @@ mod tests {
             ans.assignments.iter().all(|x| x.source != Source::Master),
             "{ans:?}"
         );
+    }
+
+    #[test]
+    fn a_node_reachable_only_through_the_relay_is_hinted_there_first() {
+        let mut p = setup(4);
+        let now = Instant::now();
+        let holder = peer();
+        // It declared no address anyone could dial (or only private ones it listens on).
+        p.peer_up(holder, Vec::new());
+        p.have(&file(), holder, &all(4));
+        let requester = peer();
+        p.peer_up(requester, vec![addr()]);
+        let sources = |p: &mut Policy| -> Vec<Source> {
+            p.locate(now, requester, &file(), &all(4))
+                .unwrap()
+                .assignments
+                .into_iter()
+                .map(|a| a.source)
+                .collect()
+        };
+        // No address: not a source.
+        assert!(sources(&mut p).iter().all(|s| *s == Source::Master));
+        let relay: Multiaddr = format!("/ip4/10.0.0.1/tcp/4001/p2p/{}", peer())
+            .parse()
+            .unwrap();
+        let circuit = shoal_protocol::relay::circuit_addr(&relay, holder).unwrap();
+        let own: Multiaddr = "/ip4/192.168.1.2/tcp/7".parse().unwrap();
+        p.peer_up(holder, vec![own.clone()]);
+        p.observe_addr(holder, &"/ip4/203.0.113.7/tcp/1".parse().unwrap());
+        // More than MAX_RELAYED_HINTS are cut.
+        p.set_relayed(holder, vec![circuit.clone(); MAX_RELAYED_HINTS + 3]);
+        assert!(p.is_relayed(&holder));
+        let relayed_only = vec![circuit.clone(); MAX_RELAYED_HINTS];
+        let mut both = relayed_only.clone();
+        both.push(own.clone());
+        assert_eq!(p.addrs(&holder), both);
+        // A requester elsewhere is given the relayed addresses only; one behind the same
+        // NAT (same observed prefix) its own addresses too.
+        for (observed, want) in [
+            ("/ip4/198.51.100.1/tcp/2", relayed_only.clone()),
+            ("/ip4/203.0.113.9/tcp/2", both.clone()),
+        ] {
+            let r = peer();
+            p.peer_up(r, vec![addr()]);
+            p.observe_addr(r, &observed.parse().unwrap());
+            let got = p.locate(now, r, &file(), &all(4)).unwrap();
+            assert!(
+                got.assignments.iter().any(|a| a.source
+                    == Source::Peer {
+                        peer: holder,
+                        addrs: want.clone()
+                    }),
+                "{observed}: {got:?}"
+            );
+        }
+        // The reservation ends: its own address only.
+        p.set_relayed(holder, Vec::new());
+        assert_eq!(p.addrs(&holder), vec![own]);
+        // A peer the master does not know cannot be made relayed.
+        let stranger = peer();
+        p.set_relayed(stranger, vec![circuit]);
+        assert!(p.addrs(&stranger).is_empty() && !p.is_live(&stranger));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use libp2p::{
     PeerId, Swarm,
 };
 use shoal_net::{
+    relay_meter::RelayMeter,
     serve::{PieceServer, ServeConfig},
     swarm::{build_swarm, SwarmOptions},
     task::{spawn_critical, CriticalTask},
@@ -30,6 +31,7 @@ use shoal_protocol::{
     behaviour::{Behaviour, BehaviourEvent, Role},
     block::{BlockRange, Blocks},
     limits::{MAX_HINT_ADDRS, MAX_REGION_LEN},
+    relay::{circuit_addr, is_relayed},
     wire::{
         encode_authority, AuthorityEvent, DigestRequest, DigestResponse, MasterRequest,
         MasterResponse, Source,
@@ -42,7 +44,7 @@ use crate::announce::{PublishGate, Storing};
 use crate::bans::{BanBook, BanConfig, ProbeOutcome};
 use crate::config::{MasterConfig, MasterError};
 use crate::metrics::Metrics;
-use crate::policy::{Policy, PolicyConfig};
+use crate::policy::{Policy, PolicyConfig, MAX_RELAYED_HINTS};
 use crate::probe::ProbeQueue;
 use crate::pull::{PullError, PullTask};
 use crate::registry::{DiskWriter, Registry, StoredFile};
@@ -105,9 +107,13 @@ impl Master {
         let key = registry.key()?;
         let peer_id = key.public().to_peer_id();
         let net = |e: &dyn std::fmt::Display| MasterError::Network(e.to_string());
+        let relay_meter = RelayMeter::default();
         let mut swarm = build_swarm(
             key.clone(),
-            &SwarmOptions::for_role(Role::Master).with_caps(cfg.connection_caps.clone()),
+            &SwarmOptions::for_role(Role::Master)
+                .with_caps(cfg.connection_caps.clone())
+                .with_relay(cfg.relay.clone())
+                .with_relay_meter(relay_meter.clone()),
         )
         .map_err(|e| net(&e))?;
         let _ = swarm
@@ -151,6 +157,9 @@ impl Master {
                     listener_id,
                 }) => {
                     listeners.remove(&listener_id);
+                    // Nodes dial the master where it listens: the relay hands these out in
+                    // reservations (it refuses reservations while it has none).
+                    swarm.add_external_address(address.clone());
                     addrs.push(address.with(Protocol::P2p(peer_id)))
                 }
                 Ok(SwarmEvent::ListenerError { error, .. }) => return Err(net(&error)),
@@ -226,6 +235,9 @@ impl Master {
             bans: BanBook::new(BanConfig::default()),
             probes: ProbeQueue::default(),
             listen_addrs: addrs.clone(),
+            relay_meter,
+            relayed_counted: 0,
+            relay_reservations: HashSet::new(),
             cfg,
             swarm,
         };
@@ -344,6 +356,12 @@ pub(crate) struct EventLoop {
     /// Every address the master listens on (a `0.0.0.0` listener reports one per interface,
     /// over time); `bootstrap.addr` is rewritten as they come and go.
     pub(crate) listen_addrs: Vec<Multiaddr>,
+    /// Bytes the relay carried (counted under the muxers), and how many of them are in
+    /// `metrics.relayed_bytes` yet.
+    pub(crate) relay_meter: RelayMeter,
+    pub(crate) relayed_counted: u64,
+    /// Nodes holding a reservation on the relay (bounded by the relay's own cap).
+    pub(crate) relay_reservations: HashSet<PeerId>,
 }
 
 impl EventLoop {
@@ -433,7 +451,7 @@ impl EventLoop {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(msg) = internal.recv() => self.on_internal(msg),
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Status(file, tx)) => { let _ = tx.send(self.policy.status(&file)); }
+                    Some(Command::Status(file, tx)) => { let _ = tx.send(self.file_status(&file)); }
                     Some(Command::Shutdown(tx)) => {
                         self.writer.flush().await;
                         let _ = tx.send(());
@@ -447,6 +465,7 @@ impl EventLoop {
                     self.policy.expire(now);
                     self.policy.expire_avoidance(now);
                     self.bans.expire(now);
+                    self.count_relayed();
                 }
             }
         }
@@ -492,6 +511,11 @@ impl EventLoop {
                     .peers
                     .set(self.swarm.connected_peers().count() as i64);
                 self.bans.peer_gone(&peer_id);
+                // Its reservation went with its connection.
+                self.relay_reservations.remove(&peer_id);
+                self.metrics
+                    .relay_reservations
+                    .set(self.relay_reservations.len() as i64);
                 if self.policy.peer_down(&peer_id) {
                     tracing::info!(%peer_id, "mirror gone");
                     self.publish(AuthorityEvent::MirrorRemoved { peer: peer_id });
@@ -500,12 +524,19 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let address = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
                 tracing::info!(%address, "listening");
+                self.swarm.add_external_address(
+                    address
+                        .iter()
+                        .filter(|p| !matches!(p, Protocol::P2p(_)))
+                        .collect(),
+                );
                 if !self.listen_addrs.contains(&address) {
                     self.listen_addrs.push(address);
                     self.write_bootstrap_addrs();
                 }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.swarm.remove_external_address(&address);
                 let address = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
                 self.listen_addrs.retain(|a| *a != address);
                 self.write_bootstrap_addrs();
@@ -522,14 +553,21 @@ impl EventLoop {
                         !a.iter()
                             .any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified()))
                     })
+                    // Relayed addresses are the master's to hint (through its own relay,
+                    // while the peer holds a reservation there), never the peer's claim.
+                    .filter(|a| !is_relayed(a))
                     // A peer names as many addresses as it likes; the master keeps a hint's worth.
                     .take(MAX_HINT_ADDRS)
                     .collect();
-                for a in &addrs {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer_id, a.clone());
+                // Kademlia hands these out to anyone looking the peer up: for a peer behind
+                // a NAT, only its addresses through the relay (its own would hang dials).
+                if !self.policy.is_relayed(&peer_id) {
+                    for a in &addrs {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, a.clone());
+                    }
                 }
                 self.policy.peer_up(peer_id, addrs);
             }
@@ -611,8 +649,105 @@ impl EventLoop {
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => self.on_relay(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(
+                libp2p::autonat::Event::InboundProbe(probe),
+            )) => tracing::debug!(?probe, "reachability probe"),
             other => tracing::trace!(?other, "swarm event"),
         }
+    }
+
+    /// What the master knows of `file`, with the bytes its relay carried.
+    fn file_status(&self, file: &FileId) -> Option<shoal_protocol::wire::FileStatus> {
+        let mut s = self.policy.status(file)?;
+        s.relayed_bytes = self.relay_meter.bytes();
+        Some(s)
+    }
+
+    /// Brings `relayed_bytes` up to the meter.
+    fn count_relayed(&mut self) {
+        let now = self.relay_meter.bytes();
+        self.metrics
+            .relayed_bytes
+            .inc_by(now.saturating_sub(self.relayed_counted));
+        self.relayed_counted = now;
+    }
+
+    /// Where `peer` is reachable through the relay: `<master addr>/p2p-circuit/p2p/<peer>`
+    /// for the master's first addresses (not loopback, TCP first).
+    fn circuit_hints(&self, peer: PeerId) -> Vec<Multiaddr> {
+        let mut mine: Vec<&Multiaddr> = self.listen_addrs.iter().collect();
+        let loopback = |a: &Multiaddr| {
+            a.iter().any(|p| match p {
+                Protocol::Ip4(ip) => ip.is_loopback(),
+                Protocol::Ip6(ip) => ip.is_loopback(),
+                _ => false,
+            })
+        };
+        let udp = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::Udp(_)));
+        mine.sort_by_key(|a| (loopback(a), udp(a)));
+        mine.into_iter()
+            .filter_map(|a| circuit_addr(a, peer))
+            .take(MAX_RELAYED_HINTS)
+            .collect()
+    }
+
+    fn on_relay(&mut self, event: libp2p::relay::Event) {
+        use libp2p::relay::Event;
+        match event {
+            Event::ReservationReqAccepted { src_peer_id, .. } => {
+                tracing::info!(peer = %src_peer_id, "node listens through the relay");
+                self.relay_reservations.insert(src_peer_id);
+                let hints = self.circuit_hints(src_peer_id);
+                // In Kademlia too: the addresses it declared give way to the relayed ones.
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                kad.remove_peer(&src_peer_id);
+                for a in &hints {
+                    kad.add_address(&src_peer_id, a.clone());
+                }
+                self.policy.set_relayed(src_peer_id, hints);
+            }
+            Event::ReservationClosed { src_peer_id }
+            | Event::ReservationTimedOut { src_peer_id } => {
+                self.relay_reservations.remove(&src_peer_id);
+                self.policy.set_relayed(src_peer_id, Vec::new());
+            }
+            Event::ReservationReqDenied {
+                src_peer_id,
+                status,
+            } => {
+                tracing::debug!(peer = %src_peer_id, ?status, "relay reservation refused");
+                self.metrics.relay_refused.inc();
+            }
+            Event::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => {
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "circuit opened");
+                self.metrics.relay_circuits.inc();
+            }
+            Event::CircuitReqDenied {
+                src_peer_id,
+                dst_peer_id,
+                status,
+            } => {
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, ?status, "circuit refused");
+                self.metrics.relay_refused.inc();
+            }
+            Event::CircuitClosed {
+                src_peer_id,
+                dst_peer_id,
+                error,
+            } => {
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, ?error, "circuit closed");
+                self.metrics.relay_circuits.dec();
+                self.count_relayed();
+            }
+            other => tracing::debug!(?other, "relay event"),
+        }
+        self.metrics
+            .relay_reservations
+            .set(self.relay_reservations.len() as i64);
     }
 
     fn on_master_request(&mut self, peer: PeerId, request: MasterRequest) -> MasterResponse {
@@ -661,7 +796,7 @@ impl EventLoop {
                 peer: culprit,
                 problem,
             } => self.on_report(peer, file, culprit, problem),
-            MasterRequest::Status { file } => match self.policy.status(&file) {
+            MasterRequest::Status { file } => match self.file_status(&file) {
                 Some(s) => MasterResponse::Status(Box::new(s)),
                 None => MasterResponse::Refused {
                     reason: format!("unknown file {file}"),

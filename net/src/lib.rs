@@ -7,6 +7,7 @@
 //!   an optional upload rate limit; what to serve comes from a [`serve::PieceSource`].
 //! - [`keyfile`]: identity keys loaded or created with mode 0600, and durable atomic writes.
 //! - [`swarm`]: the libp2p swarm (TCP+noise+yamux and QUIC, the shoal [`Behaviour`]).
+//! - [`relay_meter`]: the bytes the master's relay carries, counted under its muxers.
 //! - [`cli`]: logging set-up and one-line error reports for the binaries.
 //! - [`lock`]: one process per data directory ("data dir X is in use by process N").
 //! - [`task`]: supervision of event-loop tasks, so that a panic ends the process with a
@@ -20,12 +21,14 @@
 pub mod cli;
 pub mod keyfile;
 pub mod lock;
+pub mod relay_meter;
 pub mod serve;
 pub mod swarm;
 pub mod task;
 
 pub use keyfile::{load_or_create_key, write_atomic, KeyError};
 pub use lock::{lock_data_dir, DataDirLock, LockError};
+pub use relay_meter::RelayMeter;
 pub use serve::{BlockReader, FileBlocks, PieceServer, PieceSource, Serve, ServeConfig};
 pub use swarm::{build_swarm, SwarmError, SwarmOptions};
 pub use task::{spawn_critical, CriticalTask, PanicWatch};

@@ -1,10 +1,20 @@
 //! Building the libp2p swarm of a shoal peer, once for the master and the node: TCP (noise,
 //! yamux) and QUIC transports around the shoal [`Behaviour`] with its connection caps.
+//!
+//! A node's transport also dials and listens through a circuit relay (the master's); the
+//! master's muxers are wrapped to count the bytes its relay carries ([`RelayMeter`]).
 
 use std::time::Duration;
 
-use libp2p::{identity::Keypair, noise, tcp, yamux, Swarm};
-use shoal_protocol::behaviour::{Advertise, Behaviour, ConnectionCaps, Role};
+use libp2p::{
+    core::upgrade::Version, identity::Keypair, noise, quic, tcp, yamux, Swarm, Transport,
+};
+use shoal_protocol::{
+    behaviour::{Advertise, Behaviour, BehaviourError, ConnectionCaps, Role},
+    relay::RelayLimits,
+};
+
+use crate::relay_meter::{MeteredMuxer, RelayMeter};
 
 /// How to build a swarm.
 #[derive(Clone, Debug)]
@@ -18,6 +28,11 @@ pub struct SwarmOptions {
     pub idle_timeout: Duration,
     /// Which addresses identify advertises. Default [`Advertise::Listening`].
     pub advertise: Advertise,
+    /// Caps of the relay server (the master's; a node runs none). Default
+    /// [`RelayLimits::default`].
+    pub relay: RelayLimits,
+    /// Where the master counts the bytes its relay carries. Default: a fresh meter.
+    pub relay_meter: RelayMeter,
 }
 
 impl SwarmOptions {
@@ -31,7 +46,21 @@ impl SwarmOptions {
                 Role::Node => Duration::from_secs(60),
             },
             advertise: Advertise::default(),
+            relay: RelayLimits::default(),
+            relay_meter: RelayMeter::default(),
         }
+    }
+
+    /// Run the relay server (master) within these caps.
+    pub fn with_relay(mut self, relay: RelayLimits) -> Self {
+        self.relay = relay;
+        self
+    }
+
+    /// Count relayed bytes into `meter`.
+    pub fn with_relay_meter(mut self, meter: RelayMeter) -> Self {
+        self.relay_meter = meter;
+        self
     }
 
     /// Use these connection caps.
@@ -60,6 +89,18 @@ pub struct SwarmError(String);
 
 /// Builds the swarm of `key` (it does not listen or dial yet).
 pub fn build_swarm(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, SwarmError> {
+    match opts.role {
+        Role::Master => build_master(key, opts),
+        Role::Node => build_node(key, opts),
+    }
+}
+
+fn boxed(e: BehaviourError) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::from(e)
+}
+
+/// A node: TCP and QUIC, and the relay client's transport beside them.
+fn build_node(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, SwarmError> {
     let err = |e: &dyn std::fmt::Display| SwarmError(e.to_string());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -70,9 +111,54 @@ pub fn build_swarm(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>
         )
         .map_err(|e| err(&e))?
         .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| err(&e))?
+        .with_behaviour(|k, relay_client| {
+            Behaviour::new(
+                k,
+                opts.role,
+                &opts.caps,
+                opts.advertise,
+                Some(relay_client),
+                &opts.relay,
+            )
+            .map_err(boxed)
+        })
+        .map_err(|e| err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(opts.idle_timeout))
+        .build();
+    Ok(swarm)
+}
+
+/// The master: the same TCP (noise, yamux) and QUIC transports as [`libp2p::SwarmBuilder`]'s
+/// `with_tcp` and `with_quic`, built by hand so that each muxer can be wrapped in the relay
+/// meter.
+fn build_master(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, SwarmError> {
+    let err = |e: &dyn std::fmt::Display| SwarmError(e.to_string());
+    let tcp_meter = opts.relay_meter.clone();
+    let quic_meter = opts.relay_meter.clone();
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(|k| {
+            let noise =
+                noise::Config::new(k).map_err(Box::<dyn std::error::Error + Send + Sync>::from)?;
+            Ok(
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .map(move |(peer, muxer), _| (peer, MeteredMuxer::new(muxer, tcp_meter))),
+            )
+        })
+        .map_err(|e| err(&e))?
+        .with_other_transport(|k| {
+            quic::tokio::Transport::new(quic::Config::new(k))
+                .map(move |(peer, conn), _| (peer, MeteredMuxer::new(conn, quic_meter)))
+        })
+        .map_err(|e| err(&e))?
         .with_behaviour(|k| {
-            Behaviour::new(k, opts.role, &opts.caps, opts.advertise)
-                .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+            Behaviour::new(k, opts.role, &opts.caps, opts.advertise, None, &opts.relay)
+                .map_err(boxed)
         })
         .map_err(|e| err(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(opts.idle_timeout))

@@ -8,6 +8,7 @@
 //! - [`store`]: the file on disk and the journal of verified blocks;
 //! - [`service`]: the swarm event loop, the [`Client`] handle and the piece server;
 //! - [`fetch`]: fetch, publish and seed, driving the scheduler through the client;
+//! - [`nat`]: when a node behind NAT listens through the master's relay;
 //! - [`progress`]: live counters of a fetch, for bars and progress lines;
 //! - [`metrics`]: the node's Prometheus endpoint (`--metrics-addr`).
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -15,6 +16,7 @@
 pub mod chaos;
 pub mod fetch;
 pub mod metrics;
+pub mod nat;
 pub mod progress;
 pub mod provenance;
 pub mod scheduler;
@@ -22,4 +24,5 @@ pub mod service;
 pub mod store;
 
 pub use fetch::{fetch, publish, seed, status, FetchOptions, FetchReport};
+pub use nat::RelayMode;
 pub use service::{start, Client, NodeConfig, NodeError};

@@ -57,6 +57,11 @@ struct Common {
     /// for several.
     #[arg(long, value_name = "ADDR")]
     announce: Vec<Multiaddr>,
+    /// When to listen through the master's relay, so that peers can reach this node behind a
+    /// NAT: auto (when the master's AutoNAT check finds it unreachable), always, never.
+    /// Peers that reach it through the relay try a direct connection by hole punching.
+    #[arg(long, value_enum, default_value_t = shoal_node::RelayMode::Auto)]
+    relay: shoal_node::RelayMode,
     /// Region label; the master prefers redirecting to nodes of the same region.
     #[arg(long, default_value = "")]
     region: String,
@@ -280,6 +285,7 @@ async fn join_with(
             .with_connection_caps(caps.clone())
             .with_peers(c.peers.clone())
             .with_announce(c.announce.clone())
+            .with_relay(c.relay)
             // Only the last candidate: the others are tried first.
             .with_start_without_master(without_master && i + 1 == candidates.len())
             // A node whose event loop died must not linger: exit 101.
@@ -584,6 +590,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "master_only_blocks": s.master_only_blocks,
                     "bytes_from_master": s.bytes_from_master,
                     "bytes_from_peers": s.bytes_from_peers,
+                    "relayed_bytes": s.relayed_bytes,
                     "banned": s.banned.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -609,6 +616,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "piece bytes served by peers:    {} ({})",
                     s.bytes_from_peers,
                     human_bytes(s.bytes_from_peers)
+                );
+                println!(
+                    "bytes the master relayed for nodes behind NAT (all files): {} ({})",
+                    s.relayed_bytes,
+                    human_bytes(s.relayed_bytes)
                 );
             }
         }

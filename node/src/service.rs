@@ -26,7 +26,8 @@ use std::{
 
 use futures::StreamExt;
 use libp2p::{
-    gossipsub, identify, kad, ping, request_response, swarm::SwarmEvent, Multiaddr, PeerId, Swarm,
+    core::transport::ListenerId, gossipsub, identify, kad, multiaddr::Protocol, ping,
+    request_response, swarm::SwarmEvent, Multiaddr, PeerId, Swarm,
 };
 use shoal_net::{
     serve::{BlockReader, PieceServer, PieceSource, Serve, ServeConfig},
@@ -48,6 +49,7 @@ use shoal_protocol::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::chaos::ChaosMode;
+use crate::nat::{relay_wanted, relay_wanted_now, RelayMode, RELAY_RETRY};
 use crate::store::PieceStore;
 
 /// How a node runs.
@@ -83,6 +85,9 @@ pub struct NodeConfig {
     /// listens on (a port forward, a public address in front of it). Default none: the
     /// listen addresses.
     pub announce: Vec<Multiaddr>,
+    /// When to listen through the master's relay. Default [`RelayMode::Auto`]: when
+    /// AutoNAT finds this node unreachable.
+    pub relay: RelayMode,
     /// Deliberate misbehaviour (settable only with the `chaos` feature).
     chaos: Option<ChaosMode>,
     /// Use a throw-away key instead of `data_dir/identity.key` (read-only commands).
@@ -109,6 +114,7 @@ impl NodeConfig {
             peers: Vec::new(),
             start_without_master: false,
             announce: Vec::new(),
+            relay: RelayMode::default(),
             chaos: None,
             ephemeral_identity: false,
         }
@@ -161,6 +167,12 @@ impl NodeConfig {
     /// Join the swarm through these peers too (each address ending in `/p2p/<PeerId>`).
     pub fn with_peers(mut self, peers: Vec<Multiaddr>) -> Self {
         self.peers = peers;
+        self
+    }
+
+    /// Listen through the master's relay as `mode` says.
+    pub fn with_relay(mut self, mode: RelayMode) -> Self {
+        self.relay = mode;
         self
     }
 
@@ -571,6 +583,19 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         .gossipsub
         .subscribe(&Behaviour::authority_topic());
     let master_addr = without_p2p(&cfg.bootstrap);
+    // A read-only command serves nothing: it needs no relay.
+    let relay_mode = if cfg.ephemeral_identity {
+        RelayMode::Never
+    } else {
+        cfg.relay
+    };
+    if relay_mode == RelayMode::Auto {
+        // The master is this node's only AutoNAT server.
+        swarm
+            .behaviour_mut()
+            .autonat
+            .add_server(master, Some(master_addr.clone()));
+    }
     swarm.add_peer_address(master, master_addr.clone());
     swarm.behaviour_mut().kad.add_address(&master, master_addr);
     swarm.dial(cfg.bootstrap.clone()).map_err(|e| net(&e))?;
@@ -628,6 +653,9 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         peer_queries: HashMap::new(),
         provider_queries: HashMap::new(),
         rtts: HashMap::new(),
+        relay_mode,
+        relay_addr: cfg.bootstrap.clone().with(Protocol::P2pCircuit),
+        relay_listener: None,
     };
     let event_loop = spawn_critical("node event loop", lp.run(rx));
     let panics = vec![event_loop.watch(), server.watch()];
@@ -730,6 +758,12 @@ struct EventLoop {
     provider_queries: HashMap<kad::QueryId, (oneshot::Sender<Vec<PeerId>>, HashSet<PeerId>)>,
     /// The latest ping RTT to each peer (not the master) since the last report to the master.
     rtts: HashMap<PeerId, Duration>,
+    /// When to listen through the master's relay.
+    relay_mode: RelayMode,
+    /// `<bootstrap address>/p2p-circuit`: where to listen through the master's relay.
+    relay_addr: Multiaddr,
+    /// The listener through the master's relay, while there is one.
+    relay_listener: Option<ListenerId>,
 }
 
 /// How often the node reports the RTTs libp2p ping measured to its peers to the master (for
@@ -785,11 +819,44 @@ impl EventLoop {
         tracing::info!("master reconnected; re-announced held blocks");
     }
 
+    /// Starts (`true`) or stops listening through the master's relay; a no-op when already so.
+    fn listen_through_relay(&mut self, on: bool) {
+        match (on, self.relay_listener) {
+            (true, None) => match self.swarm.listen_on(self.relay_addr.clone()) {
+                Ok(id) => {
+                    tracing::info!(relay = %self.relay_addr, "listening through the master's relay");
+                    self.relay_listener = Some(id);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot listen through the master's relay"),
+            },
+            (false, Some(id)) => {
+                tracing::info!("reachable directly; no longer listening through the relay");
+                self.swarm.remove_listener(id);
+                self.relay_listener = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Listens through the relay again if it should and does not (a lost or refused
+    /// reservation), while the master is connected.
+    fn retry_relay(&mut self) {
+        let status = self.swarm.behaviour().autonat.nat_status();
+        if self.relay_listener.is_none()
+            && relay_wanted_now(self.relay_mode, &status)
+            && self.swarm.is_connected(&self.master)
+        {
+            self.listen_through_relay(true);
+        }
+    }
+
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut provide = tokio::time::interval(PROVIDE_INTERVAL);
         let mut redial = tokio::time::interval(MASTER_REDIAL);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rtt_report = tokio::time::interval(RTT_REPORT_INTERVAL);
+        let mut relay_retry = tokio::time::interval(RELAY_RETRY);
+        relay_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event),
@@ -805,6 +872,7 @@ impl EventLoop {
                 _ = provide.tick() => self.provide_shelf(),
                 _ = redial.tick() => self.redial_master(),
                 _ = rtt_report.tick() => self.report_rtts(),
+                _ = relay_retry.tick() => self.retry_relay(),
             }
         }
     }
@@ -1135,6 +1203,9 @@ impl EventLoop {
                         self.reannounce();
                     }
                     self.greet_on_connect = true;
+                    // Reserve on its relay now if wanted (`--relay always`, or still found
+                    // unreachable after a reconnect) rather than at the next retry tick.
+                    self.retry_relay();
                 }
                 if !self.kad_bootstrapped && self.bootstrap_peers.contains(&peer_id) {
                     // The master (or a --peer) is the first bootstrap peer: join the DHT
@@ -1146,6 +1217,50 @@ impl EventLoop {
                 }
             }
             SwarmEvent::NewListenAddr { address, .. } => tracing::debug!(%address, "listening"),
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } if Some(listener_id) == self.relay_listener => {
+                // The reservation was lost or refused (the master restarted, runs no relay,
+                // or is at its cap): tried again every RELAY_RETRY while still wanted.
+                tracing::info!(?reason, "listener through the relay closed");
+                self.relay_listener = None;
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(
+                libp2p::autonat::Event::StatusChanged { old, new },
+            )) => {
+                tracing::info!(?old, ?new, "reachability (AutoNAT)");
+                if let Some(on) = relay_wanted(self.relay_mode, &new) {
+                    self.listen_through_relay(on);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(libp2p::dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(connection) => {
+                    // The relayed connection stays until it is idle or the relay's caps end it:
+                    // closing it at once cuts the pieces streaming over it (they fail as
+                    // "unreachable" and the peer is avoided). New streams pick either.
+                    tracing::info!(peer = %remote_peer_id, ?connection, "hole punched: direct connection")
+                }
+                Err(error) => {
+                    tracing::info!(peer = %remote_peer_id, %error, "hole punching failed; staying relayed")
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                libp2p::relay::client::Event::ReservationReqAccepted { renewal, .. },
+            )) => {
+                if !renewal {
+                    tracing::info!(
+                        "reservation on the master's relay accepted: reachable through it"
+                    );
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => {
+                tracing::debug!(?event, "relay client")
+            }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error: libp2p::swarm::DialError::WrongPeerId { obtained, address },

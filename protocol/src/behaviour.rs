@@ -9,8 +9,11 @@
 use std::time::Duration;
 
 use libp2p::{
-    connection_limits, gossipsub, identify, identity::Keypair, kad, memory_connection_limits, ping,
-    request_response, swarm::NetworkBehaviour, PeerId, StreamProtocol,
+    autonat, connection_limits, dcutr, gossipsub, identify,
+    identity::Keypair,
+    kad, memory_connection_limits, ping, relay, request_response,
+    swarm::{behaviour::toggle::Toggle, NetworkBehaviour},
+    PeerId, StreamProtocol,
 };
 
 use crate::limits::{DIGEST_PROTOCOL, KAD_PROTOCOL, MASTER_PROTOCOL, PUBLISH_PROTOCOL};
@@ -78,6 +81,14 @@ pub struct Behaviour {
     pub identify: identify::Behaviour,
     /// Liveness.
     pub ping: ping::Behaviour,
+    /// Circuit relay v2 server: the master only (see [`crate::relay`]).
+    pub relay: Toggle<relay::Behaviour>,
+    /// Circuit relay v2 client: nodes listen through the master's relay when unreachable.
+    pub relay_client: Toggle<relay::client::Behaviour>,
+    /// Hole punching over a relayed connection: nodes only.
+    pub dcutr: Toggle<dcutr::Behaviour>,
+    /// Reachability: the master answers, nodes ask the master.
+    pub autonat: autonat::Behaviour,
 }
 
 /// Whether this peer answers master requests (the master) or makes them (a node).
@@ -108,12 +119,16 @@ pub struct BehaviourError(String);
 
 impl Behaviour {
     /// Builds the behaviour for `key` in `role`, with `caps` on connections, advertising the
-    /// addresses `advertise` says.
+    /// addresses `advertise` says. `relay_client` is the relay client the swarm builder made
+    /// (a node's; `None` for the master, or where the transport has no relay client);
+    /// `relay` caps the master's relay server (a node runs none).
     pub fn new(
         key: &Keypair,
         role: Role,
         caps: &ConnectionCaps,
         advertise: Advertise,
+        relay_client: Option<relay::client::Behaviour>,
+        relay: &crate::relay::RelayLimits,
     ) -> Result<Self, BehaviourError> {
         let peer = key.public().to_peer_id();
         let limits = connection_limits::Behaviour::new(
@@ -204,6 +219,23 @@ impl Behaviour {
                 .with_interval(Duration::from_secs(5))
                 .with_timeout(Duration::from_secs(10)),
         );
+        let relay_server = (role == Role::Master && relay.enabled).then(|| {
+            let mut server = relay::Behaviour::new(peer, relay.server_config());
+            // The master is reachable by definition (nodes dial it): advertise the hop
+            // protocol without waiting for a confirmed external address.
+            server.set_status(Some(relay::Status::Enable));
+            server
+        });
+        let (dcutr, autonat) = match role {
+            Role::Master => (
+                None,
+                autonat::Behaviour::new(peer, crate::relay::master_autonat()),
+            ),
+            Role::Node => (
+                Some(dcutr::Behaviour::new(peer)),
+                autonat::Behaviour::new(peer, crate::relay::node_autonat()),
+            ),
+        };
         Ok(Self {
             limits,
             memory,
@@ -219,6 +251,10 @@ impl Behaviour {
             kad,
             identify,
             ping,
+            relay: Toggle::from(relay_server),
+            relay_client: Toggle::from(relay_client),
+            dcutr: Toggle::from(dcutr),
+            autonat,
         })
     }
 
@@ -363,6 +399,8 @@ mod tests {
             Role::Node,
             &ConnectionCaps::for_role(Role::Node),
             Advertise::default(),
+            None,
+            &crate::relay::RelayLimits::default(),
         )
         .unwrap();
     }

@@ -13,6 +13,7 @@
 //! - the two halves of piece streams ([`piece`]), generic over `futures` I/O traits so that the
 //!   caller owns the socket;
 //! - a pure upload-rate limiter ([`rate`]) that is told the time instead of reading a clock;
+//! - the caps of the master's relay and the AutoNAT settings for nodes behind NAT ([`relay`]);
 //! - shareable [`ticket`]s: a file id and the master's addresses in one string.
 //!
 //! Non-goals: sockets, files, timers, tasks. Those live in `shoal-master` and `shoal-node`.
@@ -27,6 +28,7 @@ pub mod limits;
 pub mod manifest;
 pub mod piece;
 pub mod rate;
+pub mod relay;
 pub mod ticket;
 pub mod wire;
 

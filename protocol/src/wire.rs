@@ -181,6 +181,10 @@ pub struct FileStatus {
     pub banned: Vec<PeerId>,
     /// How many peers are banned in all (`banned` may list fewer).
     pub banned_total: u32,
+    /// Bytes the master's relay carried for nodes behind NAT since it started, both
+    /// directions, all files and circuits together (it cannot tell which file a circuit
+    /// carries).
+    pub relayed_bytes: u64,
 }
 
 /// An answer from the master.

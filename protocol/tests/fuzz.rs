@@ -203,6 +203,7 @@ fn variable_fields() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
             bytes_from_peers: 0,
             banned: vec![peer; banned],
             banned_total: 0,
+            relayed_bytes: 0,
         }))
     };
     let assignments = |n: usize, addrs: usize| MasterResponse::Assignments {

@@ -11,6 +11,7 @@ use shoal_master::{Master, MasterConfig, PolicyConfig, PublishPolicy, PublishQuo
 use shoal_node::{Client, FetchOptions, FetchReport, NodeConfig};
 use shoal_protocol::FileId;
 
+pub mod netns;
 pub mod procs;
 
 /// Loopback listen address with an OS-chosen port.

@@ -198,6 +198,7 @@ pub fn decoders() -> Vec<Decoder> {
         bytes_from_peers: 6,
         banned: vec![peer(5)],
         banned_total: 1,
+        relayed_bytes: 0,
     };
     let master_responses = vec![
         enc(&MasterResponse::Announced {
