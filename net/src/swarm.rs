@@ -6,6 +6,10 @@ use std::time::Duration;
 use libp2p::{identity::Keypair, noise, tcp, yamux, Swarm};
 use shoal_protocol::behaviour::{Advertise, Behaviour, ConnectionCaps, Role};
 
+/// Largest UDP payload QUIC's MTU discovery probes for: a 9,000-byte jumbo frame less the
+/// IPv6 and UDP headers.
+pub const QUIC_MTU_UPPER_BOUND: u16 = 9_000 - 40 - 8;
+
 /// How to build a swarm.
 #[derive(Clone, Debug)]
 pub struct SwarmOptions {
@@ -69,7 +73,13 @@ pub fn build_swarm(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>
             yamux::Config::default,
         )
         .map_err(|e| err(&e))?
-        .with_quic()
+        .with_quic_config(|c| {
+            // MTU discovery may probe up to a jumbo frame's UDP payload (the default stops
+            // at 1,452 bytes): on paths that carry them (datacenters, loopback) a packet then
+            // carries about six times the data, and the per-packet work (crypto, ACKs,
+            // syscalls) falls with it. Paths with smaller MTUs keep what discovery finds.
+            c.mtu_upper_bound(QUIC_MTU_UPPER_BOUND)
+        })
         .with_behaviour(|k| {
             Behaviour::new(k, opts.role, &opts.caps, opts.advertise)
                 .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
