@@ -27,10 +27,14 @@ use std::{
 
 use shoal_protocol::{block::Blocks, VerifiedManifest};
 
-/// Bytes written between syncs of the data file (and journal appends). A crash loses at most
-/// about this much verified work (plus a sync in progress); each sync costs the writer nothing,
-/// as it runs on the blocking pool.
+/// Bytes written between syncs of the data file (and journal appends), at most (see also
+/// [`SYNC_INTERVAL`]). A crash loses at most about this much verified work (plus a sync in
+/// progress); each sync costs the writer nothing, as it runs on the blocking pool.
 const SYNC_EVERY: u64 = 32 * 1024 * 1024;
+
+/// A write also starts a sync when the last one started this long ago, so that a slow
+/// download loses at most about this much time's work to a crash or an interruption.
+const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,8 @@ fn err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 struct Progress {
     have: Blocks,
     unsynced_bytes: u64,
+    /// When the last sync was started (or the store opened).
+    last_sync: std::time::Instant,
 }
 
 /// Makes written blocks durable: syncs the data file, then journals the blocks written before
@@ -184,6 +190,7 @@ impl PieceStore {
             progress: Mutex::new(Progress {
                 have,
                 unsynced_bytes: 0,
+                last_sync: std::time::Instant::now(),
             }),
         })
     }
@@ -214,6 +221,7 @@ impl PieceStore {
             progress: Mutex::new(Progress {
                 have: Blocks::full(blocks),
                 unsynced_bytes: 0,
+                last_sync: std::time::Instant::now(),
             }),
         })
     }
@@ -266,9 +274,12 @@ impl PieceStore {
             if new {
                 p.unsynced_bytes += data.len() as u64;
             }
-            let full = p.unsynced_bytes >= self.sync_every;
+            let now = std::time::Instant::now();
+            let full = p.unsynced_bytes >= self.sync_every
+                || (p.unsynced_bytes > 0 && now.duration_since(p.last_sync) >= SYNC_INTERVAL);
             if full {
                 p.unsynced_bytes = 0;
+                p.last_sync = now;
             }
             if let (true, Some(s)) = (new, &self.syncer) {
                 s.pending.lock().expect("pending lock").push(block);
