@@ -19,7 +19,7 @@ use shoal_protocol::{
     block::{BlockRange, Blocks},
     limits::{MAX_DIGESTS_PER_RESPONSE, MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
     manifest::{choose_block_size, ManifestBuilder},
-    piece::{request_piece, ReceiveError},
+    piece::{receive_blocks, ReceiveError},
     wire::{
         DigestRequest, DigestResponse, FileStatus, MasterRequest, MasterResponse, PieceResponse,
         PublishRequest,
@@ -437,7 +437,7 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                     );
                     let d = opts.scheduler.deadlines.clone();
                     tokio::spawn(async move {
-                        let end = run_transfer(&c, m, s, t, &d, h, p, l).await;
+                        let end = run_transfer(&c, &m, &s, t, &d, &h, p, l).await;
                         let _ = tx.send(Event::Ended(end)).await;
                     });
                 }
@@ -677,11 +677,11 @@ fn ending_of(e: ReceiveError, after_ok: bool) -> Ending {
 #[allow(clippy::too_many_arguments)] // each is a different shared piece of one fetch
 async fn run_transfer(
     client: &Client,
-    manifest: Arc<VerifiedManifest>,
-    store: Arc<PieceStore>,
+    manifest: &VerifiedManifest,
+    store: &PieceStore,
     t: Transfer,
     deadlines: &TransferDeadlines,
-    held: Arc<AtomicU64>,
+    held: &AtomicU64,
     progress: Option<crate::fetch::ProgressFn>,
     live: Option<Arc<crate::progress::FetchProgress>>,
 ) -> TransferEnd {
@@ -712,7 +712,7 @@ async fn run_transfer(
             };
         }
     };
-    let delivered = Arc::new(AtomicU64::new(0));
+    let delivered = AtomicU64::new(0);
     let ok = ok_frame();
     let meter = Mutex::new(Meter {
         clock: TransferClock::start(Instant::now(), g.range_bytes(t.range), deadlines),
@@ -725,9 +725,7 @@ async fn run_transfer(
             meter: &meter,
             ok_len: ok.len(),
         };
-        request_piece(&mut stream, &manifest, t.range).await?;
-        let (delivered, manifest, store) = (delivered.clone(), manifest.clone(), store.clone());
-        let sink = move |b: u32, data: &[u8]| {
+        receive_blocks(&mut stream, manifest, t.range, |b, data| {
             store.write_checked_block(b, data)?;
             delivered.fetch_add(1, Ordering::Relaxed);
             let now = held.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
@@ -738,8 +736,8 @@ async fn run_transfer(
                 p(now, total);
             }
             Ok(())
-        };
-        receive_pipelined(&mut stream, manifest, t.range, RECEIVE_BATCH, sink).await
+        })
+        .await
     };
     let watchdog = async {
         loop {
@@ -782,103 +780,6 @@ async fn run_transfer(
             t.range.start + n,
         )),
     }
-}
-
-/// Bytes of blocks read from a piece stream before they are handed to a blocking thread to be
-/// checked and written (at least one block).
-const RECEIVE_BATCH: usize = 1024 * 1024;
-
-/// Receives the blocks of `range` (after the `Ok` answer) and hands each block that passes
-/// its digest to `sink`, in order, like [`shoal_protocol::piece::receive_blocks`], but with
-/// the digest checks and `sink` (the disk write) on the blocking pool: the blocks are read in
-/// batches of about `batch_bytes` into one of two buffers, and while one batch is checked and
-/// written the next one is read. So the task that reads the stream never waits on SHA-256 or
-/// the disk, and a fetch uses a second core for them. A bad block stops the transfer at the
-/// latest one batch later; the blocks before it are delivered, as are the whole blocks read
-/// before a stream error. At most two batches (and at least two blocks) are held per transfer.
-async fn receive_pipelined<S, F>(
-    io: &mut S,
-    manifest: Arc<VerifiedManifest>,
-    range: BlockRange,
-    batch_bytes: usize,
-    sink: F,
-) -> Result<(), ReceiveError>
-where
-    S: AsyncRead + Unpin,
-    F: FnMut(u32, &[u8]) -> std::io::Result<()> + Send + 'static,
-{
-    use futures::AsyncReadExt;
-    type Checked<F> = (Vec<u8>, F, Result<(), ReceiveError>);
-    let g = manifest.geometry();
-    let per_batch = (batch_bytes / g.block_size.max(1) as usize).clamp(1, u32::MAX as usize) as u32;
-    // Checks and hands on the whole blocks of `batch` in `buf`, on a blocking thread.
-    let check = |manifest: Arc<VerifiedManifest>, batch: BlockRange, buf: Vec<u8>, mut sink: F| {
-        tokio::task::spawn_blocking(move || -> Checked<F> {
-            let g = manifest.geometry();
-            let mut at = 0usize;
-            for block in batch.iter() {
-                let data = &buf[at..at + g.block_len(block)];
-                if !manifest.check_block(block, data) {
-                    return (buf, sink, Err(ReceiveError::Corrupt { block }));
-                }
-                if let Err(source) = sink(block, data) {
-                    return (buf, sink, Err(ReceiveError::Sink { block, source }));
-                }
-                at += data.len();
-            }
-            (buf, sink, Ok(()))
-        })
-    };
-    let joined = |r: Result<Checked<F>, tokio::task::JoinError>| {
-        r.map_err(|e| ReceiveError::Io(std::io::Error::other(e.to_string())))
-    };
-    let mut sink = Some(sink);
-    let mut spare = Vec::new();
-    let mut checking: Option<tokio::task::JoinHandle<Checked<F>>> = None;
-    let mut next = range.start;
-    while next < range.end {
-        let batch = BlockRange::new(next, next.saturating_add(per_batch).min(range.end));
-        let mut buf = std::mem::take(&mut spare);
-        buf.resize(
-            usize::try_from(g.range_bytes(batch)).unwrap_or(usize::MAX),
-            0,
-        );
-        // Read block by block, so that a stream error still delivers the whole blocks read.
-        let mut read = BlockRange::new(batch.start, batch.start);
-        let mut at = 0usize;
-        let mut failed = None;
-        for block in batch.iter() {
-            let len = g.block_len(block);
-            if let Err(e) = io.read_exact(&mut buf[at..at + len]).await {
-                failed = Some(e);
-                break;
-            }
-            at += len;
-            read.end = block + 1;
-        }
-        // The batch before this one first: its verdict comes first.
-        if let Some(h) = checking.take() {
-            let (b, s, r) = joined(h.await)?;
-            r?;
-            spare = b;
-            sink = Some(s);
-        }
-        let Some(s) = sink.take() else {
-            return Err(ReceiveError::Io(std::io::Error::other("sink lost")));
-        };
-        if let Some(e) = failed {
-            if !read.is_empty() {
-                joined(check(manifest.clone(), read, buf, s).await)?.2?;
-            }
-            return Err(ReceiveError::Io(e));
-        }
-        checking = Some(check(manifest.clone(), batch, buf, s));
-        next = batch.end;
-    }
-    if let Some(h) = checking {
-        joined(h.await)?.2?;
-    }
-    Ok(())
 }
 
 /// Opens a piece stream to `peer`, each attempt within `within`. When the first attempt fails
@@ -1075,74 +976,14 @@ mod tests {
             meter: &meter,
             ok_len: ok.len(),
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let m = Arc::new(m.clone());
-        let range = BlockRange::new(0, 3);
-        let r = rt.block_on(async {
-            request_piece(&mut s, &m, range).await?;
-            receive_pipelined(&mut s, m.clone(), range, 4096, |_, _| Ok(())).await
-        });
+        let r = futures::executor::block_on(receive_blocks(
+            &mut s,
+            m,
+            BlockRange::new(0, 3),
+            |_, _| Ok(()),
+        ));
         let after_ok = meter.lock().unwrap().head == ok;
         r.err().map(|e| ending_of(e, after_ok))
-    }
-
-    #[test]
-    fn pipelined_receiving_delivers_exactly_the_good_prefix() {
-        let data: Vec<u8> = (0..40_000u32).map(|i| (i % 241) as u8).collect();
-        let m = Arc::new(manifest(&data));
-        let range = BlockRange::new(1, 10); // the last block is short
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        // Batches of two blocks (8 KiB), so verdicts come a batch late.
-        let run = |bytes: Vec<u8>| {
-            let got = Arc::new(Mutex::new(Vec::new()));
-            let sink = {
-                let got = got.clone();
-                move |b: u32, d: &[u8]| {
-                    got.lock().unwrap().push((b, d.to_vec()));
-                    Ok(())
-                }
-            };
-            let r = rt.block_on(receive_pipelined(
-                &mut Cursor::new(bytes),
-                m.clone(),
-                range,
-                8192,
-                sink,
-            ));
-            let got = std::mem::take(&mut *got.lock().unwrap());
-            (r, got)
-        };
-        let body = data[4096..].to_vec();
-        let (r, got) = run(body.clone());
-        r.unwrap();
-        assert_eq!(
-            got.iter().map(|g| g.0).collect::<Vec<_>>(),
-            (1..10).collect::<Vec<_>>()
-        );
-        assert_eq!(got.into_iter().flat_map(|g| g.1).collect::<Vec<u8>>(), body);
-        // A bad byte in block 6 (the second block of the third batch): blocks 1-5 only.
-        let mut bad = body.clone();
-        bad[5 * 4096 + 7] ^= 1;
-        let (r, got) = run(bad);
-        assert!(
-            matches!(r, Err(ReceiveError::Corrupt { block: 6 })),
-            "{r:?}"
-        );
-        assert_eq!(
-            got.iter().map(|g| g.0).collect::<Vec<_>>(),
-            vec![1, 2, 3, 4, 5]
-        );
-        // Cut inside block 5 (the first block of a batch) and inside block 4: every whole
-        // block before the cut is delivered.
-        for (cut, whole) in [(4 * 4096 + 10, 4u32), (3 * 4096 + 10, 3)] {
-            let (r, got) = run(body[..cut].to_vec());
-            assert!(matches!(r, Err(ReceiveError::Io(_))), "{r:?}");
-            assert_eq!(got.len() as u32, whole);
-        }
     }
 
     #[test]

@@ -47,31 +47,6 @@ pub enum ReceiveError {
     },
 }
 
-/// Client half, first step: requests `range` of the manifest's file and reads the answer.
-/// On `Ok` the raw bytes of the range's blocks follow on `io`, for the caller to read and check
-/// (as [`receive_blocks`] does).
-pub async fn request_piece<S>(
-    io: &mut S,
-    manifest: &VerifiedManifest,
-    range: BlockRange,
-) -> Result<(), ReceiveError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    if range.is_empty() || range.end > manifest.blocks() {
-        return Err(ReceiveError::BadRange(range));
-    }
-    let req = PieceRequest {
-        file: manifest.id(),
-        range,
-    };
-    write_frame(io, &req, MAX_PIECE_FRAME).await?;
-    match read_frame::<_, PieceResponse>(io, MAX_PIECE_FRAME).await? {
-        PieceResponse::Ok => Ok(()),
-        PieceResponse::Refused(r) => Err(ReceiveError::Refused(r)),
-    }
-}
-
 /// Client half: requests `range` of the manifest's file and hands each verified block to
 /// `sink`, in order. Returns after the last block; on error, the blocks already handed to
 /// `sink` are good and the rest were not delivered.
@@ -85,7 +60,18 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(u32, &[u8]) -> io::Result<()>,
 {
-    request_piece(io, manifest, range).await?;
+    if range.is_empty() || range.end > manifest.blocks() {
+        return Err(ReceiveError::BadRange(range));
+    }
+    let req = PieceRequest {
+        file: manifest.id(),
+        range,
+    };
+    write_frame(io, &req, MAX_PIECE_FRAME).await?;
+    match read_frame::<_, PieceResponse>(io, MAX_PIECE_FRAME).await? {
+        PieceResponse::Ok => {}
+        PieceResponse::Refused(r) => return Err(ReceiveError::Refused(r)),
+    }
     let geometry = manifest.geometry();
     let mut buf = vec![0u8; manifest.body().block_size as usize];
     for block in range.iter() {
