@@ -5,10 +5,12 @@
 #   2. `curl` fetching the same file from nginx (plain HTTP) on loopback.
 # For both: throughput, CPU seconds per GiB (user+sys of the client and the server), and peak
 # RSS of the shoal node and master. Usage: bench/e2e.sh [SIZE_MIB]   (default 1024)
+# The files (about 4 x SIZE_MIB) go under $TMPDIR (default /tmp); TMPDIR=/dev/shm keeps them in
+# memory when the disk is short of space (then "to disk" means to tmpfs, for nginx too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-1024}
-WORK=$(mktemp -d /tmp/shoal-bench.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/shoal-bench.XXXXXX")
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null; rm -rf "$WORK"' EXIT
 
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then

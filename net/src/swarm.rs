@@ -16,6 +16,10 @@ use shoal_protocol::{
 
 use crate::relay_meter::{MeteredMuxer, RelayMeter};
 
+/// Largest UDP payload QUIC's MTU discovery probes for: a 9,000-byte jumbo frame less the
+/// IPv6 and UDP headers.
+pub const QUIC_MTU_UPPER_BOUND: u16 = 9_000 - 40 - 8;
+
 /// How to build a swarm.
 #[derive(Clone, Debug)]
 pub struct SwarmOptions {
@@ -110,7 +114,13 @@ fn build_node(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, Swa
             yamux::Config::default,
         )
         .map_err(|e| err(&e))?
-        .with_quic()
+        .with_quic_config(|c| {
+            // MTU discovery may probe up to a jumbo frame's UDP payload (the default stops
+            // at 1,452 bytes): on paths that carry them (datacenters, loopback) a packet then
+            // carries about six times the data, and the per-packet work (crypto, ACKs,
+            // syscalls) falls with it. Paths with smaller MTUs keep what discovery finds.
+            c.mtu_upper_bound(QUIC_MTU_UPPER_BOUND)
+        })
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| err(&e))?
         .with_behaviour(|k, relay_client| {
@@ -152,7 +162,7 @@ fn build_master(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, S
         })
         .map_err(|e| err(&e))?
         .with_other_transport(|k| {
-            quic::tokio::Transport::new(quic::Config::new(k))
+            quic::tokio::Transport::new(quic::Config::new(k).mtu_upper_bound(QUIC_MTU_UPPER_BOUND))
                 .map(move |(peer, conn), _| (peer, MeteredMuxer::new(conn, quic_meter)))
         })
         .map_err(|e| err(&e))?

@@ -62,6 +62,13 @@ pub struct FetchOptions {
     /// master's, or, when the master is unreachable, the one an earlier fetch of the file
     /// saved in the data dir.
     pub manifest: Option<Arc<VerifiedManifest>>,
+    /// Also hash the whole file and compare it with the header's `file_sha256` before
+    /// renaming it into place. Default off: every block is already checked against the signed
+    /// digest list, which fixes every byte of the file; the whole-file hash only re-checks that
+    /// the publisher's header is consistent with its own digest list (the master checks that
+    /// when it pulls a file) and costs a second SHA-256 pass over the file, about a third of a
+    /// fetch's CPU. `shoal verify` checks a copy against it offline.
+    pub check_whole_file: bool,
 }
 
 impl FetchOptions {
@@ -74,7 +81,14 @@ impl FetchOptions {
             progress: None,
             live: None,
             manifest: None,
+            check_whole_file: false,
         }
+    }
+
+    /// Also check the whole-file SHA-256 at the end (see [`FetchOptions::check_whole_file`]).
+    pub fn with_whole_file_check(mut self, check: bool) -> Self {
+        self.check_whole_file = check;
+        self
     }
 
     /// Use this manifest instead of asking the master for it.
@@ -353,10 +367,12 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
     };
     client.share(store.clone());
     let geometry = manifest.geometry();
-    let mut whole_file = AbortOnDrop(tokio::spawn({
-        let store = store.clone();
-        async move { store.hash_as_written().await }
-    }));
+    let mut whole_file = opts.check_whole_file.then(|| {
+        AbortOnDrop(tokio::spawn({
+            let store = store.clone();
+            async move { store.hash_as_written().await }
+        }))
+    });
     let resumed = store.have();
     let blocks_resumed = resumed.count();
     let uploaded_before = client.bytes_uploaded();
@@ -529,14 +545,16 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
         }
     }
     store.flush()?;
-    let digest = (&mut whole_file.0)
-        .await
-        .map_err(|e| NodeError::Io(std::io::Error::other(e.to_string())))??;
-    if digest != manifest.body().file_sha256 {
-        return Err(NodeError::Io(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "every block verified but the whole-file SHA-256 differs (manifest inconsistent)",
-        )));
+    if let Some(whole_file) = whole_file.as_mut() {
+        let digest = (&mut whole_file.0)
+            .await
+            .map_err(|e| NodeError::Io(std::io::Error::other(e.to_string())))??;
+        if digest != manifest.body().file_sha256 {
+            return Err(NodeError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "every block verified but the whole-file SHA-256 differs (manifest inconsistent)",
+            )));
+        }
     }
     std::fs::rename(&part, &opts.out)?;
     let _ = std::fs::remove_file(&journal);

@@ -95,8 +95,8 @@ enum Cmd {
     /// After the download, `shoal fetch` keeps running and serving the file to other nodes
     /// for --seed-time seconds (default 60; Ctrl-C stops it early, `--seed-time 0` exits at
     /// once), so that nodes still fetching find peers instead of the master. The file is
-    /// written to OUT.part and renamed to OUT once every block and the whole-file SHA-256
-    /// verified; --report is written then and again at exit (with the bytes served while
+    /// written to OUT.part and renamed to OUT once every block verified (and, with
+    /// --check-whole-file, the whole-file SHA-256); --report is written then and again at exit (with the bytes served while
     /// seeding).
     Fetch {
         /// The file: a ticket (shoal:<file id>@<master address>, as printed by publish or
@@ -130,6 +130,12 @@ enum Cmd {
         /// Transfers in flight at once.
         #[arg(long, default_value_t = 8)]
         parallel: usize,
+        /// Also hash the whole file and compare it with the manifest's SHA-256 before
+        /// renaming it to OUT. Every block is verified against the signed digest list anyway;
+        /// this re-checks the publisher's header for consistency, at the cost of a second
+        /// SHA-256 pass over the file.
+        #[arg(long)]
+        check_whole_file: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -362,6 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics_addr,
             report,
             parallel,
+            check_whole_file,
             common,
         } => {
             let _lock = lock(&common)?;
@@ -406,6 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut opts = FetchOptions::new(file_id, &out);
             opts.manifest = manifest;
             opts.scheduler.max_transfers = parallel.max(1);
+            opts.check_whole_file = check_whole_file;
             opts.live = Some(live.clone());
             let display = ProgressDisplay::start(progress, live);
             let result = tokio::select! {

@@ -19,13 +19,22 @@ use std::{
     io::{self, Read, Write},
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use shoal_protocol::{block::Blocks, VerifiedManifest};
 
-/// Bytes written between syncs of the data file (and journal appends).
-const SYNC_EVERY: u64 = 8 * 1024 * 1024;
+/// Bytes written between syncs of the data file (and journal appends), at most (see also
+/// [`SYNC_INTERVAL`]). A crash loses at most about this much verified work (plus a sync in
+/// progress); each sync costs the writer nothing, as it runs on the blocking pool.
+const SYNC_EVERY: u64 = 32 * 1024 * 1024;
+
+/// A write also starts a sync when the last one started this long ago, so that a slow
+/// download loses at most about this much time's work to a crash or an interruption.
+const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +54,38 @@ fn err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 #[derive(Debug)]
 struct Progress {
     have: Blocks,
-    unsynced: Vec<u32>,
     unsynced_bytes: u64,
+    /// When the last sync was started (or the store opened).
+    last_sync: std::time::Instant,
+}
+
+/// Makes written blocks durable: syncs the data file, then journals the blocks written before
+/// the sync. Shared with the background syncs started by the write path.
+#[derive(Debug)]
+struct Syncer {
+    data: File,
+    journal: Mutex<File>,
+    /// Blocks written but not yet journaled.
+    pending: Mutex<Vec<u32>>,
+    /// A background sync is queued or running (at most one at a time).
+    running: AtomicBool,
+    /// Held for a whole sync, so that [`Syncer::sync`] returns only once every block written
+    /// before it was called is journaled, including those a background sync had taken.
+    one_at_a_time: Mutex<()>,
+}
+
+impl Syncer {
+    fn sync(&self) -> io::Result<()> {
+        let _one = self.one_at_a_time.lock().expect("sync lock");
+        // Taken before the sync: every block in it was written before the sync starts.
+        let pending = std::mem::take(&mut *self.pending.lock().expect("pending lock"));
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.data.sync_data()?;
+        let bytes: Vec<u8> = pending.iter().flat_map(|b| b.to_le_bytes()).collect();
+        self.journal.lock().expect("journal lock").write_all(&bytes)
+    }
 }
 
 /// One file being fetched or served.
@@ -55,7 +94,10 @@ pub struct PieceStore {
     manifest: Arc<VerifiedManifest>,
     path: PathBuf,
     data: File,
-    journal: Option<(PathBuf, Mutex<File>)>,
+    /// None for a complete copy (nothing to journal).
+    syncer: Option<Arc<Syncer>>,
+    /// Bytes written between background syncs ([`SYNC_EVERY`]).
+    sync_every: u64,
     progress: Mutex<Progress>,
     written: tokio::sync::Notify,
 }
@@ -131,16 +173,24 @@ impl PieceStore {
             .append(true)
             .open(journal)
             .map_err(err(journal))?;
+        let syncer = Syncer {
+            data: data.try_clone().map_err(err(out))?,
+            journal: Mutex::new(j),
+            pending: Mutex::new(Vec::new()),
+            running: AtomicBool::new(false),
+            one_at_a_time: Mutex::new(()),
+        };
         Ok(Self {
             manifest,
             path: out.to_path_buf(),
             data,
-            journal: Some((journal.to_path_buf(), Mutex::new(j))),
+            syncer: Some(Arc::new(syncer)),
+            sync_every: SYNC_EVERY,
             written: tokio::sync::Notify::new(),
             progress: Mutex::new(Progress {
                 have,
-                unsynced: Vec::new(),
                 unsynced_bytes: 0,
+                last_sync: std::time::Instant::now(),
             }),
         })
     }
@@ -165,12 +215,13 @@ impl PieceStore {
             manifest,
             path: path.to_path_buf(),
             data,
-            journal: None,
+            syncer: None,
+            sync_every: SYNC_EVERY,
             written: tokio::sync::Notify::new(),
             progress: Mutex::new(Progress {
                 have: Blocks::full(blocks),
-                unsynced: Vec::new(),
                 unsynced_bytes: 0,
+                last_sync: std::time::Instant::now(),
             }),
         })
     }
@@ -219,17 +270,26 @@ impl PieceStore {
             .write_all_at(data, self.manifest.geometry().offset(block))?;
         let must_sync = {
             let mut p = self.progress.lock().expect("store lock");
-            if p.have.insert(block) {
-                p.unsynced.push(block);
+            let new = p.have.insert(block);
+            if new {
                 p.unsynced_bytes += data.len() as u64;
             }
-            p.unsynced_bytes >= SYNC_EVERY
+            let now = std::time::Instant::now();
+            let full = p.unsynced_bytes >= self.sync_every
+                || (p.unsynced_bytes > 0 && now.duration_since(p.last_sync) >= SYNC_INTERVAL);
+            if full {
+                p.unsynced_bytes = 0;
+                p.last_sync = now;
+            }
+            if let (true, Some(s)) = (new, &self.syncer) {
+                s.pending.lock().expect("pending lock").push(block);
+            }
+            full
         };
         // After the block counts as held: a woken hasher must find it.
         self.written.notify_waiters();
         if must_sync {
-            // An fsync can take long on a slow disk: not on an async worker thread.
-            off_runtime(|| self.flush())?;
+            self.sync_in_background()?;
         }
         Ok(())
     }
@@ -240,24 +300,39 @@ impl PieceStore {
             .read_exact_at(buf, self.manifest.geometry().offset(block))
     }
 
-    /// Syncs the data file and journals every block written before the sync.
+    /// Syncs the data file and journals every block written before the call (waiting for a
+    /// background sync in progress).
     pub fn flush(&self) -> io::Result<()> {
-        let Some((_, journal)) = &self.journal else {
-            return Ok(());
-        };
-        let pending = {
-            let mut p = self.progress.lock().expect("store lock");
-            p.unsynced_bytes = 0;
-            std::mem::take(&mut p.unsynced)
-        };
-        if pending.is_empty() {
-            return Ok(());
+        match &self.syncer {
+            Some(s) => s.sync(),
+            None => Ok(()),
         }
-        self.data.sync_data()?;
-        let bytes: Vec<u8> = pending.iter().flat_map(|b| b.to_le_bytes()).collect();
-        let mut j = journal.lock().expect("journal lock");
-        j.write_all(&bytes)?;
-        Ok(())
+    }
+
+    /// Starts a sync on the blocking pool, unless one is already queued or running (the next
+    /// full batch starts another). Outside a multi-threaded tokio runtime it syncs here.
+    fn sync_in_background(&self) -> io::Result<()> {
+        let Some(s) = &self.syncer else {
+            return Ok(());
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                if s.running.swap(true, Ordering::AcqRel) {
+                    return Ok(());
+                }
+                let s = s.clone();
+                h.spawn_blocking(move || {
+                    if let Err(e) = s.sync() {
+                        // The blocks stay verified and served; only a resume after a crash
+                        // would fetch them again.
+                        tracing::warn!(error = %e, "syncing the download failed");
+                    }
+                    s.running.store(false, Ordering::Release);
+                });
+                Ok(())
+            }
+            _ => s.sync(),
+        }
     }
 
     /// SHA-256 of the whole file, hashed front to back as blocks arrive (so that the final
@@ -285,18 +360,6 @@ impl PieceStore {
             }
             notified.await;
         }
-    }
-}
-
-/// Runs blocking `f` so that it does not hold up other tasks: through `block_in_place` on a
-/// multi-threaded tokio runtime, directly anywhere else (a current-thread runtime cannot hand
-/// its tasks to another thread; there, as outside tokio, the caller's thread is the cost).
-fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
     }
 }
 
@@ -388,6 +451,31 @@ mod tests {
         let digest = futures::executor::block_on(s.hash_as_written()).unwrap();
         assert_eq!(digest, m.body().file_sha256);
         assert_eq!(fs::read(&out).unwrap(), data);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_batches_are_synced_in_the_background_and_flush_waits_for_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..40_960u32).map(|i| (i % 233) as u8).collect();
+        let m = manifest(&data);
+        let (out, journal) = (dir.path().join("out"), dir.path().join("j"));
+        let mut s = PieceStore::open(m.clone(), &out, &journal).unwrap();
+        s.sync_every = 2 * 4096;
+        for (b, chunk) in data.chunks(4096).enumerate() {
+            s.write_block(b as u32, chunk).unwrap();
+        }
+        // Background syncs journal full batches on their own...
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while fs::metadata(&journal).unwrap().len() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no background sync");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // ... and a flush journals the rest, after any sync still running.
+        s.flush().unwrap();
+        assert_eq!(fs::metadata(&journal).unwrap().len(), 10 * 4);
+        drop(s);
+        let s = PieceStore::open(m, &out, &journal).unwrap();
+        assert!(s.have().is_full());
     }
 
     #[tokio::test]
