@@ -896,8 +896,8 @@ impl Policy {
                     }
                     _ => None,
                 };
-                // Within a region (one entry per region, or the budget) a run from outside the region is not continued: a
-                // holder inside it may have appeared since the run began.
+                // Within a region (one entry per region, or the budget) a run from outside it
+                // is not continued: a holder inside may have appeared since the run began.
                 let continuing = continuing.filter(|h| !regional || in_my_region(&self.peers, h));
                 // Else the nearest, least-loaded usable holder, ties by id.
                 let best = continuing.or_else(|| {

@@ -119,6 +119,15 @@ async fn run(region_budget: bool, one_entry: bool, seed: u64) -> anyhow::Result<
     Ok(outcome)
 }
 
+fn print_outcome(label: &str, o: &Outcome, size: u64) {
+    println!(
+        "{label}: {:.1}% of {} peer-served bytes inside their region; master sent {:.2}x the file",
+        100.0 * share(o),
+        o.served,
+        o.master_bytes as f64 / size as f64
+    );
+}
+
 fn share(o: &Outcome) -> f64 {
     o.inside as f64 / o.served.max(1) as f64
 }
@@ -135,12 +144,7 @@ async fn bytes_stay_in_their_region_and_the_budget_sends_each_block_once_per_reg
         .iter()
         .filter(|(_, n)| **n > 1)
         .collect();
-    println!(
-        "region budget: {:.1}% of {} peer-served bytes inside their region; master sent {:.2}x the file",
-        100.0 * share(&budget),
-        budget.served,
-        budget.master_bytes as f64 / size as f64
-    );
+    print_outcome("region budget", &budget, size);
     assert!(
         over.is_empty(),
         "with --region-budget the master sent these (region, block)s more than once: {over:?}"
@@ -158,12 +162,7 @@ async fn bytes_stay_in_their_region_and_the_budget_sends_each_block_once_per_reg
     // The default: no budget, one copy of a block enters a region at a time (from the
     // master or across), and the rest of the region gets it inside.
     let plain = run(false, true, 32).await?;
-    println!(
-        "default (one entry per region): {:.1}% of {} peer-served bytes inside their region; master sent {:.2}x the file",
-        100.0 * share(&plain),
-        plain.served,
-        plain.master_bytes as f64 / size as f64
-    );
+    print_outcome("default (one entry per region)", &plain, size);
     assert!(plain.served > 0, "no peer served anything");
     assert!(
         share(&plain) >= 0.90,
@@ -177,11 +176,6 @@ async fn bytes_stay_in_their_region_and_the_budget_sends_each_block_once_per_reg
     );
     // For comparison: ranking alone (nearest holder first), without the entry rule.
     let free = run(false, false, 33).await?;
-    println!(
-        "ranking only: {:.1}% of {} peer-served bytes inside their region; master sent {:.2}x the file",
-        100.0 * share(&free),
-        free.served,
-        free.master_bytes as f64 / size as f64
-    );
+    print_outcome("ranking only", &free, size);
     Ok(())
 }
