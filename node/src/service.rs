@@ -721,6 +721,9 @@ pub const MASTER_REDIAL: Duration = Duration::from_secs(2);
 /// Most peer lookups in flight at once (one more is answered "not found" at once).
 pub const MAX_PEER_QUERIES: usize = 64;
 
+/// Most waiters on one peer lookup (one more is answered "not found" at once).
+pub const MAX_PEER_WAITERS: usize = 32;
+
 /// `addr` without its `/p2p/` part.
 fn without_p2p(addr: &Multiaddr) -> Multiaddr {
     addr.iter()
@@ -751,7 +754,8 @@ struct EventLoop {
     bootstrap_peers: HashSet<PeerId>,
     kad_bootstrapped: bool,
     /// Peer lookups in flight: the peer looked for, and who waits for the answer.
-    peer_queries: HashMap<kad::QueryId, (PeerId, oneshot::Sender<bool>)>,
+    /// Several waiters for one peer share one query (at most [`MAX_PEER_WAITERS`] each).
+    peer_queries: HashMap<kad::QueryId, (PeerId, Vec<oneshot::Sender<bool>>)>,
     /// Files this node announced itself on Kademlia as a provider of.
     provided: HashSet<FileId>,
     /// Provider lookups in flight: who waits, and the providers found so far.
@@ -1009,7 +1013,7 @@ impl EventLoop {
     /// A peer lookup ended: the addresses found for the peer looked for are added to the
     /// swarm (capped, unspecified ones dropped), and whoever waits is told whether it was found.
     fn on_peer_found(&mut self, id: kad::QueryId, peers: Vec<kad::PeerInfo>) {
-        let Some((target, tx)) = self.peer_queries.remove(&id) else {
+        let Some((target, waiters)) = self.peer_queries.remove(&id) else {
             return;
         };
         let mut found = self.swarm.is_connected(&target);
@@ -1024,8 +1028,10 @@ impl EventLoop {
                 found = true;
             }
         }
-        tracing::debug!(peer = %target, found, "peer lookup ended");
-        let _ = tx.send(found);
+        tracing::debug!(peer = %target, found, waiters = waiters.len(), "peer lookup ended");
+        for tx in waiters {
+            let _ = tx.send(found);
+        }
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -1067,12 +1073,23 @@ impl EventLoop {
                 let _ = ack.send(());
             }
             Command::FindPeer(peer, tx) => {
+                // Transfers to one peer fail together when its hint is wrong: one lookup
+                // answers them all.
+                if let Some((_, waiters)) = self.peer_queries.values_mut().find(|(p, _)| *p == peer)
+                {
+                    if waiters.len() < MAX_PEER_WAITERS {
+                        waiters.push(tx);
+                    } else {
+                        let _ = tx.send(self.swarm.is_connected(&peer));
+                    }
+                    return;
+                }
                 if self.peer_queries.len() >= MAX_PEER_QUERIES {
                     let _ = tx.send(self.swarm.is_connected(&peer));
                     return;
                 }
                 let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
-                self.peer_queries.insert(id, (peer, tx));
+                self.peer_queries.insert(id, (peer, vec![tx]));
             }
             Command::MasterAway => self.greet_on_connect = true,
             Command::FindProviders(file, tx) => {

@@ -325,8 +325,13 @@ async fn a_holder_whose_hinted_addresses_are_wrong_is_found_through_kademlia() -
         "peer bytes from someone else"
     );
     // The lookup path runs unless the requester's own provider announce (within a second of
-    // the fetch starting, also through Kademlia) happened to reach the holder first.
-    assert_eq!(looked_up, reached, "a lookup did not find the holder");
+    // the fetch starting, also through Kademlia) happened to reach the holder first. Runs
+    // that fail together share one lookup; a run that still fails after it goes back to the
+    // scheduler (and may be served by the master), so one reach is what this asserts.
+    assert!(
+        looked_up == 0 || reached >= 1,
+        "{looked_up} lookups, none of which reached the holder"
+    );
     master.shutdown().await;
     Ok(())
 }
