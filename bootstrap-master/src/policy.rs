@@ -257,15 +257,39 @@ struct PeerState {
     avoid: HashMap<PeerId, Option<Instant>>,
     /// Whether it is in the [`LoadIndex`] (once it has held a block).
     indexed: bool,
+    /// Its place among peers of equal load, once it has held a block: 32 bits of its id,
+    /// then its number (see [`Numbers`]) in the low 32 bits. The id's bits spread the ties
+    /// as an order by id would (an order by number alone sends the first holders more).
+    tie: u64,
 }
 
 /// Per region, and per network prefix, the peers that have held blocks, ordered by (load,
-/// id): a Locate walks it from the least loaded up and stops at the first usable holder,
-/// instead of scanning every holder.
+/// number): a Locate walks it from the least loaded up and stops at the first usable holder,
+/// instead of scanning every holder. `open` lists only the peers with a free serving slot, so
+/// that a walk for a holder to send a requester to does not step over the full ones (in a
+/// busy crowd, nearly all of them).
 #[derive(Debug, Default)]
 struct LoadIndex {
-    by_region: HashMap<String, BTreeSet<(u32, PeerId)>>,
-    by_prefix: HashMap<NetPrefix, BTreeSet<(u32, PeerId)>>,
+    all: LoadSets,
+    open: LoadSets,
+}
+
+#[derive(Debug, Default)]
+struct LoadSets {
+    by_region: HashMap<String, BTreeSet<(u32, u64)>>,
+    by_prefix: HashMap<NetPrefix, BTreeSet<(u32, u64)>>,
+}
+
+/// Dense numbers for the peers that hold blocks: the load index and the per-block holder
+/// lists name peers by number (cheaper to compare and copy than a `PeerId`; the index's key
+/// carries it in [`PeerState::tie`]). A peer that
+/// leaves gives its number back, and the next new holder takes it, so the table is as large
+/// as the most peers held at once, not the most ever seen.
+#[derive(Debug, Default)]
+struct Numbers {
+    of: HashMap<PeerId, u32>,
+    peer: Vec<PeerId>,
+    free: Vec<u32>,
 }
 
 /// A block held by at most this many peers is looked up in its own holder list; above it,
@@ -349,9 +373,8 @@ pub struct Policy {
     index: LoadIndex,
     /// Observed prefixes and network coordinates.
     locations: Locations,
-    /// Peer numbers, for the per-block holder lists.
-    numbers: HashMap<PeerId, u32>,
-    numbered: Vec<PeerId>,
+    /// Peer numbers, for the load index and the per-block holder lists.
+    numbers: Numbers,
     /// No pending assignment or handout expires before this (`None`: none pending), so a
     /// Locate only walks every pending list when something may have expired.
     expiry_floor: Option<Instant>,
@@ -371,8 +394,7 @@ impl Policy {
             live: 0,
             index: LoadIndex::default(),
             locations: Locations::default(),
-            numbers: HashMap::default(),
-            numbered: Vec::new(),
+            numbers: Numbers::default(),
             expiry_floor: None,
         }
     }
@@ -451,11 +473,9 @@ impl Policy {
     /// A peer's region label.
     pub fn set_region(&mut self, peer: PeerId, region: String) {
         let p = self.peers.entry(peer).or_default();
-        if p.indexed {
-            self.index.remove(&p.region, p.prefix, p.load, peer);
-            self.index.insert(&region, p.prefix, p.load, peer);
-        }
-        p.region = region;
+        reindex(p, &mut self.index, self.cfg.peer_slots, |p| {
+            p.region = region
+        });
     }
 
     /// The connection from `peer` comes from `addr` (the remote address of the connection, as
@@ -467,11 +487,9 @@ impl Policy {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
-        if p.indexed {
-            self.index.remove(&p.region, p.prefix, p.load, peer);
-            self.index.insert(&p.region, Some(prefix), p.load, peer);
-        }
-        p.prefix = Some(prefix);
+        reindex(p, &mut self.index, self.cfg.peer_slots, |p| {
+            p.prefix = Some(prefix);
+        });
     }
 
     /// The master's ping to `peer` took `rtt`.
@@ -524,6 +542,7 @@ impl Policy {
                         &mut self.index,
                         &mut self.master_load,
                         &mut self.master_pending,
+                        self.cfg.peer_slots,
                         *peer,
                         p.source,
                     );
@@ -545,6 +564,7 @@ impl Policy {
                             &mut self.index,
                             &mut self.master_load,
                             &mut self.master_pending,
+                            self.cfg.peer_slots,
                             *requester,
                             p.source,
                         );
@@ -560,10 +580,9 @@ impl Policy {
         }
         if let Some(p) = self.peers.get(peer) {
             // Out of the load index: walks never step over it.
-            if p.indexed {
-                self.index.remove(&p.region, p.prefix, p.load, *peer);
-            }
+            self.index.unplace(p, self.cfg.peer_slots);
         }
+        self.numbers.forget(peer);
         // Its addresses, region, location and avoidances go with it: a peer that comes back
         // starts afresh, and the table holds only connected peers.
         if let Some(p) = self.peers.remove(peer) {
@@ -586,13 +605,18 @@ impl Policy {
     /// `peer` holds the whole file (a publisher announcing it).
     pub fn holds_all(&mut self, file: &FileId, peer: PeerId) {
         if let Some(f) = self.files.get_mut(file) {
-            let n = number(&mut self.numbers, &mut self.numbered, peer);
-            index_peer(&mut self.peers, &mut self.index, peer);
+            let n = index_peer(
+                &mut self.peers,
+                &mut self.index,
+                &mut self.numbers,
+                peer,
+                self.cfg.peer_slots,
+            );
             let before = f.holders.insert(peer, Blocks::full(f.blocks));
             f.complete += u32::from(!before.as_ref().is_some_and(|h| h.is_full()));
             for b in 0..f.blocks {
                 if !before.as_ref().is_some_and(|h| h.contains(b)) {
-                    f.added_holder(b, n, &self.numbered);
+                    f.added_holder(b, n, &self.numbers.peer);
                 }
             }
         }
@@ -605,8 +629,13 @@ impl Policy {
             return;
         };
         let geometry_blocks = f.blocks;
-        let n = number(&mut self.numbers, &mut self.numbered, peer);
-        index_peer(&mut self.peers, &mut self.index, peer);
+        let n = index_peer(
+            &mut self.peers,
+            &mut self.index,
+            &mut self.numbers,
+            peer,
+            self.cfg.peer_slots,
+        );
         let held = f
             .holders
             .entry(peer)
@@ -634,6 +663,7 @@ impl Policy {
                         &mut self.index,
                         &mut self.master_load,
                         &mut self.master_pending,
+                        self.cfg.peer_slots,
                         peer,
                         p.source,
                     );
@@ -645,7 +675,7 @@ impl Policy {
             f.complete += 1;
         }
         for b in added {
-            f.added_holder(b, n, &self.numbered);
+            f.added_holder(b, n, &self.numbers.peer);
         }
     }
 
@@ -723,6 +753,7 @@ impl Policy {
                             &mut self.index,
                             &mut self.master_load,
                             &mut self.master_pending,
+                            self.cfg.peer_slots,
                             *requester,
                             p.source,
                         );
@@ -899,29 +930,56 @@ impl Policy {
                 // Within a region (one entry per region, or the budget) a run from outside it
                 // is not continued: a holder inside may have appeared since the run began.
                 let continuing = continuing.filter(|h| !regional || in_my_region(&self.peers, h));
-                // Else the nearest, least-loaded usable holder, ties by id.
-                let best = continuing.or_else(|| {
+                // Else the nearest, least-loaded usable holder, ties by id bits (within a
+                // region, first looked for inside it).
+                let mut best = continuing.or_else(|| {
                     nearest_least_loaded(
                         f,
                         &self.peers,
                         &self.index,
                         &self.numbers,
-                        &self.numbered,
                         b,
                         &vantage,
+                        Walk::open(regional),
                         |peers, p| usable(peers, p),
                     )
                 });
-                let from_outside = regional && !best.is_some_and(|h| in_my_region(&self.peers, &h));
-                if from_outside
-                    && f.entering.get(&b).is_some_and(|list| {
+                if regional && best.is_none() {
+                    if f.entering.get(&b).is_some_and(|list| {
                         list.iter()
                             .any(|e| e.region == my_region && e.requester != requester)
-                    })
-                {
-                    // A copy is on its way into the region: wait for it, then get it there.
-                    continue;
+                    }) {
+                        // A copy is on its way into the region: wait for it, then get it there.
+                        continue;
+                    }
+                    if nearest_least_loaded(
+                        f,
+                        &self.peers,
+                        &self.index,
+                        &self.numbers,
+                        b,
+                        &vantage,
+                        Walk::all(true),
+                        |peers, p| reachable(peers, p) && in_my_region(peers, p),
+                    )
+                    .is_some()
+                    {
+                        // Its holders in the region are only full: wait for a slot there
+                        // rather than cross (each crossing is one more copy between regions).
+                        continue;
+                    }
+                    best = nearest_least_loaded(
+                        f,
+                        &self.peers,
+                        &self.index,
+                        &self.numbers,
+                        b,
+                        &vantage,
+                        Walk::open(false),
+                        |peers, p| usable(peers, p),
+                    );
                 }
+                let from_outside = regional && !best.is_some_and(|h| in_my_region(&self.peers, &h));
                 let master_may = f.master_has.contains(b)
                     && match f.handouts.get(&b) {
                         // Again to the requester it was handed to (its transfer failed).
@@ -935,24 +993,7 @@ impl Policy {
                     && !briefly_avoided
                         .iter()
                         .any(|p| f.holders.get(p).is_some_and(|h| h.contains(b)));
-                let mut region_has = || {
-                    nearest_least_loaded(
-                        f,
-                        &self.peers,
-                        &self.index,
-                        &self.numbers,
-                        &self.numbered,
-                        b,
-                        &vantage,
-                        |peers, p| reachable(peers, p) && in_my_region(peers, p),
-                    )
-                    .is_some()
-                };
-                let source = if from_outside && region_has() {
-                    // Its holders in the region are only full: wait for a slot there rather
-                    // than cross (each crossing is one more copy between regions).
-                    continue;
-                } else if budgeted && from_outside && master_may {
+                let source = if budgeted && from_outside && master_may {
                     // Under the budget a region's copy comes from the master, which pays for
                     // it, rather than across regions.
                     None
@@ -967,9 +1008,9 @@ impl Policy {
                             &self.peers,
                             &self.index,
                             &self.numbers,
-                            &self.numbered,
                             b,
                             &vantage,
+                            Walk::all(false),
                             |peers, p| reachable(peers, p),
                         )
                         .is_none())
@@ -998,6 +1039,7 @@ impl Policy {
                         &mut self.index,
                         &mut self.master_load,
                         &mut self.master_pending,
+                        self.cfg.peer_slots,
                         requester,
                         old.source,
                     );
@@ -1032,11 +1074,12 @@ impl Policy {
                             true
                         });
                         if let Some(s) = self.peers.get_mut(&p) {
-                            if counted && new_run {
-                                s.serving += 1;
-                            }
+                            let serving = s.serving + u32::from(counted && new_run);
                             let load = s.load + 1;
-                            set_load(s, &mut self.index, p, load);
+                            reindex(s, &mut self.index, cfg.peer_slots, |s| {
+                                s.serving = serving;
+                                s.load = load;
+                            });
                         }
                     }
                     None => {
@@ -1333,6 +1376,7 @@ fn release(
     index: &mut LoadIndex,
     master_load: &mut u32,
     master_pending: &mut HashMap<PeerId, u32>,
+    slots: u32,
     requester: PeerId,
     source: Option<PeerId>,
 ) {
@@ -1354,9 +1398,12 @@ fn release(
                     None => 0,
                 });
             if let Some(s) = peers.get_mut(&p) {
-                s.serving = s.serving.saturating_sub(done_runs);
+                let serving = s.serving.saturating_sub(done_runs);
                 let load = s.load.saturating_sub(1);
-                set_load(s, index, p, load);
+                reindex(s, index, slots, |s| {
+                    s.serving = serving;
+                    s.load = load;
+                });
             }
         }
         None => {
@@ -1371,57 +1418,115 @@ fn release(
     }
 }
 
-/// Sets a peer's load, keeping its place in the load index.
-fn set_load(s: &mut PeerState, index: &mut LoadIndex, peer: PeerId, load: u32) {
-    if s.indexed && s.load != load {
-        index.remove(&s.region, s.prefix, s.load, peer);
-        index.insert(&s.region, s.prefix, load, peer);
-    }
-    s.load = load;
+/// Changes what places a peer in the load index (load, serving runs, region, prefix),
+/// keeping its place there.
+fn reindex(
+    s: &mut PeerState,
+    index: &mut LoadIndex,
+    slots: u32,
+    change: impl FnOnce(&mut PeerState),
+) {
+    index.unplace(s, slots);
+    change(s);
+    index.place(s, slots);
 }
 
-/// Puts a peer that holds blocks into the load index (once).
-fn index_peer(peers: &mut HashMap<PeerId, PeerState>, index: &mut LoadIndex, peer: PeerId) {
+/// Puts a peer that holds blocks into the load index (once), numbering it. Returns its number.
+fn index_peer(
+    peers: &mut HashMap<PeerId, PeerState>,
+    index: &mut LoadIndex,
+    numbers: &mut Numbers,
+    peer: PeerId,
+    slots: u32,
+) -> u32 {
     let s = peers.entry(peer).or_default();
     if !s.indexed {
+        let id = peer.to_bytes();
+        let mut high = [0u8; 4];
+        let tail = &id[id.len().saturating_sub(4)..];
+        high[..tail.len()].copy_from_slice(tail);
+        s.tie = (u64::from(u32::from_le_bytes(high)) << 32) | u64::from(numbers.number(peer));
         s.indexed = true;
-        index.insert(&s.region, s.prefix, s.load, peer);
+        index.place(s, slots);
+    }
+    s.tie as u32
+}
+
+impl Numbers {
+    /// `peer`'s number: its own if it has one, else a free one, else the next.
+    fn number(&mut self, peer: PeerId) -> u32 {
+        if let Some(n) = self.of.get(&peer) {
+            return *n;
+        }
+        let n = match self.free.pop() {
+            Some(n) => {
+                self.peer[n as usize] = peer;
+                n
+            }
+            None => {
+                self.peer.push(peer);
+                (self.peer.len() - 1) as u32
+            }
+        };
+        self.of.insert(peer, n);
+        n
+    }
+
+    /// `peer` left: its number is free. Holder lists that still name the number are checked
+    /// against the holder table wherever they are read.
+    fn forget(&mut self, peer: &PeerId) {
+        if let Some(n) = self.of.remove(peer) {
+            self.free.push(n);
+        }
     }
 }
 
-/// The peer's number for the per-block holder lists.
-fn number(numbers: &mut HashMap<PeerId, u32>, numbered: &mut Vec<PeerId>, peer: PeerId) -> u32 {
-    *numbers.entry(peer).or_insert_with(|| {
-        numbered.push(peer);
-        (numbered.len() - 1) as u32
-    })
-}
-
-impl LoadIndex {
-    fn insert(&mut self, region: &str, prefix: Option<NetPrefix>, load: u32, peer: PeerId) {
+impl LoadSets {
+    fn insert(&mut self, s: &PeerState) {
+        let key = (s.load, s.tie);
         self.by_region
-            .entry(region.to_string())
+            .entry(s.region.clone())
             .or_default()
-            .insert((load, peer));
-        if let Some(prefix) = prefix {
-            self.by_prefix
-                .entry(prefix)
-                .or_default()
-                .insert((load, peer));
+            .insert(key);
+        if let Some(prefix) = s.prefix {
+            self.by_prefix.entry(prefix).or_default().insert(key);
         }
     }
 
-    fn remove(&mut self, region: &str, prefix: Option<NetPrefix>, load: u32, peer: PeerId) {
-        if let Some(set) = self.by_region.get_mut(region) {
-            set.remove(&(load, peer));
+    fn remove(&mut self, s: &PeerState) {
+        let key = (s.load, s.tie);
+        if let Some(set) = self.by_region.get_mut(&s.region) {
+            set.remove(&key);
         }
-        if let Some(prefix) = prefix {
+        if let Some(prefix) = s.prefix {
             if let Some(set) = self.by_prefix.get_mut(&prefix) {
-                set.remove(&(load, peer));
+                set.remove(&key);
                 // Prefixes are many: an empty set goes (regions are few and stay).
                 if set.is_empty() {
                     self.by_prefix.remove(&prefix);
                 }
+            }
+        }
+    }
+}
+
+impl LoadIndex {
+    /// Enters an indexed peer (in `open` too if it has a free slot of `slots`).
+    fn place(&mut self, s: &PeerState, slots: u32) {
+        if s.indexed {
+            self.all.insert(s);
+            if s.serving < slots {
+                self.open.insert(s);
+            }
+        }
+    }
+
+    /// Takes a peer out, as [`LoadIndex::place`] put it in.
+    fn unplace(&mut self, s: &PeerState, slots: u32) {
+        if s.indexed {
+            self.all.remove(s);
+            if s.serving < slots {
+                self.open.remove(s);
             }
         }
     }
@@ -1459,10 +1564,35 @@ fn compact(list: &mut Vec<u32>, b: u32, holders: &HashMap<PeerId, Blocks>, numbe
     });
 }
 
+/// Which holders a [`nearest_least_loaded`] walk looks at.
+#[derive(Debug, Clone, Copy)]
+struct Walk {
+    /// Only those with a free serving slot.
+    open: bool,
+    /// Only those in the requester's region (when it has one).
+    in_region: bool,
+}
+
+impl Walk {
+    fn open(in_region: bool) -> Self {
+        Walk {
+            open: true,
+            in_region,
+        }
+    }
+
+    fn all(in_region: bool) -> Self {
+        Walk {
+            open: false,
+            in_region,
+        }
+    }
+}
+
 /// The usable holder of block `b` that the rule prefers: the nearest to the requester
 /// ([`crate::location::Nearness`]: same region label, same prefix, estimated RTT), then least
-/// load, then lowest id. A rarely held block is looked up in its holder list. A widely held
-/// one by walking the load index from the least loaded peer up: in the requester's region,
+/// load, then [`PeerState::tie`]. A rarely held block is
+/// looked up in its holder list. A widely held one by walking the load index from the least loaded peer up: in the requester's region,
 /// then on its prefix, the first usable holder is the answer; beyond them, the nearest by
 /// estimated RTT of the first [`CROSS_REGION_CANDIDATES`] usable holders (an approximation
 /// that keeps the walk bounded).
@@ -1471,12 +1601,13 @@ fn nearest_least_loaded(
     f: &mut FileState,
     peers: &HashMap<PeerId, PeerState>,
     index: &LoadIndex,
-    numbers: &HashMap<PeerId, u32>,
-    numbered: &[PeerId],
+    numbers: &Numbers,
     b: u32,
     vantage: &Vantage<'_>,
+    walk: Walk,
     usable: impl Fn(&HashMap<PeerId, PeerState>, &PeerId) -> bool,
 ) -> Option<PeerId> {
+    let numbered = &numbers.peer[..];
     let my_region = vantage.region();
     let i = b as usize;
     let count = f.holder_count[i] as usize;
@@ -1490,7 +1621,7 @@ fn nearest_least_loaded(
                 .holders
                 .iter()
                 .filter(|(_, h)| h.contains(b))
-                .filter_map(|(p, _)| numbers.get(p).copied())
+                .filter_map(|(p, _)| numbers.of.get(p).copied())
                 .collect();
             f.rare_holders[i] = Some(list);
         }
@@ -1503,38 +1634,47 @@ fn nearest_least_loaded(
     let holds = |p: &PeerId| f.holders.get(p).is_some_and(|h| h.contains(b));
     let key = |p: &PeerId| {
         let s = &peers[p];
-        (vantage.nearness(p, &s.region, s.prefix), s.load, *p)
+        (vantage.nearness(p, &s.region, s.prefix), s.load, s.tie)
     };
     if count <= RARE_HOLDERS {
         return f.rare_holders[i]
             .as_ref()?
             .iter()
             .filter_map(|n| numbered.get(*n as usize))
-            .filter(|p| holds(p) && usable(peers, p))
+            .filter(|p| {
+                holds(p)
+                    && usable(peers, p)
+                    && (!walk.in_region || my_region.is_empty() || peers[*p].region == my_region)
+            })
             .min_by_key(|p| key(p))
             .copied();
     }
-    let first = |set: &BTreeSet<(u32, PeerId)>| {
+    // A walk for a holder with a free slot need not step over the full ones.
+    let sets = if walk.open { &index.open } else { &index.all };
+    let first = |set: &BTreeSet<(u32, u64)>| {
         set.iter()
-            .map(|(_, p)| p)
+            .map(|&(_, tie)| &numbered[tie as u32 as usize])
             .find(|p| holds(p) && usable(peers, p))
             .copied()
     };
     if !my_region.is_empty() {
-        if let Some(p) = index.by_region.get(my_region).and_then(first) {
+        if let Some(p) = sets.by_region.get(my_region).and_then(first) {
             return Some(p);
+        }
+        if walk.in_region {
+            return None;
         }
     }
     // Then the requester's prefix (its own region's holders there were not usable).
     if let Some(p) = vantage
         .prefix()
-        .and_then(|x| index.by_prefix.get(&x))
+        .and_then(|x| sets.by_prefix.get(&x))
         .and_then(first)
     {
         return Some(p);
     }
     // Every other region, merged in (load, id) order: the nearest of the least loaded.
-    let mut walks: Vec<_> = index
+    let mut walks: Vec<_> = sets
         .by_region
         .iter()
         .filter(|(r, _)| my_region.is_empty() || r.as_str() != my_region)
@@ -1542,7 +1682,7 @@ fn nearest_least_loaded(
         .collect();
     let mut found: Vec<PeerId> = Vec::new();
     while found.len() < CROSS_REGION_CANDIDATES {
-        let mut best: Option<(usize, &(u32, PeerId))> = None;
+        let mut best: Option<(usize, &(u32, u64))> = None;
         for (w, it) in walks.iter_mut().enumerate() {
             if let Some(&e) = it.peek() {
                 if best.is_none_or(|(_, b)| e < b) {
@@ -1551,9 +1691,10 @@ fn nearest_least_loaded(
             }
         }
         let Some((w, _)) = best else { break };
-        let Some((_, p)) = walks[w].next() else {
+        let Some(&(_, tie)) = walks[w].next() else {
             break;
         };
+        let p = &numbered[tie as u32 as usize];
         if holds(p) && usable(peers, p) {
             found.push(*p);
         }

@@ -158,10 +158,12 @@ enum Ev {
     CrashNoticed(usize, u32),
 }
 
+/// A queued event: its time, its order among events of that time, and where it waits in
+/// [`Engine::events`] (the heap moves these 24 bytes, not the events themselves).
 struct Entry {
     at: u64,
     seq: u64,
-    ev: Ev,
+    slot: u32,
 }
 
 impl PartialEq for Entry {
@@ -246,6 +248,9 @@ struct Engine<'a> {
     now: u64,
     seq: u64,
     heap: BinaryHeap<Reverse<Entry>>,
+    /// The queued events, by slot, and the free slots.
+    events_at: Vec<Option<Ev>>,
+    free_slots: Vec<u32>,
     net: Net,
     resched: Vec<Reschedule>,
     nodes: Vec<Node>,
@@ -356,6 +361,8 @@ impl<'a> Engine<'a> {
             now: 0,
             seq: 0,
             heap: BinaryHeap::new(),
+            events_at: Vec::new(),
+            free_slots: Vec::new(),
             net,
             resched: Vec::new(),
             nodes,
@@ -401,10 +408,20 @@ impl<'a> Engine<'a> {
 
     fn push(&mut self, at: u64, ev: Ev) {
         self.seq += 1;
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.events_at[slot as usize] = Some(ev);
+                slot
+            }
+            None => {
+                self.events_at.push(Some(ev));
+                (self.events_at.len() - 1) as u32
+            }
+        };
         self.heap.push(Reverse(Entry {
             at,
             seq: self.seq,
-            ev,
+            slot,
         }));
     }
 
@@ -437,7 +454,11 @@ impl<'a> Engine<'a> {
             }
             self.now = entry.at;
             self.events += 1;
-            self.handle(entry.ev);
+            let ev = self.events_at[entry.slot as usize]
+                .take()
+                .expect("a queued event's slot holds it");
+            self.free_slots.push(entry.slot);
+            self.handle(ev);
             if self.honest_left == 0 {
                 break;
             }
