@@ -2340,6 +2340,38 @@ mod tests {
     }
 
     #[test]
+    fn holders_that_come_and_go_reuse_their_numbers_and_leave_the_index() {
+        let mut p = setup(8);
+        for _ in 0..100 {
+            let h = peer();
+            p.peer_up(h, vec![addr()]);
+            p.have(&file(), h, &[BlockRange::new(0, 4)]);
+            p.peer_down(&h);
+        }
+        assert_eq!(p.numbers.of.len(), 0);
+        assert!(
+            p.numbers.peer.len() <= 2,
+            "{} numbers",
+            p.numbers.peer.len()
+        );
+        let sets = [&p.index.all, &p.index.open];
+        assert!(sets
+            .iter()
+            .all(|s| s.by_region.values().all(|set| set.is_empty()) && s.by_prefix.is_empty()));
+        // A holder that stays is still found through its reused number.
+        let (h, r) = (peer(), peer());
+        for x in [h, r] {
+            p.peer_up(x, vec![addr()]);
+        }
+        p.have(&file(), h, &[BlockRange::new(0, 8)]);
+        let a = p.locate(Instant::now(), r, &file(), &all(8)).unwrap();
+        assert!(a
+            .assignments
+            .iter()
+            .any(|x| matches!(x.source, Source::Peer { peer, .. } if peer == h)));
+    }
+
+    #[test]
     fn avoidances_are_capped_and_expire() {
         let mut p = setup(8);
         let a = peer();
