@@ -941,7 +941,7 @@ impl Policy {
                 let continuing = continuing.filter(|h| !regional || in_my_region(&self.peers, h));
                 // Else the nearest, least-loaded usable holder, ties by id bits (within a
                 // region, first looked for inside it).
-                let mut best = continuing.or_else(|| {
+                let near = |f: &mut FileState, walk: Walk, ok: &Eligible<'_>| {
                     nearest_least_loaded(
                         f,
                         &self.peers,
@@ -949,10 +949,12 @@ impl Policy {
                         &self.numbers,
                         b,
                         &vantage,
-                        Walk::open(regional),
-                        |peers, p| usable(peers, p),
+                        walk,
+                        ok,
                     )
-                });
+                };
+                let mut best = continuing
+                    .or_else(|| near(f, Walk::open(regional), &|peers, p| usable(peers, p)));
                 if regional && best.is_none() {
                     if f.entering.get(&b).is_some_and(|list| {
                         list.iter()
@@ -961,32 +963,16 @@ impl Policy {
                         // A copy is on its way into the region: wait for it, then get it there.
                         continue;
                     }
-                    if nearest_least_loaded(
-                        f,
-                        &self.peers,
-                        &self.index,
-                        &self.numbers,
-                        b,
-                        &vantage,
-                        Walk::all(true),
-                        |peers, p| reachable(peers, p) && in_my_region(peers, p),
-                    )
+                    if near(f, Walk::all(true), &|peers, p| {
+                        reachable(peers, p) && in_my_region(peers, p)
+                    })
                     .is_some()
                     {
                         // Its holders in the region are only full: wait for a slot there
                         // rather than cross (each crossing is one more copy between regions).
                         continue;
                     }
-                    best = nearest_least_loaded(
-                        f,
-                        &self.peers,
-                        &self.index,
-                        &self.numbers,
-                        b,
-                        &vantage,
-                        Walk::open(false),
-                        |peers, p| usable(peers, p),
-                    );
+                    best = near(f, Walk::open(false), &|peers, p| usable(peers, p));
                 }
                 let from_outside = regional && !best.is_some_and(|h| in_my_region(&self.peers, &h));
                 let master_may = f.master_has.contains(b)
@@ -1014,16 +1000,7 @@ impl Policy {
                     // holders one is taken to be reachable: a bounded walk may not meet it.)
                     && (f.holder_count[b as usize] == 0
                         || f.holder_count[b as usize] as usize <= RARE_HOLDERS
-                            && nearest_least_loaded(
-                            f,
-                            &self.peers,
-                            &self.index,
-                            &self.numbers,
-                            b,
-                            &vantage,
-                            Walk::all(false),
-                            |peers, p| reachable(peers, p),
-                        )
+                            && near(f, Walk::all(false), &|peers, p| reachable(peers, p))
                         .is_none())
                 {
                     None
@@ -1574,6 +1551,9 @@ fn compact(list: &mut Vec<u32>, b: u32, holders: &HashMap<PeerId, Blocks>, numbe
             .is_some_and(|h| h.contains(b))
     });
 }
+
+/// Whether a holder may be chosen (by the peer table and its id).
+type Eligible<'a> = dyn Fn(&HashMap<PeerId, PeerState>, &PeerId) -> bool + 'a;
 
 /// Which holders a [`nearest_least_loaded`] walk looks at.
 #[derive(Debug, Clone, Copy)]
