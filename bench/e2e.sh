@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # End-to-end benchmark, in one run on this machine, loopback only:
-#   1. one `shoal fetch` of a SIZE_MIB file from a `shoal-master` (TCP + noise + yamux,
+#   1. one `shoal fetch` of a SIZE_MIB file from a `shoal-master` (TCP + TLS + yamux,
 #      every block verified, written to disk);
 #   2. `curl` fetching the same file from nginx (plain HTTP) on loopback.
 # For both: throughput, CPU seconds per GiB (user+sys of the client and the server), and peak
 # RSS of the shoal node and master. Usage: bench/e2e.sh [SIZE_MIB]   (default 1024)
 # The files (about 4 x SIZE_MIB) go under $TMPDIR (default /tmp); TMPDIR=/dev/shm keeps them in
 # memory when the disk is short of space (then "to disk" means to tmpfs, for nginx too).
+# SHOAL_BIN=/abs/dir runs the `shoal` and `shoal-master` found there instead of building
+# target/release (to alternate two builds in one session).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-1024}
@@ -19,8 +21,12 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --release -q -p shoal-node -p shoal-master
-BIN=target/release
+if [ -n "${SHOAL_BIN:-}" ]; then
+  BIN=$SHOAL_BIN
+else
+  cargo build --release -q -p shoal-node -p shoal-master
+  BIN=target/release
+fi
 
 head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$WORK/file.bin"
 BYTES=$(stat -c %s "$WORK/file.bin")
@@ -86,7 +92,7 @@ cmp -s "$WORK/file.bin" "$WORK/curl.bin" || { echo "curl output differs!" >&2; e
 
 printf "\nfile: %d MiB, loopback, %s\n\n" "$SIZE_MIB" "$(date -u +%F)"
 printf "| transfer | MB/s | client CPU-s/GiB | server CPU-s/GiB | client peak RSS |\n|---|---|---|---|---|\n"
-printf "| shoal fetch over TCP (noise+yamux, verified, to disk) | %.0f | %.2f | %.2f | %d MiB (master %s KiB) |\n" \
+printf "| shoal fetch over TCP (TLS+yamux, verified, to disk) | %.0f | %.2f | %.2f | %d MiB (master %s KiB) |\n" \
   "$T_MBS" "$T_CCPU" "$T_SCPU" "$((T_RSS / 1024))" "$MRSS"
 printf "| shoal fetch over QUIC (verified, to disk) | %.0f | %.2f | %.2f | %d MiB |\n" \
   "$Q_MBS" "$Q_CCPU" "$Q_SCPU" "$((Q_RSS / 1024))"

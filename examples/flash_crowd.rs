@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -93,10 +94,22 @@ fn args() -> Result<Args> {
 }
 
 /// A loopback port nobody listens on now (the kernel's choice; a small race, fine here).
+/// A free loopback port below the kernel's ephemeral range (32768 and up by default): a port
+/// from `bind(0)` is free only until it is released, and in a crowd of nodes another node's
+/// `/tcp/0` listener or outgoing connection took it first often enough to end runs with
+/// "serving metrics at ...: Address already in use".
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 4_000) as u16;
+    loop {
+        let port = start + NEXT.fetch_add(1, Ordering::Relaxed);
+        if port >= 32_768 {
+            bail!("no free loopback port below 32768");
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -188,7 +201,8 @@ fn main() -> Result<()> {
             .args(["--metrics-addr", &metrics])
             .args(["--seed-time", "3600", "--progress", "none"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // Kept so that a fetch that exits early can say why.
+            .stderr(std::fs::File::create(dir.join("stderr.log"))?)
             .spawn()
             .context("starting shoal fetch")?;
         nodes.push(Node {
@@ -221,7 +235,13 @@ fn main() -> Result<()> {
             }
             if let Some(status) = n.proc.0.try_wait()? {
                 if n.finished.is_none() {
-                    bail!("a fetch exited early with {status}");
+                    let log = n.out.with_file_name("stderr.log");
+                    let said = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = said.lines().rev().take(5).collect();
+                    bail!(
+                        "a fetch exited early with {status}; the end of its stderr:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
                 }
             }
         }

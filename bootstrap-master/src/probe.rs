@@ -115,13 +115,14 @@ pub async fn probe(
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
-            noise::Config::new,
+            (shoal_net::tls::Config::new, noise::Config::new),
             yamux::Config::default,
         )
+        .map_err(|e| e.to_string())
         .and_then(|b| {
             b.with_quic()
                 .with_behaviour(|_| libp2p_stream::Behaviour::new())
-                .map_err(|e| noise::Error::Io(std::io::Error::other(e.to_string())))
+                .map_err(|e| e.to_string())
         });
     let mut swarm = match swarm {
         Ok(b) => b

@@ -6,7 +6,9 @@
 //!   slots, under a request deadline, an overall per-stream deadline and a minimum rate, with
 //!   an optional upload rate limit; what to serve comes from a [`serve::PieceSource`].
 //! - [`keyfile`]: identity keys loaded or created with mode 0600, and durable atomic writes.
-//! - [`swarm`]: the libp2p swarm (TCP+noise+yamux and QUIC, the shoal [`Behaviour`]).
+//! - [`swarm`]: the libp2p swarm (TCP with TLS or noise, then yamux; QUIC; the shoal
+//!   [`Behaviour`]).
+//! - [`tls`]: libp2p's TLS 1.3 handshake with AES-GCM preferred where the CPU has AES.
 //! - [`relay_meter`]: the bytes the master's relay carries, counted under its muxers.
 //! - [`cli`]: logging set-up and one-line error reports for the binaries.
 //! - [`lock`]: one process per data directory ("data dir X is in use by process N").
@@ -25,6 +27,7 @@ pub mod relay_meter;
 pub mod serve;
 pub mod swarm;
 pub mod task;
+pub mod tls;
 
 pub use keyfile::{load_or_create_key, write_atomic, KeyError};
 pub use lock::{lock_data_dir, DataDirLock, LockError};

@@ -22,8 +22,15 @@ use std::{
     task::{Context, Poll},
 };
 
-use futures::{AsyncRead, AsyncWrite};
-use libp2p::core::muxing::{StreamMuxer, StreamMuxerEvent};
+use futures::{future, AsyncRead, AsyncWrite};
+use libp2p::{
+    core::{
+        muxing::{StreamMuxer, StreamMuxerEvent},
+        upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade},
+        UpgradeInfo,
+    },
+    yamux,
+};
 
 /// Bytes carried by the relay's circuits, both directions together. Cheap to clone; all
 /// clones read the same count.
@@ -102,6 +109,61 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Result<StreamMuxerEvent, Self::Error>> {
         Pin::new(&mut self.inner).poll(cx)
+    }
+}
+
+/// yamux, each muxer it makes wrapped in a [`MeteredMuxer`]: the master's multiplexer
+/// upgrade, so that its TCP transport is `SwarmBuilder::with_tcp`'s, like a node's.
+#[derive(Clone)]
+pub(crate) struct MeteredYamux {
+    yamux: yamux::Config,
+    meter: RelayMeter,
+}
+
+impl MeteredYamux {
+    /// yamux's defaults, counting into `meter`.
+    pub(crate) fn new(meter: RelayMeter) -> Self {
+        Self {
+            yamux: yamux::Config::default(),
+            meter,
+        }
+    }
+}
+
+impl UpgradeInfo for MeteredYamux {
+    type Info = <yamux::Config as UpgradeInfo>::Info;
+    type InfoIter = <yamux::Config as UpgradeInfo>::InfoIter;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        self.yamux.protocol_info()
+    }
+}
+
+impl<C> InboundConnectionUpgrade<C> for MeteredYamux
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = MeteredMuxer<yamux::Muxer<C>>;
+    type Error = io::Error;
+    type Future = future::Ready<Result<Self::Output, Self::Error>>;
+
+    fn upgrade_inbound(self, socket: C, info: Self::Info) -> Self::Future {
+        let muxer = self.yamux.upgrade_inbound(socket, info).into_inner();
+        future::ready(muxer.map(|m| MeteredMuxer::new(m, self.meter)))
+    }
+}
+
+impl<C> OutboundConnectionUpgrade<C> for MeteredYamux
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = MeteredMuxer<yamux::Muxer<C>>;
+    type Error = io::Error;
+    type Future = future::Ready<Result<Self::Output, Self::Error>>;
+
+    fn upgrade_outbound(self, socket: C, info: Self::Info) -> Self::Future {
+        let muxer = self.yamux.upgrade_outbound(socket, info).into_inner();
+        future::ready(muxer.map(|m| MeteredMuxer::new(m, self.meter)))
     }
 }
 

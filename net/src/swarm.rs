@@ -1,20 +1,25 @@
-//! Building the libp2p swarm of a shoal peer, once for the master and the node: TCP (noise,
-//! yamux) and QUIC transports around the shoal [`Behaviour`] with its connection caps.
+//! Building the libp2p swarm of a shoal peer, once for the master and the node: TCP (TLS 1.3
+//! or noise, then yamux) and QUIC transports around the shoal [`Behaviour`] with its
+//! connection caps.
 //!
-//! A node's transport also dials and listens through a circuit relay (the master's); the
-//! master's muxers are wrapped to count the bytes its relay carries ([`RelayMeter`]).
+//! On TCP and relayed connections TLS ([`crate::tls`], AES-GCM where the CPU has AES
+//! instructions) is offered first and noise second: multistream-select settles on TLS
+//! between two current peers and on noise with a peer that offers only noise (shoal before
+//! TLS). A node's transport also dials and listens through a circuit relay (the master's);
+//! the master's muxers are wrapped to count the bytes its relay carries ([`RelayMeter`]).
 
 use std::time::Duration;
 
-use libp2p::{
-    core::upgrade::Version, identity::Keypair, noise, quic, tcp, yamux, Swarm, Transport,
-};
+use libp2p::{identity::Keypair, noise, quic, tcp, yamux, Swarm, Transport};
 use shoal_protocol::{
     behaviour::{Advertise, Behaviour, BehaviourError, ConnectionCaps, Role},
     relay::RelayLimits,
 };
 
-use crate::relay_meter::{MeteredMuxer, RelayMeter};
+use crate::{
+    relay_meter::{MeteredMuxer, MeteredYamux, RelayMeter},
+    tls,
+};
 
 /// Largest UDP payload QUIC's MTU discovery probes for: a 9,000-byte jumbo frame less the
 /// IPv6 and UDP headers.
@@ -110,7 +115,7 @@ fn build_node(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, Swa
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
-            noise::Config::new,
+            (tls::Config::new, noise::Config::new),
             yamux::Config::default,
         )
         .map_err(|e| err(&e))?
@@ -121,7 +126,10 @@ fn build_node(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, Swa
             // syscalls) falls with it. Paths with smaller MTUs keep what discovery finds.
             c.mtu_upper_bound(QUIC_MTU_UPPER_BOUND)
         })
-        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .with_relay_client(
+            (tls::Config::new, noise::Config::new),
+            yamux::Config::default,
+        )
         .map_err(|e| err(&e))?
         .with_behaviour(|k, relay_client| {
             Behaviour::new(
@@ -140,26 +148,20 @@ fn build_node(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, Swa
     Ok(swarm)
 }
 
-/// The master: the same TCP (noise, yamux) and QUIC transports as [`libp2p::SwarmBuilder`]'s
-/// `with_tcp` and `with_quic`, built by hand so that each muxer can be wrapped in the relay
-/// meter.
+/// The master: the node's TCP transport with each yamux muxer wrapped in the relay meter, and
+/// the same QUIC transport as [`libp2p::SwarmBuilder`]'s `with_quic`, built by hand for the
+/// same reason.
 fn build_master(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, SwarmError> {
     let err = |e: &dyn std::fmt::Display| SwarmError(e.to_string());
     let tcp_meter = opts.relay_meter.clone();
     let quic_meter = opts.relay_meter.clone();
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_other_transport(|k| {
-            let noise =
-                noise::Config::new(k).map_err(Box::<dyn std::error::Error + Send + Sync>::from)?;
-            Ok(
-                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                    .upgrade(Version::V1Lazy)
-                    .authenticate(noise)
-                    .multiplex(yamux::Config::default())
-                    .map(move |(peer, muxer), _| (peer, MeteredMuxer::new(muxer, tcp_meter))),
-            )
-        })
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            (tls::Config::new, noise::Config::new),
+            move || MeteredYamux::new(tcp_meter),
+        )
         .map_err(|e| err(&e))?
         .with_other_transport(|k| {
             quic::tokio::Transport::new(quic::Config::new(k).mtu_upper_bound(QUIC_MTU_UPPER_BOUND))
@@ -174,4 +176,105 @@ fn build_master(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, S
         .with_swarm_config(|c| c.with_idle_connection_timeout(opts.idle_timeout))
         .build();
     Ok(swarm)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use libp2p::{
+        swarm::{dummy, NetworkBehaviour, SwarmEvent},
+        Multiaddr,
+    };
+
+    use super::*;
+
+    /// An older shoal peer's TCP stack: noise only.
+    fn noise_only() -> Swarm<dummy::Behaviour> {
+        libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(|_| dummy::Behaviour)
+            .unwrap()
+            .build()
+    }
+
+    /// A peer with libp2p's own TLS configuration only.
+    fn stock_tls_only() -> Swarm<dummy::Behaviour> {
+        libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                libp2p::tls::Config::new,
+                yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(|_| dummy::Behaviour)
+            .unwrap()
+            .build()
+    }
+
+    async fn listen(swarm: &mut Swarm<Behaviour>) -> Multiaddr {
+        swarm
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .unwrap();
+        loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                return address;
+            }
+        }
+    }
+
+    /// Whether `dialer` gets a connection to `listener` at `addr` within 10 s.
+    async fn connects<B: NetworkBehaviour>(
+        listener: &mut Swarm<Behaviour>,
+        addr: &Multiaddr,
+        mut dialer: Swarm<B>,
+    ) -> bool {
+        dialer.dial(addr.clone()).unwrap();
+        let deadline = tokio::time::sleep(Duration::from_secs(10));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                ev = dialer.select_next_some() => match ev {
+                    SwarmEvent::ConnectionEstablished { .. } => return true,
+                    SwarmEvent::OutgoingConnectionError { error, .. } => {
+                        println!("dial failed: {error}");
+                        return false;
+                    }
+                    _ => {}
+                },
+                _ = listener.select_next_some() => {}
+                _ = &mut deadline => return false,
+            }
+        }
+    }
+
+    fn shoal(role: Role) -> Swarm<Behaviour> {
+        build_swarm(Keypair::generate_ed25519(), &SwarmOptions::for_role(role)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn tcp_takes_tls_and_noise_from_any_peer() {
+        for role in [Role::Master, Role::Node] {
+            let mut listener = shoal(role);
+            let addr = listen(&mut listener).await;
+            assert!(
+                connects(&mut listener, &addr, shoal(Role::Node)).await,
+                "{role:?}: a shoal node"
+            );
+            assert!(
+                connects(&mut listener, &addr, noise_only()).await,
+                "{role:?}: noise only"
+            );
+            assert!(
+                connects(&mut listener, &addr, stock_tls_only()).await,
+                "{role:?}: TLS only"
+            );
+        }
+    }
 }

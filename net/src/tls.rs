@@ -1,0 +1,436 @@
+//! TLS 1.3 for TCP and relayed connections: libp2p's TLS handshake (`/tls/1.0.0`, its
+//! self-signed certificate that carries the peer's key, and its checks of the remote's), with
+//! AES-GCM offered before ChaCha20-Poly1305 on CPUs with AES and carry-less multiply
+//! instructions.
+//!
+//! Why not `libp2p::tls::Config` as it is: it offers ChaCha20-Poly1305 first, and a TLS 1.3
+//! server takes the client's order, so two peers with it always settle on ChaCha20-Poly1305.
+//! This module builds the same configurations with the suites in the order above; the
+//! certificate and its resolver come from libp2p's own configurations and the checks are
+//! libp2p's (`libp2p::tls::certificate::parse`, `P2pCertificate::verify_signature`), so on the
+//! wire this is libp2p's handshake and a peer with the stock configuration connects too (on
+//! the suite the dialing side prefers).
+//!
+//! What it does not do: check the remote's PeerId during the handshake (the swarm compares it
+//! with the one it dialed afterwards, as with libp2p's configuration, which passes none
+//! either), or offer anything but TLS 1.3.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
+
+use futures::{future::BoxFuture, AsyncRead, AsyncWrite, FutureExt};
+use libp2p::{
+    core::{
+        upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade},
+        UpgradeInfo,
+    },
+    identity::{Keypair, PeerId},
+    tls::{certificate, TlsStream},
+};
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{aws_lc_rs, CryptoProvider},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
+    CertificateError, CommonState, DigitallySignedStruct, DistinguishedName, OtherError,
+    SignatureScheme, SupportedCipherSuite,
+};
+
+/// The name multistream-select negotiates for this handshake (libp2p's).
+pub const PROTOCOL: &str = "/tls/1.0.0";
+
+/// Why the TLS configuration could not be made or a handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// libp2p could not make this peer's certificate.
+    #[error("cannot make the TLS certificate: {0}")]
+    Certificate(#[from] certificate::GenError),
+    /// rustls refused the configuration.
+    #[error("cannot configure TLS: {0}")]
+    Config(#[from] rustls::Error),
+    /// The handshake failed (I/O, or the remote's certificate or signature was refused).
+    #[error("TLS handshake failed: {0}")]
+    Handshake(#[source] std::io::Error),
+    /// The remote did not present exactly one certificate.
+    #[error("the remote presented no single TLS certificate")]
+    NoCertificate,
+    /// The remote's certificate is not a valid libp2p certificate.
+    #[error("the remote's TLS certificate is not a libp2p certificate: {0}")]
+    BadCertificate(#[from] certificate::ParseError),
+}
+
+/// The TLS 1.3 suites in the order offered: AES-GCM first where the CPU has AES and
+/// carry-less multiply instructions (there it is the cheapest AEAD per byte), ChaCha20-Poly1305
+/// first where it has not (there AES runs in software: slower, and not constant-time).
+pub fn cipher_suites() -> Vec<SupportedCipherSuite> {
+    use aws_lc_rs::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    // Between the two AES suites, rustls's own order.
+    if has_aes_instructions() {
+        vec![
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ]
+    } else {
+        vec![
+            TLS13_CHACHA20_POLY1305_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_AES_128_GCM_SHA256,
+        ]
+    }
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn has_aes_instructions() -> bool {
+    std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+}
+
+#[cfg(target_arch = "aarch64")]
+fn has_aes_instructions() -> bool {
+    // "aes" on aarch64 is FEAT_AES together with FEAT_PMULL.
+    std::arch::is_aarch64_feature_detected!("aes")
+}
+
+#[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
+fn has_aes_instructions() -> bool {
+    false
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        cipher_suites: cipher_suites(),
+        ..aws_lc_rs::default_provider()
+    })
+}
+
+/// The security upgrade: libp2p's TLS handshake with this module's suite order.
+#[derive(Clone)]
+pub struct Config {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+}
+
+impl Config {
+    /// The configuration for `key`: a fresh libp2p certificate signed by it.
+    pub fn new(key: &Keypair) -> Result<Self, TlsError> {
+        // libp2p's configurations make the certificate, its resolver and the ALPN; only the
+        // suites and the verifier (with libp2p's checks) are put around them anew.
+        let stock_client = libp2p::tls::make_client_config(key, None)?;
+        let stock_server = libp2p::tls::make_server_config(key)?;
+        let versions = &[&rustls::version::TLS13];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PeerCertificate))
+            .with_client_cert_resolver(stock_client.client_auth_cert_resolver.clone());
+        client.alpn_protocols = stock_client.alpn_protocols.clone();
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)?
+            .with_client_cert_verifier(Arc::new(PeerCertificate))
+            .with_cert_resolver(stock_server.cert_resolver.clone());
+        server.alpn_protocols = stock_server.alpn_protocols.clone();
+        Ok(Self {
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
+    }
+}
+
+impl UpgradeInfo for Config {
+    type Info = &'static str;
+    type InfoIter = std::iter::Once<Self::Info>;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        std::iter::once(PROTOCOL)
+    }
+}
+
+impl<C> InboundConnectionUpgrade<C> for Config
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = (PeerId, TlsStream<C>);
+    type Error = TlsError;
+    type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
+
+    fn upgrade_inbound(self, socket: C, _: Self::Info) -> Self::Future {
+        async move {
+            let stream = futures_rustls::TlsAcceptor::from(self.server)
+                .accept(socket)
+                .await
+                .map_err(TlsError::Handshake)?;
+            let peer = established(stream.get_ref().1)?;
+            Ok((peer, stream.into()))
+        }
+        .boxed()
+    }
+}
+
+impl<C> OutboundConnectionUpgrade<C> for Config
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = (PeerId, TlsStream<C>);
+    type Error = TlsError;
+    type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
+
+    fn upgrade_outbound(self, socket: C, _: Self::Info) -> Self::Future {
+        async move {
+            // The libp2p TLS spec: no server name indication; rustls sends none for an IP
+            // address.
+            let name = ServerName::IpAddress(IpAddr::V4(Ipv4Addr::UNSPECIFIED).into());
+            let stream = futures_rustls::TlsConnector::from(self.client)
+                .connect(name, socket)
+                .await
+                .map_err(TlsError::Handshake)?;
+            let peer = established(stream.get_ref().1)?;
+            Ok((peer, stream.into()))
+        }
+        .boxed()
+    }
+}
+
+/// The remote's PeerId once a handshake has succeeded (its certificate was checked by
+/// [`PeerCertificate`] already; it is parsed again for the key).
+fn established(state: &CommonState) -> Result<PeerId, TlsError> {
+    let [cert] = state.peer_certificates().unwrap_or_default() else {
+        return Err(TlsError::NoCertificate);
+    };
+    let peer = certificate::parse(cert)?.peer_id();
+    tracing::debug!(
+        %peer,
+        suite = ?state.negotiated_cipher_suite().map(|s| s.suite()),
+        "TLS session established"
+    );
+    Ok(peer)
+}
+
+/// Accepts what libp2p's own TLS verifier accepts: exactly one certificate, a valid libp2p
+/// certificate (self-signed, its extension signed by the peer's identity key: checked by
+/// `certificate::parse`), and handshake signatures by that certificate's key.
+#[derive(Debug)]
+struct PeerCertificate;
+
+impl PeerCertificate {
+    fn check(
+        end_entity: &CertificateDer,
+        intermediates: &[CertificateDer],
+    ) -> Result<(), rustls::Error> {
+        if !intermediates.is_empty() {
+            return Err(rustls::Error::General(
+                "libp2p TLS takes exactly one certificate".into(),
+            ));
+        }
+        certificate::parse(end_entity).map_err(invalid)?;
+        Ok(())
+    }
+
+    fn check_signature(
+        cert: &CertificateDer,
+        message: &[u8],
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        certificate::parse(cert)
+            .map_err(invalid)?
+            .verify_signature(dss.scheme, message, dss.signature())
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadSignature))?;
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    /// libp2p's list.
+    fn schemes() -> Vec<SignatureScheme> {
+        vec![
+            SignatureScheme::ECDSA_NISTP384_SHA384,
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            SignatureScheme::ED25519,
+            SignatureScheme::RSA_PSS_SHA512,
+            SignatureScheme::RSA_PSS_SHA384,
+            SignatureScheme::RSA_PSS_SHA256,
+            SignatureScheme::RSA_PKCS1_SHA512,
+            SignatureScheme::RSA_PKCS1_SHA384,
+            SignatureScheme::RSA_PKCS1_SHA256,
+        ]
+    }
+}
+
+fn invalid(e: certificate::ParseError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+fn no_tls12() -> rustls::Error {
+    rustls::Error::General("TLS 1.2 is not offered".into())
+}
+
+impl ServerCertVerifier for PeerCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer,
+        intermediates: &[CertificateDer],
+        _server_name: &ServerName,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Self::check(end_entity, intermediates)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(no_tls12())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Self::check_signature(cert, message, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        Self::schemes()
+    }
+}
+
+impl ClientCertVerifier for PeerCertificate {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer,
+        intermediates: &[CertificateDer],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Self::check(end_entity, intermediates)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(no_tls12())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Self::check_signature(cert, message, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        Self::schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::CipherSuite;
+    use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+
+    type Pipe = Compat<tokio::io::DuplexStream>;
+
+    fn pipe() -> (Pipe, Pipe) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        (a.compat(), b.compat())
+    }
+
+    /// Runs a handshake between `client` and `server` (any libp2p TLS upgrades) and returns
+    /// the PeerIds each side saw and the suite the client's side negotiated.
+    async fn handshake<A, B>(client: A, server: B) -> (PeerId, PeerId, Option<CipherSuite>)
+    where
+        A: OutboundConnectionUpgrade<Pipe, Output = (PeerId, TlsStream<Pipe>)>
+            + UpgradeInfo<Info = &'static str>,
+        A::Error: std::fmt::Debug,
+        B: InboundConnectionUpgrade<Pipe, Output = (PeerId, TlsStream<Pipe>)>
+            + UpgradeInfo<Info = &'static str>,
+        B::Error: std::fmt::Debug,
+    {
+        let (c, s) = pipe();
+        let (out, inb) = futures::join!(
+            client.upgrade_outbound(c, PROTOCOL),
+            server.upgrade_inbound(s, PROTOCOL)
+        );
+        let (server_seen, stream) = out.unwrap();
+        let (client_seen, _) = inb.unwrap();
+        let suite = stream
+            .get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .map(|s| s.suite());
+        (server_seen, client_seen, suite)
+    }
+
+    #[tokio::test]
+    async fn two_shoal_peers_settle_on_the_first_suite_offered() {
+        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let (server_seen, client_seen, suite) =
+            handshake(Config::new(&a).unwrap(), Config::new(&b).unwrap()).await;
+        assert_eq!(server_seen, b.public().to_peer_id());
+        assert_eq!(client_seen, a.public().to_peer_id());
+        assert_eq!(suite, Some(cipher_suites()[0].suite()));
+        if has_aes_instructions() {
+            assert_eq!(suite, Some(CipherSuite::TLS13_AES_256_GCM_SHA384));
+        }
+        println!(
+            "negotiated {suite:?} (AES instructions: {})",
+            has_aes_instructions()
+        );
+    }
+
+    #[tokio::test]
+    async fn libp2ps_own_tls_config_connects_both_ways() {
+        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        // A stock client: the server takes the client's order, so ChaCha20-Poly1305 (libp2p's
+        // first) is what two stock peers get.
+        let (server_seen, client_seen, suite) = handshake(
+            libp2p::tls::Config::new(&a).unwrap(),
+            Config::new(&b).unwrap(),
+        )
+        .await;
+        assert_eq!(server_seen, b.public().to_peer_id());
+        assert_eq!(client_seen, a.public().to_peer_id());
+        assert_eq!(suite, Some(CipherSuite::TLS13_CHACHA20_POLY1305_SHA256));
+        // A stock server: our order.
+        let (server_seen, client_seen, suite) = handshake(
+            Config::new(&a).unwrap(),
+            libp2p::tls::Config::new(&b).unwrap(),
+        )
+        .await;
+        assert_eq!(server_seen, b.public().to_peer_id());
+        assert_eq!(client_seen, a.public().to_peer_id());
+        assert_eq!(suite, Some(cipher_suites()[0].suite()));
+    }
+
+    #[test]
+    fn only_one_valid_libp2p_certificate_is_accepted() {
+        let key = Keypair::generate_ed25519();
+        let (cert, _) = certificate::generate(&key).unwrap();
+        assert!(PeerCertificate::check(&cert, &[]).is_ok());
+        assert!(PeerCertificate::check(&cert, std::slice::from_ref(&cert)).is_err());
+        let garbage = CertificateDer::from(vec![0x30u8, 0x03, 0x02, 0x01, 0x00]);
+        assert!(PeerCertificate::check(&garbage, &[]).is_err());
+        // A certificate whose bytes were altered no longer verifies.
+        let mut bytes = cert.as_ref().to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(PeerCertificate::check(&CertificateDer::from(bytes), &[]).is_err());
+    }
+}
