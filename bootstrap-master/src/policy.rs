@@ -1665,7 +1665,7 @@ fn nearest_least_loaded(
     {
         return Some(p);
     }
-    // Every other region, merged in (load, id) order: the nearest of the least loaded.
+    // Every other region, merged in (load, tie) order: the nearest of the least loaded.
     let mut walks: Vec<_> = sets
         .by_region
         .iter()
