@@ -878,6 +878,12 @@ impl Policy {
         );
         let budgeted = cfg.region_budget && !my_region.is_empty();
         let regional = (budgeted || cfg.one_entry_per_region) && !my_region.is_empty();
+        // Within a region, holders are looked for inside it first.
+        let scope = if regional {
+            Scope::Region
+        } else {
+            Scope::Anywhere
+        };
         let in_my_region = |peers: &HashMap<PeerId, PeerState>, p: &PeerId| {
             peers.get(p).is_some_and(|s| s.region == my_region)
         };
@@ -953,8 +959,8 @@ impl Policy {
                         ok,
                     )
                 };
-                let mut best = continuing
-                    .or_else(|| near(f, Walk::open(regional), &|peers, p| usable(peers, p)));
+                let mut best =
+                    continuing.or_else(|| near(f, Walk::open(scope), &|peers, p| usable(peers, p)));
                 if regional && best.is_none() {
                     if f.entering.get(&b).is_some_and(|list| {
                         list.iter()
@@ -963,7 +969,7 @@ impl Policy {
                         // A copy is on its way into the region: wait for it, then get it there.
                         continue;
                     }
-                    if near(f, Walk::all(true), &|peers, p| {
+                    if near(f, Walk::all(Scope::Region), &|peers, p| {
                         reachable(peers, p) && in_my_region(peers, p)
                     })
                     .is_some()
@@ -972,7 +978,7 @@ impl Policy {
                         // rather than cross (each crossing is one more copy between regions).
                         continue;
                     }
-                    best = near(f, Walk::open(false), &|peers, p| usable(peers, p));
+                    best = near(f, Walk::open(Scope::Beyond), &|peers, p| usable(peers, p));
                 }
                 let from_outside = regional && !best.is_some_and(|h| in_my_region(&self.peers, &h));
                 let master_may = f.master_has.contains(b)
@@ -1000,7 +1006,7 @@ impl Policy {
                     // holders one is taken to be reachable: a bounded walk may not meet it.)
                     && (f.holder_count[b as usize] == 0
                         || f.holder_count[b as usize] as usize <= RARE_HOLDERS
-                            && near(f, Walk::all(false), &|peers, p| reachable(peers, p))
+                            && near(f, Walk::all(Scope::Anywhere), &|peers, p| reachable(peers, p))
                         .is_none())
                 {
                     None
@@ -1560,23 +1566,27 @@ type Eligible<'a> = dyn Fn(&HashMap<PeerId, PeerState>, &PeerId) -> bool + 'a;
 struct Walk {
     /// Only those with a free serving slot.
     open: bool,
-    /// Only those in the requester's region (when it has one).
-    in_region: bool,
+    /// Where, relative to the requester's region (when it has one).
+    scope: Scope,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Only in the requester's region.
+    Region,
+    /// Anywhere, its region first.
+    Anywhere,
+    /// Anywhere, its region's load index left out (a walk just found none usable there).
+    Beyond,
 }
 
 impl Walk {
-    fn open(in_region: bool) -> Self {
-        Walk {
-            open: true,
-            in_region,
-        }
+    fn open(scope: Scope) -> Self {
+        Walk { open: true, scope }
     }
 
-    fn all(in_region: bool) -> Self {
-        Walk {
-            open: false,
-            in_region,
-        }
+    fn all(scope: Scope) -> Self {
+        Walk { open: false, scope }
     }
 }
 
@@ -1635,7 +1645,9 @@ fn nearest_least_loaded(
             .filter(|p| {
                 holds(p)
                     && usable(peers, p)
-                    && (!walk.in_region || my_region.is_empty() || peers[*p].region == my_region)
+                    && (walk.scope != Scope::Region
+                        || my_region.is_empty()
+                        || peers[*p].region == my_region)
             })
             .min_by_key(|p| key(p))
             .copied();
@@ -1649,11 +1661,11 @@ fn nearest_least_loaded(
             .find(|p| holds(p) && usable(peers, p))
             .copied()
     };
-    if !my_region.is_empty() {
+    if !my_region.is_empty() && walk.scope != Scope::Beyond {
         if let Some(p) = sets.by_region.get(my_region).and_then(first) {
             return Some(p);
         }
-        if walk.in_region {
+        if walk.scope == Scope::Region {
             return None;
         }
     }
