@@ -345,7 +345,11 @@ struct FileState {
     size: u64,
     blocks: u32,
     master_has: Blocks,
-    holders: HashMap<PeerId, Blocks>,
+    /// What each holder holds, by peer number (see [`Numbers`]): a walk of the load index
+    /// tests a block by indexing, not by hashing a `PeerId`.
+    held: Vec<Option<Blocks>>,
+    /// Peers holding at least one block.
+    mirrors: u32,
     /// Per requester, per block: what it was assigned and until when that counts.
     pending: HashMap<PeerId, HashMap<u32, Pending>>,
     /// Per block, the requester a master copy is on its way to.
@@ -416,7 +420,8 @@ impl Policy {
             size,
             blocks,
             master_has,
-            holders: HashMap::default(),
+            held: Vec::new(),
+            mirrors: 0,
             pending: HashMap::default(),
             handouts: HashMap::default(),
             entering: HashMap::default(),
@@ -534,8 +539,9 @@ impl Policy {
     /// mirror list at once, and its assignments stop counting. Returns whether it was a mirror.
     pub fn peer_down(&mut self, peer: &PeerId) -> bool {
         let mut was_mirror = false;
+        let number = self.numbers.of.get(peer).copied();
         for f in self.files.values_mut() {
-            if let Some(held) = f.holders.remove(peer) {
+            if let Some(held) = number.and_then(|n| f.take_held(n)) {
                 was_mirror = true;
                 f.complete -= u32::from(held.is_full());
                 for r in held.ranges() {
@@ -621,11 +627,11 @@ impl Policy {
                 peer,
                 self.cfg.peer_slots,
             );
-            let before = f.holders.insert(peer, Blocks::full(f.blocks));
+            let before = f.put_held(n, Blocks::full(f.blocks));
             f.complete += u32::from(!before.as_ref().is_some_and(|h| h.is_full()));
             for b in 0..f.blocks {
                 if !before.as_ref().is_some_and(|h| h.contains(b)) {
-                    f.added_holder(b, n, &self.numbers.peer);
+                    f.added_holder(b, n);
                 }
             }
         }
@@ -645,10 +651,12 @@ impl Policy {
             peer,
             self.cfg.peer_slots,
         );
-        let held = f
-            .holders
-            .entry(peer)
-            .or_insert_with(|| Blocks::new(geometry_blocks));
+        if f.held_n(n).is_none() {
+            f.put_held(n, Blocks::new(geometry_blocks));
+        }
+        let held = f.held[n as usize]
+            .as_mut()
+            .expect("a holder's blocks were just put in place");
         let was_full = held.is_full();
         let pending = f.pending.entry(peer).or_default();
         let grace = self.cfg.report_grace;
@@ -680,11 +688,11 @@ impl Policy {
                 }
             }
         }
-        if !was_full && f.holders.get(&peer).is_some_and(|h| h.is_full()) {
+        if !was_full && f.held_n(n).is_some_and(|h| h.is_full()) {
             f.complete += 1;
         }
         for b in added {
-            f.added_holder(b, n, &self.numbers.peer);
+            f.added_holder(b, n);
         }
     }
 
@@ -733,7 +741,7 @@ impl Policy {
     pub fn mirrors(&self, file: &FileId) -> Vec<PeerId> {
         self.files
             .get(file)
-            .map(|f| f.holders.keys().copied().collect())
+            .map(|f| f.holders(&self.numbers).map(|(p, _)| *p).collect())
             .unwrap_or_default()
     }
 
@@ -869,7 +877,7 @@ impl Policy {
             .get(&requester)
             .map(|p| p.region.clone())
             .unwrap_or_default();
-        let mine = f.holders.get(&requester).cloned();
+        let mine = f.held_by(&self.numbers, &requester).cloned();
         let deadline = now + cfg.assignment_timeout;
         let vantage = self.locations.vantage(
             requester,
@@ -936,7 +944,8 @@ impl Policy {
                     Some((run, Some(h)))
                         if run.end == b
                             && run.len() < cfg.max_peer_piece
-                            && f.holders.get(h).is_some_and(|held| held.contains(b)) =>
+                            && f.held_by(&self.numbers, h)
+                                .is_some_and(|held| held.contains(b)) =>
                     {
                         Some(*h)
                     }
@@ -993,7 +1002,7 @@ impl Policy {
                     && master_given < master_budget
                     && !briefly_avoided
                         .iter()
-                        .any(|p| f.holders.get(p).is_some_and(|h| h.contains(b)));
+                        .any(|p| f.held_by(&self.numbers, p).is_some_and(|h| h.contains(b)));
                 let source = if budgeted && from_outside && master_may {
                     // Under the budget a region's copy comes from the master, which pays for
                     // it, rather than across regions.
@@ -1174,7 +1183,10 @@ impl Policy {
         let Some(f) = self.files.get_mut(file) else {
             return 0;
         };
-        let Some(held) = f.holders.get_mut(peer) else {
+        let Some(n) = self.numbers.of.get(peer).copied() else {
+            return 0;
+        };
+        let Some(held) = f.held.get_mut(n as usize).and_then(Option::as_mut) else {
             return 0;
         };
         let mut dropped = 0;
@@ -1190,7 +1202,7 @@ impl Policy {
         }
         f.complete += u32::from(held.is_full());
         if held.count() == 0 {
-            f.holders.remove(peer);
+            f.take_held(n);
         }
         dropped
     }
@@ -1199,7 +1211,7 @@ impl Policy {
     pub fn claims(&self, file: &FileId, peer: &PeerId, blocks: BlockRange) -> bool {
         self.files
             .get(file)
-            .and_then(|f| f.holders.get(peer))
+            .and_then(|f| f.held_by(&self.numbers, peer))
             .is_some_and(|h| !blocks.is_empty() && h.contains_range(blocks))
     }
 
@@ -1271,7 +1283,7 @@ impl Policy {
                 size: f.size,
                 blocks: f.blocks,
                 master_blocks: f.master_has.count(),
-                mirrors: f.holders.len() as u32,
+                mirrors: f.mirrors,
             })
     }
 
@@ -1279,8 +1291,7 @@ impl Policy {
     pub fn status(&self, file: &FileId) -> Option<FileStatus> {
         let f = self.files.get(file)?;
         let mut mirrors: Vec<MirrorStatus> = f
-            .holders
-            .iter()
+            .holders(&self.numbers)
             .map(|(peer, held)| {
                 let p = self.peers.get(peer);
                 MirrorStatus {
@@ -1298,7 +1309,7 @@ impl Policy {
         // A word-level union over the live holders: bounded by holders x blocks / 64, not
         // holders x blocks.
         let mut covered = Blocks::new(f.blocks);
-        for (_, h) in f.holders.iter().filter(|(p, _)| self.is_live(p)) {
+        for (_, h) in f.holders(&self.numbers).filter(|(p, _)| self.is_live(p)) {
             if covered.is_full() {
                 break;
             }
@@ -1527,14 +1538,58 @@ impl LoadIndex {
 }
 
 impl FileState {
+    /// What peer number `n` holds.
+    fn held_n(&self, n: u32) -> Option<&Blocks> {
+        self.held.get(n as usize).and_then(Option::as_ref)
+    }
+
+    /// What `peer` holds.
+    fn held_by(&self, numbers: &Numbers, peer: &PeerId) -> Option<&Blocks> {
+        numbers.of.get(peer).and_then(|n| self.held_n(*n))
+    }
+
+    /// Whether peer number `n` holds block `b`.
+    fn holds(&self, n: u32, b: u32) -> bool {
+        self.held_n(n).is_some_and(|h| h.contains(b))
+    }
+
+    /// The holders and what they hold.
+    fn holders<'a>(
+        &'a self,
+        numbers: &'a Numbers,
+    ) -> impl Iterator<Item = (&'a PeerId, &'a Blocks)> {
+        self.held
+            .iter()
+            .zip(&numbers.peer)
+            .filter_map(|(h, p)| Some((p, h.as_ref()?)))
+    }
+
+    /// Peer number `n` holds `blocks` now; returns what it held before.
+    fn put_held(&mut self, n: u32, blocks: Blocks) -> Option<Blocks> {
+        let i = n as usize;
+        if self.held.len() <= i {
+            self.held.resize_with(i + 1, || None);
+        }
+        let before = self.held[i].replace(blocks);
+        self.mirrors += u32::from(before.is_none());
+        before
+    }
+
+    /// Peer number `n` holds nothing any more; returns what it held.
+    fn take_held(&mut self, n: u32) -> Option<Blocks> {
+        let before = self.held.get_mut(n as usize)?.take();
+        self.mirrors -= u32::from(before.is_some());
+        before
+    }
+
     /// Peer number `n` now holds block `b`.
-    fn added_holder(&mut self, b: u32, n: u32, numbered: &[PeerId]) {
+    fn added_holder(&mut self, b: u32, n: u32) {
         let i = b as usize;
         self.holder_count[i] += 1;
         if let Some(list) = self.rare_holders[i].as_mut() {
             if list.len() >= RARE_HOLDERS {
                 // Drop entries of peers that no longer hold it before giving up on the list.
-                compact(list, b, &self.holders, numbered);
+                compact(list, b, &self.held);
             }
             if list.len() < RARE_HOLDERS {
                 list.push(n);
@@ -1545,15 +1600,13 @@ impl FileState {
     }
 }
 
-/// Keeps the entries of `list` whose peers hold `b`, once each (`numbered` maps numbers to
-/// peers).
-fn compact(list: &mut Vec<u32>, b: u32, holders: &HashMap<PeerId, Blocks>, numbered: &[PeerId]) {
+/// Keeps the entries of `list` whose peers hold `b` (by `held`, per peer number), once each.
+fn compact(list: &mut Vec<u32>, b: u32, held: &[Option<Blocks>]) {
     list.sort_unstable();
     list.dedup();
     list.retain(|n| {
-        numbered
-            .get(*n as usize)
-            .and_then(|p| holders.get(p))
+        held.get(*n as usize)
+            .and_then(Option::as_ref)
             .is_some_and(|h| h.contains(b))
     });
 }
@@ -1618,21 +1671,17 @@ fn nearest_least_loaded(
     if count <= RARE_HOLDERS {
         if f.rare_holders[i].is_none() {
             // Few hold it again: list them (once, until many hold it again).
-            let list: Vec<u32> = f
-                .holders
-                .iter()
-                .filter(|(_, h)| h.contains(b))
-                .filter_map(|(p, _)| numbers.of.get(p).copied())
+            let list: Vec<u32> = (0..f.held.len() as u32)
+                .filter(|n| f.holds(*n, b))
                 .collect();
             f.rare_holders[i] = Some(list);
         }
         if let Some(list) = f.rare_holders[i].as_mut() {
             if list.len() > 2 * count + 8 {
-                compact(list, b, &f.holders, numbered);
+                compact(list, b, &f.held);
             }
         }
     }
-    let holds = |p: &PeerId| f.holders.get(p).is_some_and(|h| h.contains(b));
     let key = |p: &PeerId| {
         let s = &peers[p];
         (vantage.nearness(p, &s.region, s.prefix), s.load, s.tie)
@@ -1641,10 +1690,10 @@ fn nearest_least_loaded(
         return f.rare_holders[i]
             .as_ref()?
             .iter()
+            .filter(|n| f.holds(**n, b))
             .filter_map(|n| numbered.get(*n as usize))
             .filter(|p| {
-                holds(p)
-                    && usable(peers, p)
+                usable(peers, p)
                     && (walk.scope != Scope::Region
                         || my_region.is_empty()
                         || peers[*p].region == my_region)
@@ -1657,8 +1706,10 @@ fn nearest_least_loaded(
     let first = |set: &BTreeSet<(u32, u64)>| {
         set.iter()
             .take(MAX_WALK)
-            .map(|&(_, tie)| &numbered[tie as u32 as usize])
-            .find(|p| holds(p) && usable(peers, p))
+            .map(|&(_, tie)| tie as u32)
+            .filter(|n| f.holds(*n, b))
+            .map(|n| &numbered[n as usize])
+            .find(|p| usable(peers, p))
             .copied()
     };
     if !my_region.is_empty() && walk.scope != Scope::Beyond {
@@ -1700,9 +1751,9 @@ fn nearest_least_loaded(
         let Some(&(_, tie)) = walks[w].next() else {
             break;
         };
-        let p = &numbered[tie as u32 as usize];
-        if holds(p) && usable(peers, p) {
-            found.push(*p);
+        let n = tie as u32;
+        if f.holds(n, b) && usable(peers, &numbered[n as usize]) {
+            found.push(numbered[n as usize]);
         }
     }
     found.into_iter().min_by_key(key)

@@ -169,11 +169,9 @@ fn origin_only_sends_n_copies_and_shoal_about_one() {
     let (shoal, _) = go(&sc, PolicyKind::Shoal, 1);
     assert_eq!(shoal.completed, 12);
     assert!(shoal.origin_egress_ratio >= 1.0, "{shoal:?}");
-    // Issue 9 asks for < 1.1 F here; the model gives 1.125 F: the first node's 128 first
-    // copies are held by it alone, its 16 upload slots fill, the others are refused (`Busy`),
-    // avoid it for 2 s, and with no other holder the master serves those blocks again (see
-    // `origin_resent_blocks`). Held here at what the model shows, so a change shows up.
-    assert!(shoal.origin_egress_ratio < 1.2, "{shoal:?}");
+    // Issue 9 asks for < 1.1 F here. Measured 2026-11-26 (seeds 1-3): 1.000 F, no block sent
+    // twice, since a full holder is waited for rather than replaced by the master.
+    assert!(shoal.origin_egress_ratio < 1.1, "{shoal:?}");
     // Sharing beats the origin alone by far on this crowd.
     assert!(shoal.completion_max_s < origin.completion_max_s / 2.0);
 }
