@@ -900,19 +900,17 @@ impl Policy {
         let need = normalize(need, f.blocks, MAX_RANGES_PER_MESSAGE);
         // Whom this requester may be sent to: not itself, not a peer it had trouble with, and
         // only a peer it can dial (live, with addresses to hint).
-        let reachable = |peers: &HashMap<PeerId, PeerState>, p: &PeerId| {
-            *p != requester
-                && !avoid
-                    .get(p)
-                    .is_some_and(|until| until.is_none_or(|u| u > now))
-                && peers
-                    .get(p)
-                    .is_some_and(|s| s.live && !(s.addrs.is_empty() && s.relayed.is_empty()))
+        let reachable = |p: &PeerId, s: &PeerState| {
+            s.live
+                && !(s.addrs.is_empty() && s.relayed.is_empty())
+                && *p != requester
+                && (avoid.is_empty()
+                    || !avoid
+                        .get(p)
+                        .is_some_and(|until| until.is_none_or(|u| u > now)))
         };
         // ... and not full.
-        let usable = |peers: &HashMap<PeerId, PeerState>, p: &PeerId| {
-            reachable(peers, p) && peers.get(p).is_some_and(|s| s.serving < cfg.peer_slots)
-        };
+        let usable = |p: &PeerId, s: &PeerState| s.serving < cfg.peer_slots && reachable(p, s);
         let mut runs: Vec<(BlockRange, Option<PeerId>)> = Vec::new();
         let run_room = cfg.max_runs_per_answer.max(1);
         let mut budget = cfg.max_blocks_per_answer;
@@ -968,8 +966,7 @@ impl Policy {
                         ok,
                     )
                 };
-                let mut best =
-                    continuing.or_else(|| near(f, Walk::open(scope), &|peers, p| usable(peers, p)));
+                let mut best = continuing.or_else(|| near(f, Walk::open(scope), &usable));
                 if regional && best.is_none() {
                     if f.entering.get(&b).is_some_and(|list| {
                         list.iter()
@@ -978,8 +975,8 @@ impl Policy {
                         // A copy is on its way into the region: wait for it, then get it there.
                         continue;
                     }
-                    if near(f, Walk::all(Scope::Region), &|peers, p| {
-                        reachable(peers, p) && in_my_region(peers, p)
+                    if near(f, Walk::all(Scope::Region), &|p, s| {
+                        reachable(p, s) && s.region == my_region
                     })
                     .is_some()
                     {
@@ -987,7 +984,7 @@ impl Policy {
                         // rather than cross (each crossing is one more copy between regions).
                         continue;
                     }
-                    best = near(f, Walk::open(Scope::Beyond), &|peers, p| usable(peers, p));
+                    best = near(f, Walk::open(Scope::Beyond), &usable);
                 }
                 let from_outside = regional && !best.is_some_and(|h| in_my_region(&self.peers, &h));
                 let master_may = f.master_has.contains(b)
@@ -1015,7 +1012,7 @@ impl Policy {
                     // holders one is taken to be reachable: a bounded walk may not meet it.)
                     && (f.holder_count[b as usize] == 0
                         || f.holder_count[b as usize] as usize <= RARE_HOLDERS
-                            && near(f, Walk::all(Scope::Anywhere), &|peers, p| reachable(peers, p))
+                            && near(f, Walk::all(Scope::Anywhere), &reachable)
                         .is_none())
                 {
                     None
@@ -1612,7 +1609,7 @@ fn compact(list: &mut Vec<u32>, b: u32, held: &[Option<Blocks>]) {
 }
 
 /// Whether a holder may be chosen (by the peer table and its id).
-type Eligible<'a> = dyn Fn(&HashMap<PeerId, PeerState>, &PeerId) -> bool + 'a;
+type Eligible<'a> = dyn Fn(&PeerId, &PeerState) -> bool + 'a;
 
 /// Which holders a [`nearest_least_loaded`] walk looks at.
 #[derive(Debug, Clone, Copy)]
@@ -1659,7 +1656,7 @@ fn nearest_least_loaded(
     b: u32,
     vantage: &Vantage<'_>,
     walk: Walk,
-    usable: impl Fn(&HashMap<PeerId, PeerState>, &PeerId) -> bool,
+    usable: impl Fn(&PeerId, &PeerState) -> bool,
 ) -> Option<PeerId> {
     let numbered = &numbers.peer[..];
     let my_region = vantage.region();
@@ -1682,35 +1679,35 @@ fn nearest_least_loaded(
             }
         }
     }
-    let key = |p: &PeerId| {
-        let s = &peers[p];
-        (vantage.nearness(p, &s.region, s.prefix), s.load, s.tie)
+    // Holder number `n` of block `b`, with its state, if it may be chosen (one lookup).
+    let eligible = |n: u32| {
+        if !f.holds(n, b) {
+            return None;
+        }
+        let p = numbered.get(n as usize)?;
+        let s = peers.get(p)?;
+        usable(p, s).then_some((p, s))
     };
+    let key =
+        |(p, s): (&PeerId, &PeerState)| (vantage.nearness(p, &s.region, s.prefix), s.load, s.tie);
     if count <= RARE_HOLDERS {
         return f.rare_holders[i]
             .as_ref()?
             .iter()
-            .filter(|n| f.holds(**n, b))
-            .filter_map(|n| numbered.get(*n as usize))
-            .filter(|p| {
-                usable(peers, p)
-                    && (walk.scope != Scope::Region
-                        || my_region.is_empty()
-                        || peers[*p].region == my_region)
+            .filter_map(|n| eligible(*n))
+            .filter(|(_, s)| {
+                walk.scope != Scope::Region || my_region.is_empty() || s.region == my_region
             })
-            .min_by_key(|p| key(p))
-            .copied();
+            .min_by_key(|c| key(*c))
+            .map(|(p, _)| *p);
     }
     // A walk for a holder with a free slot need not step over the full ones.
     let sets = if walk.open { &index.open } else { &index.all };
     let first = |set: &BTreeSet<(u32, u64)>| {
         set.iter()
             .take(MAX_WALK)
-            .map(|&(_, tie)| tie as u32)
-            .filter(|n| f.holds(*n, b))
-            .map(|n| &numbered[n as usize])
-            .find(|p| usable(peers, p))
-            .copied()
+            .find_map(|&(_, tie)| eligible(tie as u32))
+            .map(|(p, _)| *p)
     };
     if !my_region.is_empty() && walk.scope != Scope::Beyond {
         if let Some(p) = sets.by_region.get(my_region).and_then(first) {
@@ -1735,7 +1732,7 @@ fn nearest_least_loaded(
         .filter(|(r, _)| my_region.is_empty() || r.as_str() != my_region)
         .map(|(_, set)| set.iter().peekable())
         .collect();
-    let mut found: Vec<PeerId> = Vec::new();
+    let mut found: Vec<(&PeerId, &PeerState)> = Vec::new();
     let mut steps = 0;
     while found.len() < CROSS_REGION_CANDIDATES && steps < MAX_WALK {
         steps += 1;
@@ -1751,12 +1748,9 @@ fn nearest_least_loaded(
         let Some(&(_, tie)) = walks[w].next() else {
             break;
         };
-        let n = tie as u32;
-        if f.holds(n, b) && usable(peers, &numbered[n as usize]) {
-            found.push(numbered[n as usize]);
-        }
+        found.extend(eligible(tie as u32));
     }
-    found.into_iter().min_by_key(key)
+    found.into_iter().min_by_key(|c| key(*c)).map(|(p, _)| *p)
 }
 
 #[cfg(test)]
