@@ -414,6 +414,8 @@ pub struct PolicySpec {
     pub assignment_timeout_s: Option<f64>,
     /// Wait after an empty answer, seconds.
     pub retry_after_s: Option<f64>,
+    /// Empty answers per second the master paces its waiting requesters to.
+    pub waiting_polls_per_s: Option<u32>,
     /// One copy of each block enters each region (`shoal-master --region-budget`).
     pub region_budget: Option<bool>,
     /// One copy of a block enters a region at a time (default on; `false` to compare).
@@ -435,6 +437,7 @@ impl PolicySpec {
         set(&mut c.master_load_half, self.master_load_half);
         set(&mut c.max_peer_piece, self.max_peer_piece);
         set(&mut c.max_blocks_per_answer, self.max_blocks_per_answer);
+        set(&mut c.waiting_polls_per_s, self.waiting_polls_per_s);
         if let Some(s) = self.assignment_timeout_s {
             c.assignment_timeout = std::time::Duration::from_secs_f64(s);
         }
@@ -690,10 +693,11 @@ impl Scenario {
             || p.max_blocks_per_answer == 0
             || p.max_master_pieces == 0
             || p.master_load_half == 0
+            || p.waiting_polls_per_s == 0
         {
             return Err(
-                "policy: pieces, answers and master_load_half must be >= 1, and \
-                        max_master_piece >= min_master_piece"
+                "policy: pieces, answers, master_load_half and waiting_polls_per_s must be \
+                        >= 1, and max_master_piece >= min_master_piece"
                     .into(),
             );
         }
