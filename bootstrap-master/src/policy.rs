@@ -348,8 +348,6 @@ struct FileState {
     /// What each holder holds, by peer number (see [`Numbers`]): a walk of the load index
     /// tests a block by indexing, not by hashing a `PeerId`.
     held: Vec<Option<Blocks>>,
-    /// Peers holding at least one block.
-    mirrors: u32,
     /// Per requester, per block: what it was assigned and until when that counts.
     pending: HashMap<PeerId, HashMap<u32, Pending>>,
     /// Per block, the requester a master copy is on its way to.
@@ -421,7 +419,6 @@ impl Policy {
             blocks,
             master_has,
             held: Vec::new(),
-            mirrors: 0,
             pending: HashMap::default(),
             handouts: HashMap::default(),
             entering: HashMap::default(),
@@ -627,7 +624,8 @@ impl Policy {
                 peer,
                 self.cfg.peer_slots,
             );
-            let before = f.put_held(n, Blocks::full(f.blocks));
+            let before = f.held_n(n).cloned();
+            *held_mut(&mut f.held, n, f.blocks) = Blocks::full(f.blocks);
             f.complete += u32::from(!before.as_ref().is_some_and(|h| h.is_full()));
             for b in 0..f.blocks {
                 if !before.as_ref().is_some_and(|h| h.contains(b)) {
@@ -651,12 +649,7 @@ impl Policy {
             peer,
             self.cfg.peer_slots,
         );
-        if f.held_n(n).is_none() {
-            f.put_held(n, Blocks::new(geometry_blocks));
-        }
-        let held = f.held[n as usize]
-            .as_mut()
-            .expect("a holder's blocks were just put in place");
+        let held = held_mut(&mut f.held, n, geometry_blocks);
         let was_full = held.is_full();
         let pending = f.pending.entry(peer).or_default();
         let grace = self.cfg.report_grace;
@@ -1280,7 +1273,7 @@ impl Policy {
                 size: f.size,
                 blocks: f.blocks,
                 master_blocks: f.master_has.count(),
-                mirrors: f.mirrors,
+                mirrors: f.held.iter().filter(|h| h.is_some()).count() as u32,
             })
     }
 
@@ -1561,22 +1554,9 @@ impl FileState {
             .filter_map(|(h, p)| Some((p, h.as_ref()?)))
     }
 
-    /// Peer number `n` holds `blocks` now; returns what it held before.
-    fn put_held(&mut self, n: u32, blocks: Blocks) -> Option<Blocks> {
-        let i = n as usize;
-        if self.held.len() <= i {
-            self.held.resize_with(i + 1, || None);
-        }
-        let before = self.held[i].replace(blocks);
-        self.mirrors += u32::from(before.is_none());
-        before
-    }
-
     /// Peer number `n` holds nothing any more; returns what it held.
     fn take_held(&mut self, n: u32) -> Option<Blocks> {
-        let before = self.held.get_mut(n as usize)?.take();
-        self.mirrors -= u32::from(before.is_some());
-        before
+        self.held.get_mut(n as usize)?.take()
     }
 
     /// Peer number `n` now holds block `b`.
@@ -1595,6 +1575,17 @@ impl FileState {
             }
         }
     }
+}
+
+/// What peer number `n` holds, by `held` of a file of `blocks` blocks, to change it (an empty
+/// set if it held nothing). A function of the field, not of the file, so that the file's other
+/// fields stay free to borrow meanwhile.
+fn held_mut(held: &mut Vec<Option<Blocks>>, n: u32, blocks: u32) -> &mut Blocks {
+    let i = n as usize;
+    if held.len() <= i {
+        held.resize_with(i + 1, || None);
+    }
+    held[i].get_or_insert_with(|| Blocks::new(blocks))
 }
 
 /// Keeps the entries of `list` whose peers hold `b` (by `held`, per peer number), once each.
