@@ -267,9 +267,10 @@ impl PieceServer {
     /// The accept loop: hands every inbound stream to [`PieceServer::accept`] until the
     /// streams end (the swarm stopped). `incoming` is the swarm's queue of inbound piece
     /// streams (`shoal_protocol::inbound`).
-    pub async fn run<I>(self, mut incoming: I)
+    pub async fn run<I, S>(self, mut incoming: I)
     where
-        I: futures::Stream<Item = (PeerId, libp2p::Stream)> + Unpin,
+        I: futures::Stream<Item = (PeerId, S)> + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         while let Some((peer, stream)) = incoming.next().await {
             self.accept(peer, stream);

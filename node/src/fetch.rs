@@ -705,6 +705,8 @@ async fn run_transfer(
         };
         client.hint(peer, hint).await;
     }
+    // Taken before the dial, so the fresh connection is not let go for the peer budget.
+    let _in_use = client.in_use(peer);
     let stream = match open_piece_stream(client, peer, !from_master, deadlines.stall).await {
         Ok(s) => s,
         Err(e) => {

@@ -9,6 +9,7 @@
 //! - [`service`]: the swarm event loop, the [`Client`] handle and the piece server;
 //! - [`fetch`]: fetch, publish and seed, driving the scheduler through the client;
 //! - [`nat`]: when a node behind NAT listens through the master's relay;
+//! - [`peers`]: how many peers a node keeps connected, and which it lets go;
 //! - [`progress`]: live counters of a fetch, for bars and progress lines;
 //! - [`metrics`]: the node's Prometheus endpoint (`--metrics-addr`).
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -17,6 +18,7 @@ pub mod chaos;
 pub mod fetch;
 pub mod metrics;
 pub mod nat;
+pub mod peers;
 pub mod progress;
 pub mod provenance;
 pub mod scheduler;

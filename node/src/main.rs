@@ -68,6 +68,11 @@ struct Common {
     /// Most connections open at once, incoming and outgoing; more are refused.
     #[arg(long, value_name = "N", default_value_t = node_caps().established_total)]
     max_connections: u32,
+    /// Peers kept connected: with more, the connections to the least recently used idle ones
+    /// (no piece stream, none for 10 s; never the master) are closed. Each connection is a
+    /// file descriptor, and a node in a large crowd meets most of it.
+    #[arg(long, value_name = "N", default_value_t = shoal_node::peers::DEFAULT_MAX_PEERS)]
+    max_peers: usize,
     /// Most connections with any one peer.
     #[arg(long, value_name = "N", default_value_t = node_caps().per_peer)]
     max_connections_per_peer: u32,
@@ -289,6 +294,7 @@ async fn join_with(
             .with_max_upload_rate(c.max_upload_rate)
             .with_region(c.region.clone())
             .with_connection_caps(caps.clone())
+            .with_max_peers(c.max_peers)
             .with_peers(c.peers.clone())
             .with_announce(c.announce.clone())
             .with_relay(c.relay)
@@ -317,7 +323,8 @@ fn lock(c: &Common) -> anyhow::Result<shoal_net::DataDirLock> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    shoal_net::cli::init_logging("warn");
+    // A peer closing its end first (the peer budget does that) is no warning.
+    shoal_net::cli::init_logging("warn,yamux::connection=error");
     match run(Cli::parse()).await {
         Ok(code) => code,
         Err(e) => {

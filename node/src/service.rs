@@ -48,6 +48,8 @@ use shoal_protocol::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::peers::{Guarded, PeerUse, DEFAULT_MAX_PEERS, GRACE};
+
 use crate::chaos::ChaosMode;
 use crate::nat::{relay_wanted, relay_wanted_now, RelayMode, RELAY_RETRY};
 use crate::store::PieceStore;
@@ -70,6 +72,9 @@ pub struct NodeConfig {
     pub region: String,
     /// Caps on connections. Default [`ConnectionCaps::for_role`]`(Role::Node)`.
     pub connection_caps: ConnectionCaps,
+    /// Peers kept connected: over this, the least recently used idle ones are disconnected
+    /// (see [`crate::peers`]). Default [`DEFAULT_MAX_PEERS`].
+    pub max_peers: usize,
     /// Whether a panic in the node's event loop or piece server ends the process (exit code
     /// 101). Default false (a library must not exit its host); the `shoal` binary sets it.
     pub exit_on_panic: bool,
@@ -110,6 +115,7 @@ impl NodeConfig {
             upload_slots: 16,
             region: String::new(),
             connection_caps: ConnectionCaps::for_role(Role::Node),
+            max_peers: DEFAULT_MAX_PEERS,
             exit_on_panic: false,
             peers: Vec::new(),
             start_without_master: false,
@@ -191,6 +197,12 @@ impl NodeConfig {
     /// Set the region label.
     pub fn with_region(mut self, region: String) -> Self {
         self.region = region;
+        self
+    }
+
+    /// Keep at most `n` peers connected (at least 1: the master).
+    pub fn with_max_peers(mut self, n: usize) -> Self {
+        self.max_peers = n.max(1);
         self
     }
 }
@@ -335,6 +347,7 @@ pub struct Client {
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     panics: Vec<PanicWatch>,
     chaos: Option<ChaosMode>,
+    peer_use: Arc<PeerUse>,
 }
 
 impl Client {
@@ -346,6 +359,11 @@ impl Client {
     /// The master's PeerId.
     pub fn master(&self) -> PeerId {
         self.master
+    }
+
+    /// Marks a piece stream with `peer` open (for the peer budget) until the guard drops.
+    pub(crate) fn in_use(&self, peer: PeerId) -> crate::peers::UseGuard {
+        self.peer_use.guard(peer)
     }
 
     /// The data directory.
@@ -633,6 +651,9 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
             .with_upload_slots(cfg.upload_slots)
             .with_max_upload_rate(cfg.max_upload_rate),
     );
+    let peer_use: Arc<PeerUse> = Arc::default();
+    let guarded = peer_use.clone();
+    let incoming = incoming.map(move |(peer, s)| (peer, Guarded::new(s, guarded.guard(peer))));
     let server = spawn_critical("node piece server", server.run(incoming));
 
     let (tx, rx) = mpsc::channel(256);
@@ -656,6 +677,8 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         relay_mode,
         relay_addr: cfg.bootstrap.clone().with(Protocol::P2pCircuit),
         relay_listener: None,
+        peer_use: peer_use.clone(),
+        max_peers: cfg.max_peers.max(1),
     };
     let event_loop = spawn_critical("node event loop", lp.run(rx));
     let panics = vec![event_loop.watch(), server.watch()];
@@ -681,6 +704,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         ])),
         panics,
         chaos: cfg.chaos,
+        peer_use,
     };
     // The first request doubles as the connection check.
     let why = match tokio::time::timeout(
@@ -768,6 +792,10 @@ struct EventLoop {
     relay_addr: Multiaddr,
     /// The listener through the master's relay, while there is one.
     relay_listener: Option<ListenerId>,
+    /// Which peers are in use, for the peer budget.
+    peer_use: Arc<PeerUse>,
+    /// Peers kept connected (see [`crate::peers`]).
+    max_peers: usize,
 }
 
 /// How often the node reports the RTTs libp2p ping measured to its peers to the master (for
@@ -861,6 +889,9 @@ impl EventLoop {
         let mut rtt_report = tokio::time::interval(RTT_REPORT_INTERVAL);
         let mut relay_retry = tokio::time::interval(RELAY_RETRY);
         relay_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Peers spared by the grace period are let go on a later tick.
+        let mut budget = tokio::time::interval(GRACE / 2);
+        budget.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_event(event),
@@ -877,7 +908,17 @@ impl EventLoop {
                 _ = redial.tick() => self.redial_master(),
                 _ = rtt_report.tick() => self.report_rtts(),
                 _ = relay_retry.tick() => self.retry_relay(),
+                _ = budget.tick() => self.enforce_peer_budget(),
             }
+        }
+    }
+
+    /// Disconnects the least recently used idle peers while more than `max_peers` are
+    /// connected (see [`crate::peers`]).
+    fn enforce_peer_budget(&mut self) {
+        for peer in self.peer_use.over_budget(self.max_peers, &self.master) {
+            tracing::debug!(%peer, "over the peer budget: disconnecting an idle peer");
+            let _ = self.swarm.disconnect_peer_id(peer);
         }
     }
 
@@ -1202,6 +1243,7 @@ impl EventLoop {
                 ..
             } => {
                 self.rtts.remove(&peer_id);
+                self.peer_use.disconnected(&peer_id);
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -1215,6 +1257,8 @@ impl EventLoop {
                 if num_established.get() > 1 {
                     return;
                 }
+                self.peer_use.connected(peer_id);
+                self.enforce_peer_budget();
                 if peer_id == self.master {
                     if self.greet_on_connect {
                         self.reannounce();

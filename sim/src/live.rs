@@ -11,6 +11,10 @@
 //! resumes. Misbehaving nodes run the node's own `--chaos` modes, which exist only when the
 //! simulator is built with its `chaos` feature.
 //!
+//! Every connection between two of its nodes is two of the process's file descriptors, so
+//! each node keeps at most its share of the descriptor limit connected
+//! ([`max_peers_per_node`], the node's peer budget of [`shoal_node::peers`]).
+//!
 //! What it does not do (see ARCHITECTURE.md): no latency between regions is added (loopback
 //! is all one region), download capacities are not enforced, and a crashed node's sockets
 //! close at once, so the master notices a crash sooner than `churn.crash_detect_s`.
@@ -125,6 +129,8 @@ struct Ctx {
     settled: AtomicUsize,
     /// Honest nodes that completed.
     done: AtomicUsize,
+    /// Peers each node keeps connected ([`max_peers_per_node`]).
+    max_peers: usize,
 }
 
 impl Ctx {
@@ -157,6 +163,7 @@ async fn run_swarm(
         regions: swarm.regions.clone(),
         seed,
         starting: Semaphore::new(STARTS_AT_ONCE),
+        max_peers: max_peers_per_node(swarm.nodes.len(), open_files_limit()),
         settled: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
     });
@@ -265,6 +272,37 @@ fn write_source(path: &Path, size: u64, seed: u64) -> Result<[u8; 32], LiveError
     Ok(h.finalize().into())
 }
 
+/// Descriptors kept for everything but the connections between nodes: data files, the
+/// runtime, listeners, the master's connections.
+const FD_RESERVE: u64 = 2_048;
+
+/// The fewest peers a node is held to, whatever the descriptor limit: its transfers and
+/// upload slots must fit (and in-use peers are never let go, so this is a soft floor).
+const MIN_PEERS: usize = 16;
+
+/// Peers each of `nodes` nodes keeps connected, so that the process stays within its limit of
+/// `open_files` descriptors: every connection between two of its nodes is two of them, one at
+/// each end, and each end counts it in its own budget.
+fn max_peers_per_node(nodes: usize, open_files: Option<u64>) -> usize {
+    let limit = open_files.unwrap_or(1_024);
+    let per = limit.saturating_sub(FD_RESERVE) / (2 * (nodes as u64 + 1));
+    usize::try_from(per)
+        .unwrap_or(usize::MAX)
+        .clamp(MIN_PEERS, shoal_node::peers::DEFAULT_MAX_PEERS)
+}
+
+/// The process's soft limit on open files (Linux: `/proc/self/limits`); `None` elsewhere or
+/// when unlimited.
+fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn loopback() -> Multiaddr {
     Multiaddr::empty()
         .with(libp2p::multiaddr::Protocol::Ip4([127, 0, 0, 1].into()))
@@ -326,6 +364,7 @@ fn node_config(ctx: &Ctx, d: &DrawnNode, dir: &Path) -> NodeConfig {
         .with_listen(vec![loopback()])
         .with_max_upload_rate(Some(d.upload as u64))
         .with_upload_slots(g.upload_slots)
+        .with_max_peers(ctx.max_peers)
         .with_region(ctx.regions[d.region].clone());
     with_role(cfg, d.role)
 }
@@ -583,5 +622,24 @@ fn outcome(
         events: 0,
         hit_limit,
         origin_resent_blocks: resent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_budget_shares_the_descriptor_limit_out() {
+        // 200 nodes under this sandbox's 20,000: 44 each, 200 * 44 * 2 < 20,000 - reserve.
+        assert_eq!(max_peers_per_node(200, Some(20_000)), 44);
+        // Small swarms keep the node's default; tiny limits keep the floor.
+        assert_eq!(
+            max_peers_per_node(30, Some(20_000)),
+            shoal_node::peers::DEFAULT_MAX_PEERS
+        );
+        assert_eq!(max_peers_per_node(200, Some(1_024)), MIN_PEERS);
+        assert_eq!(max_peers_per_node(200, None), MIN_PEERS);
+        assert!(open_files_limit().is_some_and(|n| n > 0));
     }
 }

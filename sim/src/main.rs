@@ -341,7 +341,8 @@ fn csv_quote(v: &str) -> String {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // The live engine's master and nodes log through tracing (RUST_LOG).
-    shoal_net::cli::init_logging("warn");
+    // A peer closing its end first (the peer budget does that) is no warning.
+    shoal_net::cli::init_logging("warn,yamux::connection=error");
     match cli.cmd {
         Cmd::Run {
             scenario,
