@@ -231,9 +231,33 @@ impl Net {
             };
             caps.push((cap, id));
         }
+        let cap = self.links[link].cap;
+        // Two common cases need no sort. Every flow can take the equal share: each gets it
+        // (an upload whose receivers' downloads are wider). Or the caps fit together: each
+        // gets its cap (a download fed by narrower uploads). The margin keeps the second case
+        // away from the rounding of the sorted fill below, which it then equals exactly.
+        let equal = cap / caps.len().max(1) as f64;
+        let (min, sum) = caps
+            .iter()
+            .fold((f64::INFINITY, 0.0), |(m, s), c| (m.min(c.0), s + c.0));
+        if min >= equal || sum <= cap * (1.0 - 1e-9) {
+            let all_equal = min >= equal;
+            for &(c, id) in &caps {
+                if let Some(f) = self.flows[id].as_mut() {
+                    let give = if all_equal { equal } else { c };
+                    if upload {
+                        f.share_up = give;
+                    } else {
+                        f.share_down = give;
+                    }
+                }
+            }
+            self.scratch_caps = caps;
+            return;
+        }
         // Ties broken by flow id: the order of the flows list must not matter.
         caps.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        let mut left = self.links[link].cap;
+        let mut left = cap;
         let mut n = caps.len();
         for &(cap, id) in &caps {
             let fair = left / n as f64;
