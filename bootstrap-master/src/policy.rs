@@ -191,6 +191,9 @@ pub struct PolicyConfig {
     /// still sends one first copy swarm-wide, so it costs no origin egress; it keeps the
     /// crowd of a region from all crossing for the same blocks before the first copy lands.
     pub one_entry_per_region: bool,
+    /// Each requester walks the blocks it needs from a block fixed by its id, not from block
+    /// 0, so that a crowd soon holds different blocks to trade (see [`start_block`]).
+    pub spread_start: bool,
 }
 
 impl Default for PolicyConfig {
@@ -211,6 +214,7 @@ impl Default for PolicyConfig {
             peer_slots: 16,
             region_budget: false,
             one_entry_per_region: true,
+            spread_start: true,
         }
     }
 }
@@ -891,6 +895,11 @@ impl Policy {
         // Merged and clamped first: the walk below visits each block of the file once at
         // most, whatever the request repeats.
         let need = normalize(need, f.blocks, MAX_RANGES_PER_MESSAGE);
+        let need = if cfg.spread_start {
+            rotate(&need, start_block(&requester, f.blocks))
+        } else {
+            need
+        };
         // Whom this requester may be sent to: not itself, not a peer it had trouble with, and
         // only a peer it can dial (live, with addresses to hint).
         let reachable = |p: &PeerId, s: &PeerState| {
@@ -1638,6 +1647,36 @@ impl Walk {
 /// then on its prefix, the first usable holder is the answer; beyond them, the nearest by
 /// estimated RTT of the first [`CROSS_REGION_CANDIDATES`] usable holders (an approximation
 /// that keeps the walk bounded).
+/// Where a requester's walk over the blocks it needs begins: a block fixed by its id, so
+/// that a crowd's requesters start all over the file and soon hold different blocks to trade
+/// (walked from block 0, every node's first blocks were the same ones, and a node had little
+/// its neighbours lacked: BitTorrent's reason for random and rarest first).
+fn start_block(requester: &PeerId, blocks: u32) -> u32 {
+    let bytes = requester.to_bytes();
+    let tail: [u8; 8] = bytes[bytes.len().saturating_sub(8)..]
+        .try_into()
+        .unwrap_or([0; 8]);
+    (u64::from_le_bytes(tail) % u64::from(blocks.max(1))) as u32
+}
+
+/// `need` (sorted, disjoint) walked from block `start` on, then from its beginning.
+fn rotate(need: &[BlockRange], start: u32) -> Vec<BlockRange> {
+    let mut head = Vec::with_capacity(need.len() + 1);
+    let mut tail = Vec::new();
+    for r in need {
+        if r.end <= start {
+            tail.push(*r);
+        } else if r.start >= start {
+            head.push(*r);
+        } else {
+            head.push(BlockRange::new(start, r.end));
+            tail.push(BlockRange::new(r.start, start));
+        }
+    }
+    head.extend(tail);
+    head
+}
+
 #[allow(clippy::too_many_arguments)]
 fn nearest_least_loaded(
     f: &mut FileState,
@@ -1761,6 +1800,15 @@ mod tests {
         FileId([1; 32])
     }
 
+    /// The default policy with every requester's walk starting at block 0, for tests whose
+    /// subject is not the start.
+    pub(super) fn sequential() -> PolicyConfig {
+        PolicyConfig {
+            spread_start: false,
+            ..PolicyConfig::default()
+        }
+    }
+
     fn setup(blocks: u32) -> Policy {
         let mut p = Policy::new(PolicyConfig {
             max_master_piece: 4,
@@ -1769,7 +1817,7 @@ mod tests {
             master_load_half: 1000,
             max_peer_piece: 8,
             max_blocks_per_answer: 16,
-            ..PolicyConfig::default()
+            ..sequential()
         });
         p.add_file(
             file(),
@@ -1789,7 +1837,7 @@ mod tests {
         let mut p = Policy::new(PolicyConfig {
             max_peer_piece: 2,
             max_runs_per_answer: 3,
-            ..PolicyConfig::default()
+            ..sequential()
         });
         p.add_file(file(), "f".into(), 64 * 1024, Blocks::full(32));
         let (holder, me) = (peer(), peer());
@@ -1818,7 +1866,7 @@ mod tests {
             min_master_piece: 1,
             max_master_pieces: 4,
             master_load_half: 1_000_000,
-            ..PolicyConfig::default()
+            ..sequential()
         });
         p.add_file(file(), "f".into(), 64 * 1024, Blocks::full(32));
         let now = Instant::now();
@@ -1860,6 +1908,47 @@ mod tests {
     }
 
     #[test]
+    fn each_requester_walks_the_file_from_its_own_block() {
+        let r = BlockRange::new;
+        assert_eq!(rotate(&[r(0, 10)], 4), vec![r(4, 10), r(0, 4)]);
+        assert_eq!(
+            rotate(&[r(0, 2), r(5, 8)], 6),
+            vec![r(6, 8), r(0, 2), r(5, 6)]
+        );
+        assert_eq!(rotate(&[r(3, 5)], 0), vec![r(3, 5)]);
+        assert_eq!(rotate(&[r(3, 5)], 9), vec![r(3, 5)]);
+        // The default policy: each requester's first copy starts at its own block, so a
+        // crowd's first copies are spread over the file (with `sequential`, all at 0).
+        let blocks = 1024;
+        let mut p = Policy::new(PolicyConfig {
+            max_master_piece: 4,
+            min_master_piece: 1,
+            max_master_pieces: 1,
+            ..PolicyConfig::default()
+        });
+        p.add_file(
+            file(),
+            "f".into(),
+            u64::from(blocks) * 1024,
+            Blocks::full(blocks),
+        );
+        let now = Instant::now();
+        let mut starts = std::collections::BTreeSet::new();
+        for _ in 0..8 {
+            let a = peer();
+            p.peer_up(a, vec![]);
+            let ans = p.locate(now, a, &file(), &all(blocks)).unwrap();
+            let first = ans.assignments.first().expect("a first copy").range;
+            let want = start_block(&a, blocks);
+            // At its block, or just past the first copies handed to the others already.
+            let past = (first.start + blocks - want) % blocks;
+            assert!(past < 4 * 8, "{a} starts at {first:?}, not near {want}");
+            starts.insert(first.start);
+        }
+        assert!(starts.len() > 1, "every requester started at {starts:?}");
+    }
+
+    #[test]
     fn first_request_is_served_by_the_master() {
         let mut p = setup(16);
         let a = peer();
@@ -1893,7 +1982,7 @@ mod tests {
         let mut p = Policy::new(PolicyConfig {
             peer_slots: 2,
             max_blocks_per_answer: 4,
-            ..PolicyConfig::default()
+            ..sequential()
         });
         p.add_file(file(), "f".into(), 4 * 1024, Blocks::full(4));
         let now = Instant::now();
@@ -1937,7 +2026,7 @@ mod tests {
     fn a_widely_held_block_past_the_walk_is_waited_for_not_sent_by_the_master_again() {
         let mut p = Policy::new(PolicyConfig {
             max_blocks_per_answer: 1,
-            ..PolicyConfig::default()
+            ..sequential()
         });
         p.add_file(file(), "f".into(), 2 * 1024, Blocks::full(2));
         // 800 holders in one region, all idle; in the load index's order (the tie's high
@@ -2049,7 +2138,7 @@ mod tests {
         let mut p = Policy::new(PolicyConfig {
             retry_after: Duration::from_millis(100),
             waiting_polls_per_s: 10,
-            ..PolicyConfig::default()
+            ..sequential()
         });
         // The master holds nothing yet (a pull under way): nobody can be given anything.
         p.add_file(file(), "f".into(), 4 * 1024, Blocks::new(4));
@@ -2099,7 +2188,7 @@ mod tests {
             min_master_piece: 2,
             max_master_pieces: 2,
             master_load_half: 1_000_000,
-            ..PolicyConfig::default()
+            ..sequential()
         });
         p.add_file(file(), "f".into(), 64 * 1024, Blocks::full(64));
         let now = Instant::now();
@@ -2342,7 +2431,7 @@ mod tests {
             max_master_piece: 4,
             max_master_pieces: 3,
             master_load_half: 1000,
-            ..PolicyConfig::default()
+            ..sequential()
         });
         p.add_file(file(), "f".into(), 64 * 1024, Blocks::full(64));
         let a = peer();
@@ -2366,7 +2455,7 @@ mod tests {
             min_master_piece: 2,
             max_master_pieces: 1,
             master_load_half: 32,
-            ..PolicyConfig::default()
+            ..sequential()
         });
         p.add_file(file(), "f".into(), 1 << 20, Blocks::full(1024));
         let now = Instant::now();
@@ -2523,7 +2612,7 @@ mod tests {
     #[test]
     fn a_locate_that_can_assign_little_stops_early() {
         let blocks = 1 << 18;
-        let mut p = Policy::new(PolicyConfig::default());
+        let mut p = Policy::new(sequential());
         // The master holds nothing yet (a file being pulled); 2,000 mirrors hold block 0.
         p.add_file(
             file(),

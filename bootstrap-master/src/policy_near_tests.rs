@@ -30,7 +30,7 @@ fn policy(blocks: u32, region_budget: bool) -> Policy {
         max_peer_piece: 8,
         max_blocks_per_answer: 16,
         region_budget,
-        ..PolicyConfig::default()
+        ..super::tests::sequential()
     });
     p.add_file(
         file(),

@@ -420,6 +420,8 @@ pub struct PolicySpec {
     pub region_budget: Option<bool>,
     /// One copy of a block enters a region at a time (default on; `false` to compare).
     pub one_entry_per_region: Option<bool>,
+    /// Each requester walks the file from its own block (default on; `false`: from block 0).
+    pub spread_start: Option<bool>,
 }
 
 impl PolicySpec {
@@ -449,6 +451,9 @@ impl PolicySpec {
         }
         if let Some(on) = self.one_entry_per_region {
             c.one_entry_per_region = on;
+        }
+        if let Some(on) = self.spread_start {
+            c.spread_start = on;
         }
         c
     }
