@@ -1640,13 +1640,6 @@ impl Walk {
     }
 }
 
-/// The usable holder of block `b` that the rule prefers: the nearest to the requester
-/// ([`crate::location::Nearness`]: same region label, same prefix, estimated RTT), then least
-/// load, then [`PeerState::tie`]. A rarely held block is
-/// looked up in its holder list. A widely held one by walking the load index from the least loaded peer up: in the requester's region,
-/// then on its prefix, the first usable holder is the answer; beyond them, the nearest by
-/// estimated RTT of the first [`CROSS_REGION_CANDIDATES`] usable holders (an approximation
-/// that keeps the walk bounded).
 /// Where a requester's walk over the blocks it needs begins: a block fixed by its id, so
 /// that a crowd's requesters start all over the file and soon hold different blocks to trade
 /// (walked from block 0, every node's first blocks were the same ones, and a node had little
@@ -1677,6 +1670,13 @@ fn rotate(need: &[BlockRange], start: u32) -> Vec<BlockRange> {
     head
 }
 
+/// The usable holder of block `b` that the rule prefers: the nearest to the requester
+/// ([`crate::location::Nearness`]: same region label, same prefix, estimated RTT), then least
+/// load, then [`PeerState::tie`]. A rarely held block is
+/// looked up in its holder list. A widely held one by walking the load index from the least loaded peer up: in the requester's region,
+/// then on its prefix, the first usable holder is the answer; beyond them, the nearest by
+/// estimated RTT of the first [`CROSS_REGION_CANDIDATES`] usable holders (an approximation
+/// that keeps the walk bounded).
 #[allow(clippy::too_many_arguments)]
 fn nearest_least_loaded(
     f: &mut FileState,

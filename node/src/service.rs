@@ -48,10 +48,9 @@ use shoal_protocol::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::peers::{Guarded, PeerUse, DEFAULT_MAX_PEERS, GRACE};
-
 use crate::chaos::ChaosMode;
 use crate::nat::{relay_wanted, relay_wanted_now, RelayMode, RELAY_RETRY};
+use crate::peers::{Guarded, PeerUse, DEFAULT_MAX_PEERS, GRACE};
 use crate::store::PieceStore;
 
 /// How a node runs.
