@@ -894,12 +894,10 @@ impl Policy {
         };
         // Merged and clamped first: the walk below visits each block of the file once at
         // most, whatever the request repeats.
-        let need = normalize(need, f.blocks, MAX_RANGES_PER_MESSAGE);
-        let need = if cfg.spread_start {
-            rotate(&need, start_block(&requester, f.blocks))
-        } else {
-            need
-        };
+        let mut need = normalize(need, f.blocks, MAX_RANGES_PER_MESSAGE);
+        if cfg.spread_start {
+            rotate(&mut need, start_block(&requester, f.blocks));
+        }
         // Whom this requester may be sent to: not itself, not a peer it had trouble with, and
         // only a peer it can dial (live, with addresses to hint).
         let reachable = |p: &PeerId, s: &PeerState| {
@@ -1445,11 +1443,8 @@ fn index_peer(
 ) -> u32 {
     let s = peers.entry(peer).or_default();
     if !s.indexed {
-        let id = peer.to_bytes();
-        let mut high = [0u8; 4];
-        let tail = &id[id.len().saturating_sub(4)..];
-        high[..tail.len()].copy_from_slice(tail);
-        s.tie = (u64::from(u32::from_le_bytes(high)) << 32) | u64::from(numbers.number(peer));
+        // The id's last 4 bytes above, its number below.
+        s.tie = (id_tail(&peer) & 0xFFFF_FFFF_0000_0000) | u64::from(numbers.number(peer));
         s.indexed = true;
         index.place(s, slots);
     }
@@ -1645,29 +1640,33 @@ impl Walk {
 /// (walked from block 0, every node's first blocks were the same ones, and a node had little
 /// its neighbours lacked: BitTorrent's reason for random and rarest first).
 fn start_block(requester: &PeerId, blocks: u32) -> u32 {
-    let bytes = requester.to_bytes();
-    let tail: [u8; 8] = bytes[bytes.len().saturating_sub(8)..]
-        .try_into()
-        .unwrap_or([0; 8]);
-    (u64::from_le_bytes(tail) % u64::from(blocks.max(1))) as u32
+    (id_tail(requester) % u64::from(blocks.max(1))) as u32
 }
 
-/// `need` (sorted, disjoint) walked from block `start` on, then from its beginning.
-fn rotate(need: &[BlockRange], start: u32) -> Vec<BlockRange> {
-    let mut head = Vec::with_capacity(need.len() + 1);
-    let mut tail = Vec::new();
-    for r in need {
-        if r.end <= start {
-            tail.push(*r);
-        } else if r.start >= start {
-            head.push(*r);
-        } else {
-            head.push(BlockRange::new(start, r.end));
-            tail.push(BlockRange::new(r.start, start));
-        }
+/// The last 8 bytes of a peer id's digest, little-endian (zero-padded when shorter): as random
+/// as the whole id (see [`PeerIdHash`]), read without encoding the id.
+fn id_tail(peer: &PeerId) -> u64 {
+    let digest = AsRef::<libp2p::multihash::Multihash<64>>::as_ref(peer).digest();
+    let tail = &digest[digest.len().saturating_sub(8)..];
+    let mut v = [0u8; 8];
+    v[..tail.len()].copy_from_slice(tail);
+    u64::from_le_bytes(v)
+}
+
+/// Reorders `need` (sorted, disjoint) in place to be walked from block `start` on, then from
+/// its beginning.
+fn rotate(need: &mut Vec<BlockRange>, start: u32) {
+    let i = need.partition_point(|r| r.end <= start);
+    let Some(&r) = need.get(i) else {
+        return;
+    };
+    if r.start < start {
+        need[i] = BlockRange::new(start, r.end);
+        need.rotate_left(i);
+        need.push(BlockRange::new(r.start, start));
+    } else {
+        need.rotate_left(i);
     }
-    head.extend(tail);
-    head
 }
 
 /// The usable holder of block `b` that the rule prefers: the nearest to the requester
@@ -1910,13 +1909,17 @@ mod tests {
     #[test]
     fn each_requester_walks_the_file_from_its_own_block() {
         let r = BlockRange::new;
-        assert_eq!(rotate(&[r(0, 10)], 4), vec![r(4, 10), r(0, 4)]);
+        let rotated = |mut need: Vec<BlockRange>, start| {
+            rotate(&mut need, start);
+            need
+        };
+        assert_eq!(rotated(vec![r(0, 10)], 4), vec![r(4, 10), r(0, 4)]);
         assert_eq!(
-            rotate(&[r(0, 2), r(5, 8)], 6),
+            rotated(vec![r(0, 2), r(5, 8)], 6),
             vec![r(6, 8), r(0, 2), r(5, 6)]
         );
-        assert_eq!(rotate(&[r(3, 5)], 0), vec![r(3, 5)]);
-        assert_eq!(rotate(&[r(3, 5)], 9), vec![r(3, 5)]);
+        assert_eq!(rotated(vec![r(3, 5)], 0), vec![r(3, 5)]);
+        assert_eq!(rotated(vec![r(3, 5)], 9), vec![r(3, 5)]);
         // The default policy: each requester's first copy starts at its own block, so a
         // crowd's first copies are spread over the file (with `sequential`, all at 0).
         let blocks = 1024;

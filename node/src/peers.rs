@@ -49,15 +49,7 @@ pub struct PeerUse {
 impl PeerUse {
     /// Marks a piece stream with `peer` open until the guard is dropped.
     pub fn guard(self: &Arc<Self>, peer: PeerId) -> UseGuard {
-        let now = Instant::now();
-        let mut t = self.table.lock().expect("peer use lock");
-        let u = t.entry(peer).or_insert(Use {
-            active: 0,
-            last: now,
-            connected: false,
-        });
-        u.active += 1;
-        u.last = now;
+        self.touch(peer, |u| u.active += 1);
         UseGuard {
             table: self.clone(),
             peer,
@@ -66,15 +58,20 @@ impl PeerUse {
 
     /// A first connection to `peer` was established.
     pub fn connected(&self, peer: PeerId) {
+        self.touch(peer, |u| u.connected = true);
+    }
+
+    /// Marks `peer` used now (adding it if new), then applies `change` to its entry.
+    fn touch(&self, peer: PeerId, change: impl FnOnce(&mut Use)) {
         let now = Instant::now();
         let mut t = self.table.lock().expect("peer use lock");
         let u = t.entry(peer).or_insert(Use {
             active: 0,
             last: now,
-            connected: true,
+            connected: false,
         });
-        u.connected = true;
         u.last = now;
+        change(u);
     }
 
     /// The last connection to `peer` closed.
