@@ -22,6 +22,7 @@ mod announce;
 pub mod bans;
 pub mod config;
 mod enforce;
+mod held;
 mod listing;
 pub mod location;
 pub mod metrics;

@@ -111,6 +111,7 @@ use shoal_protocol::limits::{
 use shoal_protocol::wire::{Assignment, FileStatus, MirrorStatus, RttSample, Source};
 use shoal_protocol::FileId;
 
+use crate::held::Held;
 use crate::location::{Locations, NetPrefix, ReportRefused, Vantage};
 
 /// Most relayed addresses hinted for one peer (one per address of the master's, first ones
@@ -351,7 +352,7 @@ struct FileState {
     master_has: Blocks,
     /// What each holder holds, by peer number (see [`Numbers`]): a walk of the load index
     /// tests a block by indexing, not by hashing a `PeerId`.
-    held: Vec<Option<Blocks>>,
+    held: Held,
     /// Per requester, per block: what it was assigned and until when that counts.
     pending: HashMap<PeerId, HashMap<u32, Pending>>,
     /// Per block, the requester a master copy is on its way to.
@@ -422,7 +423,7 @@ impl Policy {
             size,
             blocks,
             master_has,
-            held: Vec::new(),
+            held: Held::new(blocks),
             pending: HashMap::default(),
             handouts: HashMap::default(),
             entering: HashMap::default(),
@@ -542,7 +543,7 @@ impl Policy {
         let mut was_mirror = false;
         let number = self.numbers.of.get(peer).copied();
         for f in self.files.values_mut() {
-            if let Some(held) = number.and_then(|n| f.take_held(n)) {
+            if let Some(held) = number.and_then(|n| f.held.take(n)) {
                 was_mirror = true;
                 f.complete -= u32::from(held.is_full());
                 for r in held.ranges() {
@@ -628,8 +629,8 @@ impl Policy {
                 peer,
                 self.cfg.peer_slots,
             );
-            let before = f.held_n(n).cloned();
-            *held_mut(&mut f.held, n, f.blocks) = Blocks::full(f.blocks);
+            let before = f.held.get(n).cloned();
+            f.held.set_full(n);
             f.complete += u32::from(!before.as_ref().is_some_and(|h| h.is_full()));
             for b in 0..f.blocks {
                 if !before.as_ref().is_some_and(|h| h.contains(b)) {
@@ -653,15 +654,14 @@ impl Policy {
             peer,
             self.cfg.peer_slots,
         );
-        let held = held_mut(&mut f.held, n, geometry_blocks);
-        let was_full = held.is_full();
+        let was_full = f.held.get(n).is_some_and(Blocks::is_full);
         let pending = f.pending.entry(peer).or_default();
         let grace = self.cfg.report_grace;
         let mut added = Vec::new();
         // Merged and clamped first: overlapping ranges cost one pass over the file at most.
         for r in normalize(ranges, geometry_blocks, MAX_RANGES_PER_MESSAGE) {
             for b in r.iter() {
-                if held.insert(b) {
+                if f.held.insert(n, b) {
                     added.push(b);
                 }
                 // Its copy has entered its region: the region holds it now.
@@ -685,7 +685,7 @@ impl Policy {
                 }
             }
         }
-        if !was_full && f.held_n(n).is_some_and(|h| h.is_full()) {
+        if !was_full && f.held.get(n).is_some_and(Blocks::is_full) {
             f.complete += 1;
         }
         for b in added {
@@ -1183,24 +1183,22 @@ impl Policy {
         let Some(n) = self.numbers.of.get(peer).copied() else {
             return 0;
         };
-        let Some(held) = f.held.get_mut(n as usize).and_then(Option::as_mut) else {
+        let Some(was_full) = f.held.get(n).map(Blocks::is_full) else {
             return 0;
         };
         let mut dropped = 0;
-        f.complete -= u32::from(held.is_full());
         for r in blocks {
             for b in BlockRange::new(r.start, r.end.min(f.blocks)).iter() {
-                if held.remove(b) {
+                // A row left empty is dropped: it is no longer a mirror.
+                if f.held.remove(n, b) {
                     dropped += 1;
                     // The rare-holder lists drop stale entries lazily; the count is exact.
                     f.holder_count[b as usize] -= 1;
                 }
             }
         }
-        f.complete += u32::from(held.is_full());
-        if held.count() == 0 {
-            f.take_held(n);
-        }
+        f.complete -= u32::from(was_full);
+        f.complete += u32::from(f.held.get(n).is_some_and(Blocks::is_full));
         dropped
     }
 
@@ -1280,7 +1278,7 @@ impl Policy {
                 size: f.size,
                 blocks: f.blocks,
                 master_blocks: f.master_has.count(),
-                mirrors: f.held.iter().filter(|h| h.is_some()).count() as u32,
+                mirrors: f.held.holders() as u32,
             })
     }
 
@@ -1532,19 +1530,9 @@ impl LoadIndex {
 }
 
 impl FileState {
-    /// What peer number `n` holds.
-    fn held_n(&self, n: u32) -> Option<&Blocks> {
-        self.held.get(n as usize).and_then(Option::as_ref)
-    }
-
     /// What `peer` holds.
     fn held_by(&self, numbers: &Numbers, peer: &PeerId) -> Option<&Blocks> {
-        numbers.of.get(peer).and_then(|n| self.held_n(*n))
-    }
-
-    /// Whether peer number `n` holds block `b`.
-    fn holds(&self, n: u32, b: u32) -> bool {
-        self.held_n(n).is_some_and(|h| h.contains(b))
+        numbers.of.get(peer).and_then(|n| self.held.get(*n))
     }
 
     /// The holders and what they hold.
@@ -1554,13 +1542,7 @@ impl FileState {
     ) -> impl Iterator<Item = (&'a PeerId, &'a Blocks)> {
         self.held
             .iter()
-            .zip(&numbers.peer)
-            .filter_map(|(h, p)| Some((p, h.as_ref()?)))
-    }
-
-    /// Peer number `n` holds nothing any more; returns what it held.
-    fn take_held(&mut self, n: u32) -> Option<Blocks> {
-        self.held.get_mut(n as usize)?.take()
+            .filter_map(|(n, h)| Some((numbers.peer.get(n as usize)?, h)))
     }
 
     /// Peer number `n` now holds block `b`.
@@ -1581,26 +1563,11 @@ impl FileState {
     }
 }
 
-/// What peer number `n` holds, by `held` of a file of `blocks` blocks, to change it (an empty
-/// set if it held nothing). A function of the field, not of the file, so that the file's other
-/// fields stay free to borrow meanwhile.
-fn held_mut(held: &mut Vec<Option<Blocks>>, n: u32, blocks: u32) -> &mut Blocks {
-    let i = n as usize;
-    if held.len() <= i {
-        held.resize_with(i + 1, || None);
-    }
-    held[i].get_or_insert_with(|| Blocks::new(blocks))
-}
-
 /// Keeps the entries of `list` whose peers hold `b` (by `held`, per peer number), once each.
-fn compact(list: &mut Vec<u32>, b: u32, held: &[Option<Blocks>]) {
+fn compact(list: &mut Vec<u32>, b: u32, held: &Held) {
     list.sort_unstable();
     list.dedup();
-    list.retain(|n| {
-        held.get(*n as usize)
-            .and_then(Option::as_ref)
-            .is_some_and(|h| h.contains(b))
-    });
+    list.retain(|n| held.holds(*n, b));
 }
 
 /// Whether a holder may be chosen (by the peer table and its id).
@@ -1697,8 +1664,8 @@ fn nearest_least_loaded(
     if count <= RARE_HOLDERS {
         if f.rare_holders[i].is_none() {
             // Few hold it again: list them (once, until many hold it again).
-            let list: Vec<u32> = (0..f.held.len() as u32)
-                .filter(|n| f.holds(*n, b))
+            let list: Vec<u32> = (0..f.held.numbers())
+                .filter(|n| f.held.holds(*n, b))
                 .collect();
             f.rare_holders[i] = Some(list);
         }
@@ -1710,7 +1677,7 @@ fn nearest_least_loaded(
     }
     // Holder number `n` of block `b`, with its state, if it may be chosen (one lookup).
     let eligible = |n: u32| {
-        if !f.holds(n, b) {
+        if !f.held.holds(n, b) {
             return None;
         }
         let p = numbered.get(n as usize)?;
