@@ -29,6 +29,7 @@ use crate::draw::Swarm;
 use crate::net::{FlowId, LinkId, Net, Reschedule};
 use crate::redirect::{self, PolicyKind, Redirector};
 use crate::scenario::Scenario;
+use crate::timers::Timers;
 
 /// How a node behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,6 +226,18 @@ struct Xfer {
 
 const NS: f64 = 1e9;
 
+/// A flow's two timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlowTimer {
+    End,
+    Block,
+}
+
+/// A flow timer's key in [`Engine::flow_timers`].
+fn flow_key(flow: FlowId, kind: FlowTimer) -> usize {
+    flow * 2 + usize::from(kind == FlowTimer::Block)
+}
+
 fn ns(s: f64) -> u64 {
     (s * NS).round().max(0.0) as u64
 }
@@ -248,6 +261,9 @@ struct Engine<'a> {
     now: u64,
     seq: u64,
     heap: BinaryHeap<Reverse<Entry>>,
+    /// Each flow's end and next-block events (keys [`flow_key`]): moved, not added again,
+    /// when its rate changes.
+    flow_timers: Timers<(FlowTimer, u64, XferId)>,
     /// The queued events, by slot, and the free slots.
     events_at: Vec<Option<Ev>>,
     free_slots: Vec<u32>,
@@ -361,6 +377,7 @@ impl<'a> Engine<'a> {
             now: 0,
             seq: 0,
             heap: BinaryHeap::new(),
+            flow_timers: Timers::default(),
             events_at: Vec::new(),
             free_slots: Vec::new(),
             net,
@@ -408,6 +425,16 @@ impl<'a> Engine<'a> {
 
     fn push(&mut self, at: u64, ev: Ev) {
         self.seq += 1;
+        let timer = match ev {
+            Ev::FlowEnd(flow, version, x) => Some((flow, FlowTimer::End, version, x)),
+            Ev::Block(flow, version, x) => Some((flow, FlowTimer::Block, version, x)),
+            _ => None,
+        };
+        if let Some((flow, kind, version, x)) = timer {
+            self.flow_timers
+                .set(flow_key(flow, kind), at, self.seq, (kind, version, x));
+            return;
+        }
         let slot = match self.free_slots.pop() {
             Some(slot) => {
                 self.events_at[slot as usize] = Some(ev);
@@ -423,6 +450,43 @@ impl<'a> Engine<'a> {
             seq: self.seq,
             slot,
         }));
+    }
+
+    /// The time of the next event, of either queue.
+    fn next_at(&self) -> Option<u64> {
+        self.next_is_timer().map(|timer| match timer {
+            true => self.flow_timers.peek().map(|(at, _)| at),
+            false => self.heap.peek().map(|Reverse(e)| e.at),
+        })?
+    }
+
+    /// Whether the next event is a flow timer (`None`: no event left). Both queues order
+    /// by `(at, seq)` with one sequence, so events come in the order they would from one.
+    fn next_is_timer(&self) -> Option<bool> {
+        let heap = self.heap.peek().map(|Reverse(e)| (e.at, e.seq));
+        match (heap, self.flow_timers.peek()) {
+            (None, None) => None,
+            (Some(h), Some(t)) => Some(t < h),
+            (h, _) => Some(h.is_none()),
+        }
+    }
+
+    /// Takes the next event (there is one: [`Engine::next_at`] said so).
+    fn pop_next(&mut self) -> Ev {
+        if self.next_is_timer() == Some(true) {
+            let (key, _, (kind, version, x)) =
+                self.flow_timers.pop().expect("a flow timer was peeked");
+            let flow = key / 2;
+            return match kind {
+                FlowTimer::End => Ev::FlowEnd(flow, version, x),
+                FlowTimer::Block => Ev::Block(flow, version, x),
+            };
+        }
+        let Reverse(entry) = self.heap.pop().expect("an event was peeked");
+        self.free_slots.push(entry.slot);
+        self.events_at[entry.slot as usize]
+            .take()
+            .expect("a queued event's slot holds it")
     }
 
     fn instant(&self) -> Instant {
@@ -446,18 +510,15 @@ impl<'a> Engine<'a> {
 
     fn run(&mut self, progress: &mut dyn FnMut(Progress)) {
         let mut last_report = 0u64;
-        while let Some(Reverse(entry)) = self.heap.pop() {
-            if entry.at > self.limit {
+        while let Some(at) = self.next_at() {
+            if at > self.limit {
                 self.hit_limit = true;
                 self.now = self.limit;
                 break;
             }
-            self.now = entry.at;
+            self.now = at;
             self.events += 1;
-            let ev = self.events_at[entry.slot as usize]
-                .take()
-                .expect("a queued event's slot holds it");
-            self.free_slots.push(entry.slot);
+            let ev = self.pop_next();
             self.handle(ev);
             if self.honest_left == 0 {
                 break;
@@ -669,6 +730,9 @@ impl<'a> Engine<'a> {
         }
         let src = self.xfers.get(&x).and_then(|xf| xf.src);
         let moved = self.net.stop(self.now, flow, &mut self.resched);
+        // Its timers would only be stale now.
+        self.flow_timers.remove(flow_key(flow, FlowTimer::End));
+        self.flow_timers.remove(flow_key(flow, FlowTimer::Block));
         self.flush_resched();
         self.count_sent(x, moved);
         match src {

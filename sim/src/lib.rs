@@ -20,6 +20,7 @@ pub mod plot;
 pub mod redirect;
 pub mod report;
 pub mod scenario;
+pub mod timers;
 
 pub use engine::{run, Outcome, Progress};
 pub use redirect::PolicyKind;
