@@ -45,6 +45,17 @@ impl Held {
                 .is_some_and(|w| w & (1 << (b % 64)) != 0)
     }
 
+    /// Peer number `n`'s bits for blocks `64 * word ..` (zero where none).
+    pub(crate) fn word(&self, n: u32, word: usize) -> u64 {
+        if word >= self.words {
+            return 0;
+        }
+        self.bits
+            .get(n as usize * self.words + word)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Peer numbers that hold something, with what they hold.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, &Blocks)> {
         self.rows

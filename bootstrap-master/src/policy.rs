@@ -277,6 +277,9 @@ struct PeerState {
 struct LoadIndex {
     all: LoadSets,
     open: LoadSets,
+    /// How many times a peer was placed or taken out: an [`Unheld`] from an earlier count
+    /// may be out of date.
+    changes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -925,6 +928,9 @@ impl Policy {
             None => self.master_pending.len() < master_clients as usize,
         };
 
+        // What the two walks in the requester's region (for open holders it may be sent to;
+        // for any holder there it could reach) last stepped over in vain.
+        let (mut open_here, mut all_here) = (Unheld::default(), Unheld::default());
         'outer: for r in &need {
             for b in r.iter() {
                 if budget == 0 || runs.len() >= MAX_ASSIGNMENTS {
@@ -954,7 +960,10 @@ impl Policy {
                 let continuing = continuing.filter(|h| !regional || in_my_region(&self.peers, h));
                 // Else the nearest, least-loaded usable holder, ties by id bits (within a
                 // region, first looked for inside it).
-                let near = |f: &mut FileState, walk: Walk, ok: &Eligible<'_>| {
+                let near = |f: &mut FileState,
+                            walk: Walk,
+                            ok: &Eligible<'_>,
+                            cache: Option<&mut Unheld>| {
                     nearest_least_loaded(
                         f,
                         &self.peers,
@@ -964,9 +973,11 @@ impl Policy {
                         &vantage,
                         walk,
                         ok,
+                        cache,
                     )
                 };
-                let mut best = continuing.or_else(|| near(f, Walk::open(scope), &usable));
+                let mut best = continuing
+                    .or_else(|| near(f, Walk::open(scope), &usable, Some(&mut open_here)));
                 if regional && best.is_none() {
                     if f.entering.get(&b).is_some_and(|list| {
                         list.iter()
@@ -975,16 +986,19 @@ impl Policy {
                         // A copy is on its way into the region: wait for it, then get it there.
                         continue;
                     }
-                    if near(f, Walk::all(Scope::Region), &|p, s| {
-                        reachable(p, s) && s.region == my_region
-                    })
+                    if near(
+                        f,
+                        Walk::all(Scope::Region),
+                        &|p, s| reachable(p, s) && s.region == my_region,
+                        Some(&mut all_here),
+                    )
                     .is_some()
                     {
                         // Its holders in the region are only full: wait for a slot there
                         // rather than cross (each crossing is one more copy between regions).
                         continue;
                     }
-                    best = near(f, Walk::open(Scope::Beyond), &usable);
+                    best = near(f, Walk::open(Scope::Beyond), &usable, None);
                 }
                 let from_outside = regional && !best.is_some_and(|h| in_my_region(&self.peers, &h));
                 let master_may = f.master_has.contains(b)
@@ -1012,7 +1026,7 @@ impl Policy {
                     // holders one is taken to be reachable: a bounded walk may not meet it.)
                     && (f.holder_count[b as usize] == 0
                         || f.holder_count[b as usize] as usize <= RARE_HOLDERS
-                            && near(f, Walk::all(Scope::Anywhere), &reachable)
+                            && near(f, Walk::all(Scope::Anywhere), &reachable, None)
                         .is_none())
                 {
                     None
@@ -1510,6 +1524,7 @@ impl LoadSets {
 impl LoadIndex {
     /// Enters an indexed peer (in `open` too if it has a free slot of `slots`).
     fn place(&mut self, s: &PeerState, slots: u32) {
+        self.changes += 1;
         if s.indexed {
             self.all.insert(s);
             if s.serving < slots {
@@ -1520,6 +1535,7 @@ impl LoadIndex {
 
     /// Takes a peer out, as [`LoadIndex::place`] put it in.
     fn unplace(&mut self, s: &PeerState, slots: u32) {
+        self.changes += 1;
         if s.indexed {
             self.all.remove(s);
             if s.serving < slots {
@@ -1568,6 +1584,26 @@ fn compact(list: &mut Vec<u32>, b: u32, held: &Held) {
     list.sort_unstable();
     list.dedup();
     list.retain(|n| held.holds(*n, b));
+}
+
+/// What the peers of a walk in the requester's region that found nothing hold, for one
+/// 64-block word of the file: a later walk there, for a block of the same word none of them
+/// holds, would find nothing too, and is skipped while the load index is as it was. Within a
+/// Locate a walk that found nothing is mostly followed by more, for the next blocks, over the
+/// same peers (in a busy crowd most of a region's open peers lack most blocks, and these walks
+/// were over half of a 10,000-node simulation's time).
+#[derive(Debug, Default)]
+struct Unheld {
+    /// The index's [`LoadIndex::changes`] at that walk (`None`: none yet).
+    built: Option<u64>,
+    word: usize,
+    /// The union of those peers' bits in `word`.
+    union: u64,
+}
+
+/// Block `b`'s bit in its 64-block word.
+fn bit(b: u32) -> u64 {
+    1 << (b % 64)
 }
 
 /// Whether a holder may be chosen (by the peer table and its id).
@@ -1653,6 +1689,7 @@ fn nearest_least_loaded(
     vantage: &Vantage<'_>,
     walk: Walk,
     usable: impl Fn(&PeerId, &PeerState) -> bool,
+    cache: Option<&mut Unheld>,
 ) -> Option<PeerId> {
     let numbered = &numbers.peer[..];
     let my_region = vantage.region();
@@ -1706,8 +1743,34 @@ fn nearest_least_loaded(
             .map(|(p, _)| *p)
     };
     if !my_region.is_empty() && walk.scope != Scope::Beyond {
-        if let Some(p) = sets.by_region.get(my_region).and_then(first) {
-            return Some(p);
+        let here = sets.by_region.get(my_region);
+        let found = match (cache, here) {
+            (_, None) => None,
+            (None, Some(set)) => first(set),
+            (Some(c), Some(set)) => {
+                let word = (b / 64) as usize;
+                if c.built == Some(index.changes) && c.word == word && c.union & bit(b) == 0 {
+                    // None of the peers this walk would step over holds it.
+                    None
+                } else {
+                    let mut union = 0;
+                    let found = set.iter().take(MAX_WALK).find_map(|&(_, tie)| {
+                        union |= f.held.word(tie as u32, word);
+                        eligible(tie as u32)
+                    });
+                    if found.is_none() {
+                        *c = Unheld {
+                            built: Some(index.changes),
+                            word,
+                            union,
+                        };
+                    }
+                    found.map(|(p, _)| *p)
+                }
+            }
+        };
+        if found.is_some() {
+            return found;
         }
         if walk.scope == Scope::Region {
             return None;
@@ -2039,6 +2102,48 @@ mod tests {
             ),
             "{ans:?}"
         );
+    }
+
+    #[test]
+    fn after_a_walk_in_vain_a_later_block_its_peers_hold_is_still_redirected() {
+        let mut p = Policy::new(PolicyConfig {
+            max_blocks_per_answer: 4,
+            ..sequential()
+        });
+        p.add_file(file(), "f".into(), 4 * 1024, Blocks::full(4));
+        // 800 holders in one region, in the load index's order: the first 600 hold blocks 1
+        // and 3, the last 200 blocks 0 and 2 (past the walk).
+        let high = |x: &PeerId| {
+            let id = x.to_bytes();
+            u32::from_le_bytes(id[id.len() - 4..].try_into().unwrap())
+        };
+        let mut holders: Vec<PeerId> = (0..800).map(|_| peer()).collect();
+        holders.sort_by_key(high);
+        for (i, h) in holders.iter().enumerate() {
+            p.peer_up(*h, vec![addr()]);
+            p.set_region(*h, "r".into());
+            let b = if i < 600 { 1 } else { 0 };
+            p.have(
+                &file(),
+                *h,
+                &[BlockRange::new(b, b + 1), BlockRange::new(b + 2, b + 3)],
+            );
+        }
+        let r = peer();
+        p.peer_up(r, vec![addr()]);
+        p.set_region(r, "r".into());
+        // One Locate: block 0's walk finds nothing (and block 2's need not walk again), but
+        // blocks 1 and 3, held by the peers it stepped over, are redirected.
+        let ans = p
+            .locate(Instant::now(), r, &file(), &[BlockRange::new(0, 4)])
+            .unwrap();
+        let mut got: Vec<u32> = Vec::new();
+        for a in &ans.assignments {
+            assert!(matches!(a.source, Source::Peer { .. }), "{ans:?}");
+            got.extend(a.range.iter());
+        }
+        got.sort_unstable();
+        assert_eq!(got, vec![1, 3], "{ans:?}");
     }
 
     #[test]
