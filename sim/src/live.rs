@@ -303,6 +303,19 @@ fn open_files_limit() -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds this process has used so far, all its threads, live or ended (Linux:
+/// `/proc/self/stat`, in the kernel's fixed 100 ticks per second); `None` elsewhere.
+pub fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces), from field 3 on: utime and
+    // stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / 100.0)
+}
+
 fn loopback() -> Multiaddr {
     Multiaddr::empty()
         .with(libp2p::multiaddr::Protocol::Ip4([127, 0, 0, 1].into()))
@@ -641,5 +654,23 @@ mod tests {
         assert_eq!(max_peers_per_node(200, Some(1_024)), MIN_PEERS);
         assert_eq!(max_peers_per_node(200, None), MIN_PEERS);
         assert!(open_files_limit().is_some_and(|n| n > 0));
+    }
+
+    #[test]
+    fn the_process_cpu_time_counts_work_done() {
+        let before = process_cpu_s().expect("/proc/self/stat on Linux");
+        // Work until the count moves by 5 ticks (at most 20 s of wall time).
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while process_cpu_s().unwrap_or(before) < before + 0.05 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "20 s of busy work did not move the CPU time from {before} s"
+            );
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        assert!(process_cpu_s().unwrap_or(0.0) >= before + 0.05);
     }
 }

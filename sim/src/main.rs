@@ -150,6 +150,7 @@ fn run_live(
     check_live_policy(policy)?;
     let pb = progress_bar(quiet, sc.nodes());
     let started = Instant::now();
+    let cpu_before = shoal_sim::live::process_cpu_s();
     let outcome = shoal_sim::live::run(sc, seed, None, &mut |p| {
         pb.set_length(p.honest as u64);
         pb.set_position(p.done as u64);
@@ -157,7 +158,13 @@ fn run_live(
     })?;
     pb.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
-    let summary = Summary::new(sc, &outcome, "live", policy.name(), seed, wall);
+    let busy = cpu_before
+        .zip(shoal_sim::live::process_cpu_s())
+        .map(|(before, after)| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (after - before) / (wall * cores as f64).max(1e-9)
+        });
+    let summary = Summary::new(sc, &outcome, "live", policy.name(), seed, wall).with_cpu_busy(busy);
     Ok((summary, outcome))
 }
 

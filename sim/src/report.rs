@@ -8,8 +8,8 @@ use serde::Serialize;
 use crate::engine::{Outcome, Role};
 use crate::scenario::Scenario;
 
-/// The summary of one run (`summary.json`). Every field but `wall_s` depends only on the
-/// scenario, the policy and the seed.
+/// The summary of one run (`summary.json`). In the virtual engine every field but `wall_s`
+/// depends only on the scenario, the policy and the seed.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
     /// Scenario name.
@@ -70,7 +70,14 @@ pub struct Summary {
     pub events: u64,
     /// Wall-clock time of the run, seconds (the one field that differs between runs).
     pub wall_s: f64,
+    /// Live engine: the share of this machine's cores the run kept busy (process CPU time
+    /// over wall time and cores). At [`CPU_BOUND`] or more the run was short of CPU, and its
+    /// times are this machine's as much as the scenario's. `null` in the virtual engine.
+    pub cpu_busy: Option<f64>,
 }
+
+/// A live run that kept this share of the cores busy was CPU-bound.
+pub const CPU_BOUND: f64 = 0.85;
 
 fn round(x: f64) -> f64 {
     if x.is_finite() {
@@ -161,7 +168,19 @@ impl Summary {
             hit_limit: o.hit_limit,
             events: o.events,
             wall_s: round(wall_s),
+            cpu_busy: None,
         }
+    }
+
+    /// Records the share of the cores a live run kept busy.
+    pub fn with_cpu_busy(mut self, busy: Option<f64>) -> Self {
+        self.cpu_busy = busy.map(round);
+        self
+    }
+
+    /// Whether the run was short of CPU (see [`Summary::cpu_busy`]).
+    pub fn cpu_bound(&self) -> bool {
+        self.cpu_busy.is_some_and(|b| b >= CPU_BOUND)
     }
 
     /// The one-screen text summary.
@@ -223,6 +242,20 @@ impl Summary {
             self.events,
             self.wall_s
         );
+        if let Some(busy) = self.cpu_busy {
+            let _ = writeln!(
+                s,
+                "cpu busy                   {:>9.0}% of the cores",
+                busy * 100.0
+            );
+            if self.cpu_bound() {
+                let _ = writeln!(
+                    s,
+                    "WARNING: the live engine was short of CPU: its times are this machine's as \
+                     much as the scenario's (fewer nodes, or slower links, give times to trust)"
+                );
+            }
+        }
         s
     }
 }
@@ -294,6 +327,14 @@ pub fn agreement(virt: &Summary, live: &Summary) -> String {
         "{:<22} {:>10.2} s {:>10.2} s",
         "wall", virt.wall_s, live.wall_s
     );
+    if live.cpu_bound() {
+        let _ = writeln!(
+            s,
+            "the live run was short of CPU ({:.0}% of the cores busy): where the engines differ, \
+             this machine may be why",
+            live.cpu_busy.unwrap_or(0.0) * 100.0
+        );
+    }
     s
 }
 

@@ -229,3 +229,16 @@ fn corrupters_are_banned_and_no_honest_node() {
             .all(|n| n.uploaded > 0));
     }
 }
+
+#[test]
+fn a_live_run_short_of_cpu_says_so_and_a_virtual_run_does_not() {
+    let (s, _) = go(&load("flash-12.toml"), PolicyKind::Shoal, 1);
+    assert_eq!(s.cpu_busy, None, "a virtual run measures no CPU share");
+    assert!(!s.cpu_bound() && !s.text().contains("short of CPU"));
+    let calm = s.clone().with_cpu_busy(Some(0.4));
+    assert!(!calm.cpu_bound() && !calm.text().contains("short of CPU"));
+    let busy = s.with_cpu_busy(Some(0.97));
+    assert!(busy.cpu_bound());
+    assert!(busy.text().contains("short of CPU"), "{}", busy.text());
+    assert!(shoal_sim::report::agreement(&calm, &busy).contains("short of CPU"));
+}
