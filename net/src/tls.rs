@@ -16,8 +16,9 @@
 //! either), or offer anything but TLS 1.3.
 
 use std::{
+    collections::VecDeque,
     net::{IpAddr, Ipv4Addr},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use futures::{future::BoxFuture, AsyncRead, AsyncWrite, FutureExt};
@@ -112,6 +113,7 @@ fn provider() -> Arc<CryptoProvider> {
 pub struct Config {
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
+    verifier: Arc<PeerCertificate>,
 }
 
 impl Config {
@@ -122,20 +124,22 @@ impl Config {
         let stock_client = libp2p::tls::make_client_config(key, None)?;
         let stock_server = libp2p::tls::make_server_config(key)?;
         let versions = &[&rustls::version::TLS13];
+        let verifier = Arc::new(PeerCertificate::default());
         let mut client = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(versions)?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PeerCertificate))
+            .with_custom_certificate_verifier(verifier.clone())
             .with_client_cert_resolver(stock_client.client_auth_cert_resolver.clone());
         client.alpn_protocols = stock_client.alpn_protocols.clone();
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(versions)?
-            .with_client_cert_verifier(Arc::new(PeerCertificate))
+            .with_client_cert_verifier(verifier.clone())
             .with_cert_resolver(stock_server.cert_resolver.clone());
         server.alpn_protocols = stock_server.alpn_protocols.clone();
         Ok(Self {
             server: Arc::new(server),
             client: Arc::new(client),
+            verifier,
         })
     }
 }
@@ -163,7 +167,7 @@ where
                 .accept(socket)
                 .await
                 .map_err(TlsError::Handshake)?;
-            let peer = established(stream.get_ref().1)?;
+            let peer = self.verifier.established(stream.get_ref().1)?;
             Ok((peer, stream.into()))
         }
         .boxed()
@@ -187,36 +191,59 @@ where
                 .connect(name, socket)
                 .await
                 .map_err(TlsError::Handshake)?;
-            let peer = established(stream.get_ref().1)?;
+            let peer = self.verifier.established(stream.get_ref().1)?;
             Ok((peer, stream.into()))
         }
         .boxed()
     }
 }
 
-/// The remote's PeerId once a handshake has succeeded (its certificate was checked by
-/// [`PeerCertificate`] already; it is parsed again for the key).
-fn established(state: &CommonState) -> Result<PeerId, TlsError> {
-    let [cert] = state.peer_certificates().unwrap_or_default() else {
-        return Err(TlsError::NoCertificate);
-    };
-    let peer = certificate::parse(cert)?.peer_id();
-    tracing::debug!(
-        %peer,
-        suite = ?state.negotiated_cipher_suite().map(|s| s.suite()),
-        "TLS session established"
-    );
-    Ok(peer)
-}
-
 /// Accepts what libp2p's own TLS verifier accepts: exactly one certificate, a valid libp2p
 /// certificate (self-signed, its extension signed by the peer's identity key: checked by
 /// `certificate::parse`), and handshake signatures by that certificate's key.
-#[derive(Debug)]
-struct PeerCertificate;
+///
+/// `certificate::parse` checks both of the certificate's signatures each time, and a handshake
+/// asked for it three times per side (the certificate, the handshake's signature, and the
+/// PeerId after): in a live simulation of 60 nodes that was 10% of all CPU. It remembers the
+/// certificates that passed lately, so the first of those three is skipped for a certificate
+/// seen before (a peer keeps its certificate for as long as it runs) and the last always. The
+/// handshake's signature is always checked, by a full parse: its key comes from there.
+#[derive(Debug, Default)]
+struct PeerCertificate {
+    /// Certificates (DER) that passed `certificate::parse`, with their PeerIds, newest last.
+    passed: Mutex<VecDeque<(Vec<u8>, PeerId)>>,
+}
+
+/// Certificates remembered at most (libp2p's are about 450 bytes).
+const PASSED_KEPT: usize = 256;
+
+/// A larger certificate is not remembered (checked in full each time).
+const PASSED_MAX_BYTES: usize = 2048;
 
 impl PeerCertificate {
+    /// The PeerId of `der`, if it passed lately.
+    fn passed(&self, der: &[u8]) -> Option<PeerId> {
+        let passed = self.passed.lock().unwrap_or_else(|e| e.into_inner());
+        passed.iter().rev().find(|(d, _)| d == der).map(|(_, p)| *p)
+    }
+
+    /// `der` passed `certificate::parse` as `peer`'s.
+    fn remember(&self, der: &[u8], peer: PeerId) {
+        if der.len() > PASSED_MAX_BYTES {
+            return;
+        }
+        let mut passed = self.passed.lock().unwrap_or_else(|e| e.into_inner());
+        if passed.iter().any(|(d, _)| d == der) {
+            return;
+        }
+        if passed.len() >= PASSED_KEPT {
+            passed.pop_front();
+        }
+        passed.push_back((der.to_vec(), peer));
+    }
+
     fn check(
+        &self,
         end_entity: &CertificateDer,
         intermediates: &[CertificateDer],
     ) -> Result<(), rustls::Error> {
@@ -225,20 +252,43 @@ impl PeerCertificate {
                 "libp2p TLS takes exactly one certificate".into(),
             ));
         }
-        certificate::parse(end_entity).map_err(invalid)?;
+        if self.passed(end_entity).is_none() {
+            let peer = certificate::parse(end_entity).map_err(invalid)?.peer_id();
+            self.remember(end_entity, peer);
+        }
         Ok(())
     }
 
     fn check_signature(
+        &self,
         cert: &CertificateDer,
         message: &[u8],
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        certificate::parse(cert)
-            .map_err(invalid)?
+        let parsed = certificate::parse(cert).map_err(invalid)?;
+        parsed
             .verify_signature(dss.scheme, message, dss.signature())
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadSignature))?;
+        self.remember(cert, parsed.peer_id());
         Ok(HandshakeSignatureValid::assertion())
+    }
+
+    /// The remote's PeerId once a handshake has succeeded (its certificate and signature
+    /// were checked above).
+    fn established(&self, state: &CommonState) -> Result<PeerId, TlsError> {
+        let [cert] = state.peer_certificates().unwrap_or_default() else {
+            return Err(TlsError::NoCertificate);
+        };
+        let peer = match self.passed(cert) {
+            Some(peer) => peer,
+            None => certificate::parse(cert)?.peer_id(),
+        };
+        tracing::debug!(
+            %peer,
+            suite = ?state.negotiated_cipher_suite().map(|s| s.suite()),
+            "TLS session established"
+        );
+        Ok(peer)
     }
 
     /// libp2p's list.
@@ -274,7 +324,7 @@ impl ServerCertVerifier for PeerCertificate {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Self::check(end_entity, intermediates)?;
+        self.check(end_entity, intermediates)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -293,7 +343,7 @@ impl ServerCertVerifier for PeerCertificate {
         cert: &CertificateDer,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Self::check_signature(cert, message, dss)
+        self.check_signature(cert, message, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -312,7 +362,7 @@ impl ClientCertVerifier for PeerCertificate {
         intermediates: &[CertificateDer],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        Self::check(end_entity, intermediates)?;
+        self.check(end_entity, intermediates)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -331,7 +381,7 @@ impl ClientCertVerifier for PeerCertificate {
         cert: &CertificateDer,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Self::check_signature(cert, message, dss)
+        self.check_signature(cert, message, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -423,14 +473,55 @@ mod tests {
     fn only_one_valid_libp2p_certificate_is_accepted() {
         let key = Keypair::generate_ed25519();
         let (cert, _) = certificate::generate(&key).unwrap();
-        assert!(PeerCertificate::check(&cert, &[]).is_ok());
-        assert!(PeerCertificate::check(&cert, std::slice::from_ref(&cert)).is_err());
+        let verifier = PeerCertificate::default();
+        assert!(verifier.check(&cert, &[]).is_ok());
+        assert_eq!(verifier.passed(&cert), Some(key.public().to_peer_id()));
+        // Remembered or not, one certificate only.
+        assert!(verifier.check(&cert, std::slice::from_ref(&cert)).is_err());
         let garbage = CertificateDer::from(vec![0x30u8, 0x03, 0x02, 0x01, 0x00]);
-        assert!(PeerCertificate::check(&garbage, &[]).is_err());
-        // A certificate whose bytes were altered no longer verifies.
+        assert!(verifier.check(&garbage, &[]).is_err());
+        // A certificate whose bytes were altered no longer verifies, though the original
+        // passed.
         let mut bytes = cert.as_ref().to_vec();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        assert!(PeerCertificate::check(&CertificateDer::from(bytes), &[]).is_err());
+        let altered = CertificateDer::from(bytes);
+        assert!(verifier.check(&altered, &[]).is_err());
+        assert_eq!(verifier.passed(&altered), None);
+    }
+
+    #[test]
+    fn the_certificates_remembered_are_bounded() {
+        let verifier = PeerCertificate::default();
+        let first = certificate::generate(&Keypair::generate_ed25519())
+            .unwrap()
+            .0;
+        assert!(verifier.check(&first, &[]).is_ok());
+        for _ in 0..PASSED_KEPT {
+            let key = Keypair::generate_ed25519();
+            let (cert, _) = certificate::generate(&key).unwrap();
+            verifier.remember(&cert, key.public().to_peer_id());
+        }
+        assert_eq!(verifier.passed.lock().unwrap().len(), PASSED_KEPT);
+        assert_eq!(verifier.passed(&first), None, "the oldest went first");
+        // Forgotten, it is checked in full again.
+        assert!(verifier.check(&first, &[]).is_ok());
+        // Nothing larger than a libp2p certificate is kept.
+        verifier.remember(&vec![0u8; PASSED_MAX_BYTES + 1], PeerId::random());
+        assert!(verifier.passed(&vec![0u8; PASSED_MAX_BYTES + 1]).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_second_handshake_with_a_remembered_certificate_names_the_same_peers() {
+        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        // `a` serves, `b` dials, twice.
+        let (server, client) = (Config::new(&a).unwrap(), Config::new(&b).unwrap());
+        for _ in 0..2 {
+            let (server_seen, client_seen, _) = handshake(client.clone(), server.clone()).await;
+            assert_eq!(server_seen, a.public().to_peer_id());
+            assert_eq!(client_seen, b.public().to_peer_id());
+        }
+        assert_eq!(server.verifier.passed.lock().unwrap().len(), 1);
+        assert_eq!(client.verifier.passed.lock().unwrap().len(), 1);
     }
 }
