@@ -2055,15 +2055,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_widely_held_block_past_the_walk_is_waited_for_not_sent_by_the_master_again() {
-        let mut p = Policy::new(PolicyConfig {
-            max_blocks_per_answer: 1,
-            ..sequential()
-        });
-        p.add_file(file(), "f".into(), 2 * 1024, Blocks::full(2));
-        // 800 holders in one region, all idle; in the load index's order (the tie's high
-        // bits, from the id) the first 600 hold only block 1, the last 200 only block 0.
+    /// 800 idle holders of `file()` in region "r", and a requester there (returned). In the
+    /// load index's order (the tie's high bits, from the id) the first 600 hold `held(true)`,
+    /// the last 200 `held(false)`.
+    fn split_crowd(p: &mut Policy, held: impl Fn(bool) -> Vec<BlockRange>) -> PeerId {
         let high = |x: &PeerId| {
             let id = x.to_bytes();
             u32::from_le_bytes(id[id.len() - 4..].try_into().unwrap())
@@ -2073,12 +2068,26 @@ mod tests {
         for (i, h) in holders.iter().enumerate() {
             p.peer_up(*h, vec![addr()]);
             p.set_region(*h, "r".into());
-            let b = if i < 600 { 1 } else { 0 };
-            p.have(&file(), *h, &[BlockRange::new(b, b + 1)]);
+            p.have(&file(), *h, &held(i < 600));
         }
         let r = peer();
         p.peer_up(r, vec![addr()]);
         p.set_region(r, "r".into());
+        r
+    }
+
+    #[test]
+    fn a_widely_held_block_past_the_walk_is_waited_for_not_sent_by_the_master_again() {
+        let mut p = Policy::new(PolicyConfig {
+            max_blocks_per_answer: 1,
+            ..sequential()
+        });
+        p.add_file(file(), "f".into(), 2 * 1024, Blocks::full(2));
+        // The first 600 in the walk's order hold only block 1, the last 200 only block 0.
+        let r = split_crowd(&mut p, |first| {
+            let b = if first { 1 } else { 0 };
+            vec![BlockRange::new(b, b + 1)]
+        });
         // A walk stops after MAX_WALK peers and meets no holder of block 0; 200 hold it, so
         // the master does not send it again.
         let ans = p
@@ -2111,27 +2120,12 @@ mod tests {
             ..sequential()
         });
         p.add_file(file(), "f".into(), 4 * 1024, Blocks::full(4));
-        // 800 holders in one region, in the load index's order: the first 600 hold blocks 1
-        // and 3, the last 200 blocks 0 and 2 (past the walk).
-        let high = |x: &PeerId| {
-            let id = x.to_bytes();
-            u32::from_le_bytes(id[id.len() - 4..].try_into().unwrap())
-        };
-        let mut holders: Vec<PeerId> = (0..800).map(|_| peer()).collect();
-        holders.sort_by_key(high);
-        for (i, h) in holders.iter().enumerate() {
-            p.peer_up(*h, vec![addr()]);
-            p.set_region(*h, "r".into());
-            let b = if i < 600 { 1 } else { 0 };
-            p.have(
-                &file(),
-                *h,
-                &[BlockRange::new(b, b + 1), BlockRange::new(b + 2, b + 3)],
-            );
-        }
-        let r = peer();
-        p.peer_up(r, vec![addr()]);
-        p.set_region(r, "r".into());
+        // The first 600 in the walk's order hold blocks 1 and 3, the last 200 (past the walk)
+        // blocks 0 and 2.
+        let r = split_crowd(&mut p, |first| {
+            let b = if first { 1 } else { 0 };
+            vec![BlockRange::new(b, b + 1), BlockRange::new(b + 2, b + 3)]
+        });
         // One Locate: block 0's walk finds nothing (and block 2's need not walk again), but
         // blocks 1 and 3, held by the peers it stepped over, are redirected.
         let ans = p
