@@ -47,6 +47,12 @@ enum Cmd {
         /// The random seed (default: the scenario's).
         #[arg(long)]
         seed: Option<u64>,
+        /// Also runs the other two policies on the same scenario and seed (the baselines,
+        /// virtual engine only) and puts them beside the result: their lines in the plots and
+        /// the text summary, policies.csv (one row per policy), and each one's own files
+        /// under DIR/origin-only/ and DIR/random-holder/.
+        #[arg(long)]
+        baselines: bool,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -177,8 +183,8 @@ fn compare(path: &Path, policy: PolicyKind, out: Option<PathBuf>, seed: Option<u
     let (v, vo) = run_virtual(&sc, policy, seed, false)?;
     let (l, lo) = run_live(&sc, policy, seed, false)?;
     if let Some(out) = &out {
-        write_all(&out.join("virtual"), &sc, &v, &vo)?;
-        write_all(&out.join("live"), &sc, &l, &lo)?;
+        write_all(&out.join("virtual"), &sc, &[(&v, &vo)])?;
+        write_all(&out.join("live"), &sc, &[(&l, &lo)])?;
     }
     print!("{}", shoal_sim::report::agreement(&v, &l));
     if let Some(out) = out {
@@ -191,29 +197,36 @@ fn compare(path: &Path, policy: PolicyKind, out: Option<PathBuf>, seed: Option<u
     Ok(())
 }
 
-fn write_all(
-    dir: &Path,
-    sc: &Scenario,
-    summary: &Summary,
-    outcome: &shoal_sim::Outcome,
-) -> Result<()> {
+/// Writes the first run's files into `dir`; the plots of completion and master egress carry
+/// every run given (the first and its baselines).
+fn write_all(dir: &Path, sc: &Scenario, runs: &[(&Summary, &shoal_sim::Outcome)]) -> Result<()> {
+    let Some(&(summary, outcome)) = runs.first() else {
+        return Ok(());
+    };
     shoal_sim::report::write(dir, summary, outcome)
         .with_context(|| format!("writing results into {}", dir.display()))?;
-    let label = format!("{} ({})", summary.policy, summary.engine);
-    let times = shoal_sim::report::completions(outcome);
+    let label = |s: &Summary| format!("{} ({})", s.policy, s.engine);
+    let times: Vec<(String, Vec<f64>)> = runs
+        .iter()
+        .map(|(s, o)| (label(s), shoal_sim::report::completions(o)))
+        .collect();
     plot::completion_cdf(
         &dir.join("completion_cdf"),
         &format!("{}: completion times, {} nodes", sc.name, summary.nodes),
-        &[(label.clone(), times)],
+        &times,
         summary.lower_bound_s,
     )?;
+    let egress: Vec<(String, Vec<f64>)> = runs
+        .iter()
+        .map(|(s, o)| (label(s), o.master_egress.clone()))
+        .collect();
     plot::master_egress(
         &dir.join("master_egress"),
         &format!(
             "{}: master egress ({:.3} x F in all)",
             sc.name, summary.origin_egress_ratio
         ),
-        &[(label, outcome.master_egress.clone())],
+        &egress,
         sc.master.upload.0,
     )?;
     let f = sc.file.size.0 as f64;
@@ -250,11 +263,7 @@ fn sweep(
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     std::fs::create_dir_all(out)?;
-    let mut csv = String::from(
-        "key,value,policy,nodes,completed,lower_bound_s,completion_p50_s,completion_p99_s,\
-         completion_max_s,p50_over_bound,p99_over_bound,max_over_bound,origin_egress_ratio,\
-         intra_region_share,banned,honest_banned,wall_s\n",
-    );
+    let mut csv = format!("key,value,{}\n", shoal_sim::report::ROW_HEADER);
     let mut p50: Vec<(String, Vec<f64>)> = Vec::new();
     let mut maxes: Vec<(String, Vec<f64>)> = Vec::new();
     let mut egress: Vec<(String, Vec<f64>)> = Vec::new();
@@ -267,31 +276,14 @@ fn sweep(
             let seed = seed.unwrap_or(sc.seed);
             let (s, outcome) = run_virtual(&sc, *policy, seed, quiet)?;
             let dir = out.join(format!("{}-{}", policy.name(), sanitize(v)));
-            write_all(&dir, &sc, &s, &outcome)?;
+            write_all(&dir, &sc, &[(&s, &outcome)])?;
             if !quiet {
                 eprintln!(
                     "{key}={v} {policy}: p50 {:.3}x, max {:.3}x bound, origin {:.3} F, wall {:.1} s",
                     s.p50_over_bound, s.max_over_bound, s.origin_egress_ratio, s.wall_s
                 );
             }
-            csv.push_str(&format!(
-                "{key},{},{policy},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
-                csv_quote(v),
-                s.nodes,
-                s.completed,
-                s.lower_bound_s,
-                s.completion_p50_s,
-                s.completion_p99_s,
-                s.completion_max_s,
-                s.p50_over_bound,
-                s.p99_over_bound,
-                s.max_over_bound,
-                s.origin_egress_ratio,
-                s.intra_region_share,
-                s.banned,
-                s.honest_banned,
-                s.wall_s
-            ));
+            csv.push_str(&format!("{key},{},{}\n", csv_quote(v), s.row()));
             a.push(s.p50_over_bound);
             b.push(s.max_over_bound);
             c.push(s.origin_egress_ratio);
@@ -357,16 +349,43 @@ fn main() -> Result<()> {
             policy,
             out,
             seed,
+            baselines,
             quiet,
         } => {
             let sc = Scenario::load(&scenario)?;
             let seed = seed.unwrap_or(sc.seed);
+            if baselines && engine == Engine::Live {
+                bail!(
+                    "--baselines runs in the virtual engine only (the live engine runs the \
+                     real master, whose policy is shoal); `compare` sets the two engines side \
+                     by side"
+                );
+            }
             let (summary, outcome) = match engine {
                 Engine::Virtual => run_virtual(&sc, policy, seed, quiet)?,
                 Engine::Live => run_live(&sc, policy, seed, quiet)?,
             };
-            write_all(&out, &sc, &summary, &outcome)?;
+            let mut others = Vec::new();
+            if baselines {
+                for other in PolicyKind::ALL.into_iter().filter(|p| *p != policy) {
+                    let (s, o) = run_virtual(&sc, other, seed, quiet)?;
+                    write_all(&out.join(other.name()), &sc, &[(&s, &o)])?;
+                    others.push((s, o));
+                }
+            }
+            let mut runs = vec![(&summary, &outcome)];
+            runs.extend(others.iter().map(|(s, o)| (s, o)));
+            write_all(&out, &sc, &runs)?;
             print!("{}", summary.text());
+            if baselines {
+                let rows: Vec<&Summary> = runs.iter().map(|(s, _)| *s).collect();
+                let csv: String = std::iter::once(shoal_sim::report::ROW_HEADER.to_string())
+                    .chain(rows.iter().map(|s| s.row()))
+                    .map(|l| l + "\n")
+                    .collect();
+                std::fs::write(out.join("policies.csv"), csv)?;
+                print!("\n{}", shoal_sim::report::beside(&rows));
+            }
             println!("wrote {}", out.display());
         }
         Cmd::Sweep {

@@ -30,6 +30,9 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
+    /// Every policy: shoal, then the two baselines.
+    pub const ALL: [PolicyKind; 3] = [Self::Shoal, Self::OriginOnly, Self::RandomHolder];
+
     /// Its command-line name.
     pub fn name(&self) -> &'static str {
         match self {

@@ -260,6 +260,59 @@ impl Summary {
     }
 }
 
+/// The columns of one run in `policies.csv` and `sweep.csv` (after the sweep's key and value).
+pub const ROW_HEADER: &str = "policy,nodes,completed,lower_bound_s,completion_p50_s,\
+     completion_p99_s,completion_max_s,p50_over_bound,p99_over_bound,max_over_bound,\
+     origin_egress_ratio,intra_region_share,banned,honest_banned,wall_s";
+
+impl Summary {
+    /// This run's row under [`ROW_HEADER`].
+    pub fn row(&self) -> String {
+        format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            self.policy,
+            self.nodes,
+            self.completed,
+            self.lower_bound_s,
+            self.completion_p50_s,
+            self.completion_p99_s,
+            self.completion_max_s,
+            self.p50_over_bound,
+            self.p99_over_bound,
+            self.max_over_bound,
+            self.origin_egress_ratio,
+            self.intra_region_share,
+            self.banned,
+            self.honest_banned,
+            self.wall_s
+        )
+    }
+}
+
+/// A run beside its baselines (same scenario, engine and seed), one line per policy: times
+/// over the lower bound, origin egress, the share of peer bytes kept in a region.
+pub fn beside(runs: &[&Summary]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<15} {:>10} {:>10} {:>10} {:>14} {:>13}",
+        "policy", "p50/bound", "p99/bound", "max/bound", "origin egress", "intra-region"
+    );
+    for r in runs {
+        let _ = writeln!(
+            s,
+            "{:<15} {:>10.3} {:>10.3} {:>10.3} {:>12.3} F {:>12.1}%",
+            r.policy,
+            r.p50_over_bound,
+            r.p99_over_bound,
+            r.max_over_bound,
+            r.origin_egress_ratio,
+            r.intra_region_share * 100.0
+        );
+    }
+    s
+}
+
 /// How far `b` is from `a`, relative to `a`: `|b - a| / |a|` (infinite when `a` is 0 and `b`
 /// is not).
 pub fn relative_difference(a: f64, b: f64) -> f64 {
