@@ -425,16 +425,6 @@ impl<'a> Engine<'a> {
 
     fn push(&mut self, at: u64, ev: Ev) {
         self.seq += 1;
-        let timer = match ev {
-            Ev::FlowEnd(flow, version, x) => Some((flow, FlowTimer::End, version, x)),
-            Ev::Block(flow, version, x) => Some((flow, FlowTimer::Block, version, x)),
-            _ => None,
-        };
-        if let Some((flow, kind, version, x)) = timer {
-            self.flow_timers
-                .set(flow_key(flow, kind), at, self.seq, (kind, version, x));
-            return;
-        }
         let slot = match self.free_slots.pop() {
             Some(slot) => {
                 self.events_at[slot as usize] = Some(ev);
@@ -452,41 +442,34 @@ impl<'a> Engine<'a> {
         }));
     }
 
-    /// The time of the next event, of either queue.
-    fn next_at(&self) -> Option<u64> {
-        self.next_is_timer().map(|timer| match timer {
-            true => self.flow_timers.peek().map(|(at, _)| at),
-            false => self.heap.peek().map(|Reverse(e)| e.at),
-        })?
+    /// Sets (or moves) a flow's end or next-block event to `at`; it takes its place in the
+    /// one sequence of [`Engine::push`].
+    fn set_flow_timer(&mut self, at: u64, flow: FlowId, kind: FlowTimer, version: u64, x: XferId) {
+        self.seq += 1;
+        self.flow_timers
+            .set(flow_key(flow, kind), at, self.seq, (kind, version, x));
     }
 
-    /// Whether the next event is a flow timer (`None`: no event left). Both queues order
-    /// by `(at, seq)` with one sequence, so events come in the order they would from one.
-    fn next_is_timer(&self) -> Option<bool> {
+    /// Takes the next event of either queue, with its time. Both order by `(at, seq)` with
+    /// one sequence, so events come in the order they would from one queue.
+    fn pop_next(&mut self) -> Option<(u64, Ev)> {
         let heap = self.heap.peek().map(|Reverse(e)| (e.at, e.seq));
-        match (heap, self.flow_timers.peek()) {
-            (None, None) => None,
-            (Some(h), Some(t)) => Some(t < h),
-            (h, _) => Some(h.is_none()),
-        }
-    }
-
-    /// Takes the next event (there is one: [`Engine::next_at`] said so).
-    fn pop_next(&mut self) -> Ev {
-        if self.next_is_timer() == Some(true) {
-            let (key, _, (kind, version, x)) =
-                self.flow_timers.pop().expect("a flow timer was peeked");
+        let timer = self.flow_timers.peek();
+        if timer.is_some_and(|t| heap.is_none_or(|h| t < h)) {
+            let (key, at, (kind, version, x)) = self.flow_timers.pop()?;
             let flow = key / 2;
-            return match kind {
+            let ev = match kind {
                 FlowTimer::End => Ev::FlowEnd(flow, version, x),
                 FlowTimer::Block => Ev::Block(flow, version, x),
             };
+            return Some((at, ev));
         }
-        let Reverse(entry) = self.heap.pop().expect("an event was peeked");
+        let Reverse(entry) = self.heap.pop()?;
         self.free_slots.push(entry.slot);
-        self.events_at[entry.slot as usize]
+        let ev = self.events_at[entry.slot as usize]
             .take()
-            .expect("a queued event's slot holds it")
+            .expect("a queued event's slot holds it");
+        Some((entry.at, ev))
     }
 
     fn instant(&self) -> Instant {
@@ -510,7 +493,7 @@ impl<'a> Engine<'a> {
 
     fn run(&mut self, progress: &mut dyn FnMut(Progress)) {
         let mut last_report = 0u64;
-        while let Some(at) = self.next_at() {
+        while let Some((at, ev)) = self.pop_next() {
             if at > self.limit {
                 self.hit_limit = true;
                 self.now = self.limit;
@@ -518,7 +501,6 @@ impl<'a> Engine<'a> {
             }
             self.now = at;
             self.events += 1;
-            let ev = self.pop_next();
             self.handle(ev);
             if self.honest_left == 0 {
                 break;
@@ -772,7 +754,7 @@ impl<'a> Engine<'a> {
         let list = std::mem::take(&mut self.resched);
         for &(flow, version, at) in &list {
             if let Some(x) = self.flow_owner(flow) {
-                self.push(at, Ev::FlowEnd(flow, version, x));
+                self.set_flow_timer(at, flow, FlowTimer::End, version, x);
                 self.next_block(flow, version, x, at);
             }
         }
@@ -797,7 +779,7 @@ impl<'a> Engine<'a> {
         }
         let at = self.now + ns((next - moved) / rate);
         if at < end {
-            self.push(at, Ev::Block(flow, version, x));
+            self.set_flow_timer(at, flow, FlowTimer::Block, version, x);
         }
     }
 

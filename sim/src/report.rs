@@ -183,6 +183,28 @@ impl Summary {
         self.cpu_busy.is_some_and(|b| b >= CPU_BOUND)
     }
 
+    /// This run's row under [`ROW_HEADER`].
+    pub fn row(&self) -> String {
+        format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            self.policy,
+            self.nodes,
+            self.completed,
+            self.lower_bound_s,
+            self.completion_p50_s,
+            self.completion_p99_s,
+            self.completion_max_s,
+            self.p50_over_bound,
+            self.p99_over_bound,
+            self.max_over_bound,
+            self.origin_egress_ratio,
+            self.intra_region_share,
+            self.banned,
+            self.honest_banned,
+            self.wall_s
+        )
+    }
+
     /// The one-screen text summary.
     pub fn text(&self) -> String {
         let mut s = String::new();
@@ -264,30 +286,6 @@ impl Summary {
 pub const ROW_HEADER: &str = "policy,nodes,completed,lower_bound_s,completion_p50_s,\
      completion_p99_s,completion_max_s,p50_over_bound,p99_over_bound,max_over_bound,\
      origin_egress_ratio,intra_region_share,banned,honest_banned,wall_s";
-
-impl Summary {
-    /// This run's row under [`ROW_HEADER`].
-    pub fn row(&self) -> String {
-        format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-            self.policy,
-            self.nodes,
-            self.completed,
-            self.lower_bound_s,
-            self.completion_p50_s,
-            self.completion_p99_s,
-            self.completion_max_s,
-            self.p50_over_bound,
-            self.p99_over_bound,
-            self.max_over_bound,
-            self.origin_egress_ratio,
-            self.intra_region_share,
-            self.banned,
-            self.honest_banned,
-            self.wall_s
-        )
-    }
-}
 
 /// A run beside its baselines (same scenario, engine and seed), one line per policy: times
 /// over the lower bound, origin egress, the share of peer bytes kept in a region.
