@@ -9,6 +9,7 @@
 //! - [`swarm`]: the libp2p swarm (TCP with TLS or noise, then yamux; QUIC; the shoal
 //!   [`Behaviour`]).
 //! - [`tls`]: libp2p's TLS 1.3 handshake with AES-GCM preferred where the CPU has AES.
+//! - [`coalesce`]: fewer, larger socket reads and TLS writes under yamux.
 //! - [`relay_meter`]: the bytes the master's relay carries, counted under its muxers.
 //! - [`cli`]: logging set-up and one-line error reports for the binaries.
 //! - [`lock`]: one process per data directory ("data dir X is in use by process N").
@@ -21,6 +22,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cli;
+pub mod coalesce;
 pub mod keyfile;
 pub mod lock;
 pub mod relay_meter;

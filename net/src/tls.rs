@@ -22,6 +22,8 @@ use std::{
 };
 
 use futures::{future::BoxFuture, AsyncRead, AsyncWrite, FutureExt};
+
+use crate::coalesce::{ReadAhead, WriteBehind};
 use libp2p::{
     core::{
         upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade},
@@ -38,6 +40,10 @@ use rustls::{
     CertificateError, CommonState, DigitallySignedStruct, DistinguishedName, OtherError,
     SignatureScheme, SupportedCipherSuite,
 };
+
+/// What a handshake yields: the TLS stream, with reads of the socket and writes of yamux's
+/// frames batched around it ([`crate::coalesce`]).
+pub type Stream<C> = WriteBehind<TlsStream<ReadAhead<C>>>;
 
 /// The name multistream-select negotiates for this handshake (libp2p's).
 pub const PROTOCOL: &str = "/tls/1.0.0";
@@ -157,18 +163,18 @@ impl<C> InboundConnectionUpgrade<C> for Config
 where
     C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    type Output = (PeerId, TlsStream<C>);
+    type Output = (PeerId, Stream<C>);
     type Error = TlsError;
     type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
 
     fn upgrade_inbound(self, socket: C, _: Self::Info) -> Self::Future {
         async move {
             let stream = futures_rustls::TlsAcceptor::from(self.server)
-                .accept(socket)
+                .accept(ReadAhead::new(socket))
                 .await
                 .map_err(TlsError::Handshake)?;
             let peer = self.verifier.established(stream.get_ref().1)?;
-            Ok((peer, stream.into()))
+            Ok((peer, WriteBehind::new(stream.into())))
         }
         .boxed()
     }
@@ -178,7 +184,7 @@ impl<C> OutboundConnectionUpgrade<C> for Config
 where
     C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    type Output = (PeerId, TlsStream<C>);
+    type Output = (PeerId, Stream<C>);
     type Error = TlsError;
     type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
 
@@ -188,11 +194,11 @@ where
             // address.
             let name = ServerName::IpAddress(IpAddr::V4(Ipv4Addr::UNSPECIFIED).into());
             let stream = futures_rustls::TlsConnector::from(self.client)
-                .connect(name, socket)
+                .connect(name, ReadAhead::new(socket))
                 .await
                 .map_err(TlsError::Handshake)?;
             let peer = self.verifier.established(stream.get_ref().1)?;
-            Ok((peer, stream.into()))
+            Ok((peer, WriteBehind::new(stream.into())))
         }
         .boxed()
     }
@@ -402,16 +408,36 @@ mod tests {
         (a.compat(), b.compat())
     }
 
+    /// The suite a stream's handshake settled on.
+    trait Suite {
+        fn suite(&self) -> Option<CipherSuite>;
+    }
+
+    impl<C> Suite for TlsStream<C> {
+        fn suite(&self) -> Option<CipherSuite> {
+            self.get_ref()
+                .1
+                .negotiated_cipher_suite()
+                .map(|s| s.suite())
+        }
+    }
+
+    impl<C> Suite for Stream<C> {
+        fn suite(&self) -> Option<CipherSuite> {
+            self.get_ref().suite()
+        }
+    }
+
     /// Runs a handshake between `client` and `server` (any libp2p TLS upgrades) and returns
     /// the PeerIds each side saw and the suite the client's side negotiated.
-    async fn handshake<A, B>(client: A, server: B) -> (PeerId, PeerId, Option<CipherSuite>)
+    async fn handshake<A, B, SA, SB>(client: A, server: B) -> (PeerId, PeerId, Option<CipherSuite>)
     where
-        A: OutboundConnectionUpgrade<Pipe, Output = (PeerId, TlsStream<Pipe>)>
+        A: OutboundConnectionUpgrade<Pipe, Output = (PeerId, SA)>
             + UpgradeInfo<Info = &'static str>,
         A::Error: std::fmt::Debug,
-        B: InboundConnectionUpgrade<Pipe, Output = (PeerId, TlsStream<Pipe>)>
-            + UpgradeInfo<Info = &'static str>,
+        B: InboundConnectionUpgrade<Pipe, Output = (PeerId, SB)> + UpgradeInfo<Info = &'static str>,
         B::Error: std::fmt::Debug,
+        SA: Suite,
     {
         let (c, s) = pipe();
         let (out, inb) = futures::join!(
@@ -420,12 +446,47 @@ mod tests {
         );
         let (server_seen, stream) = out.unwrap();
         let (client_seen, _) = inb.unwrap();
-        let suite = stream
-            .get_ref()
-            .1
-            .negotiated_cipher_suite()
-            .map(|s| s.suite());
-        (server_seen, client_seen, suite)
+        (server_seen, client_seen, stream.suite())
+    }
+
+    /// Bytes both ways between a shoal peer and a stock libp2p TLS peer, through the batching
+    /// around shoal's TLS stream: writes of a yamux frame's sizes, a flush after each.
+    #[tokio::test]
+    async fn bytes_cross_a_handshake_both_ways_with_a_stock_peer() {
+        use futures::{AsyncReadExt, AsyncWriteExt};
+        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let (c, s) = pipe();
+        let (out, inb) = futures::join!(
+            Config::new(&a).unwrap().upgrade_outbound(c, PROTOCOL),
+            libp2p::tls::Config::new(&b)
+                .unwrap()
+                .upgrade_inbound(s, PROTOCOL)
+        );
+        let ((_, ours), (_, stock)) = (out.unwrap(), inb.unwrap());
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let send = |mut w: Box<dyn futures::AsyncWrite + Unpin + Send>, data: Vec<u8>| async move {
+            for chunk in data.chunks(16 * 1024) {
+                w.write_all(&chunk[..12.min(chunk.len())]).await.unwrap();
+                w.write_all(&chunk[12.min(chunk.len())..]).await.unwrap();
+                w.flush().await.unwrap();
+            }
+            w
+        };
+        let (ours_r, ours_w) = ours.split();
+        let (stock_r, stock_w) = stock.split();
+        let recv = |mut r: Box<dyn futures::AsyncRead + Unpin + Send>, len: usize| async move {
+            let mut got = vec![0u8; len];
+            r.read_exact(&mut got).await.unwrap();
+            got
+        };
+        let (_, _, to_stock, to_ours) = futures::join!(
+            send(Box::new(ours_w), data.clone()),
+            send(Box::new(stock_w), data.clone()),
+            recv(Box::new(stock_r), data.len()),
+            recv(Box::new(ours_r), data.len()),
+        );
+        assert!(to_stock == data, "shoal -> stock: bytes changed");
+        assert!(to_ours == data, "stock -> shoal: bytes changed");
     }
 
     #[tokio::test]
