@@ -137,11 +137,24 @@ pub const LOCATE_SCAN_FACTOR: u32 = 16;
 /// the master resend 2,331 blocks of 650 MiB this way).
 pub const BRIEF_AVOID: Duration = Duration::from_secs(5);
 
+/// A requester's master pieces grow past `max_master_piece` (up to `lone_master_piece`) only
+/// to this fraction of its fair share of first copies: its share still comes in at least
+/// this many pieces, and a crowd's requesters (small shares) are not affected.
+pub const LONE_SHARE_PIECES: u32 = 16;
+
 /// Tunables of the policy. The defaults suit 64 KiB blocks.
 #[derive(Clone, Debug)]
 pub struct PolicyConfig {
-    /// Largest piece the master serves itself, in blocks (when idle).
+    /// Largest piece the master serves itself, in blocks (when idle), to a requester among
+    /// others (see `lone_master_piece`).
     pub max_master_piece: u32,
+    /// Largest master piece, in blocks, for a requester whose fair share of first copies is
+    /// at least [`LONE_SHARE_PIECES`] such pieces (a lone fetch, or one of a few): its master
+    /// pieces may grow from `max_master_piece` up to this, to a sixteenth of its share.
+    /// Fewer, longer piece streams cost fewer round trips and less CPU per byte on both
+    /// sides (`bench/e2e.sh 512`: 270-300 -> 380-410 MB/s); a crowd's requesters have small
+    /// shares and keep `max_master_piece`, so its first copies are still spread thin.
+    pub lone_master_piece: u32,
     /// Smallest piece the master serves itself, in blocks (under heavy load).
     pub min_master_piece: u32,
     /// Most master pieces in one answer (when idle; one under load).
@@ -201,6 +214,7 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
             max_master_piece: 8,
+            lone_master_piece: 64,
             min_master_piece: 4,
             max_master_pieces: 4,
             master_load_half: 256,
@@ -806,9 +820,15 @@ impl Policy {
         ((u64::from(max) * half).div_ceil(half + u64::from(self.master_load))) as u32
     }
 
-    fn master_piece(&self) -> u32 {
-        self.under_load(self.cfg.max_master_piece)
-            .clamp(self.cfg.min_master_piece, self.cfg.max_master_piece)
+    /// The master's piece for a requester whose fair share of first copies is `share`
+    /// blocks: `max_master_piece`, or up to `lone_master_piece` for a large share; smaller
+    /// under load.
+    fn master_piece(&self, share: u32) -> u32 {
+        let max = (share / LONE_SHARE_PIECES).clamp(
+            self.cfg.max_master_piece,
+            self.cfg.lone_master_piece.max(self.cfg.max_master_piece),
+        );
+        self.under_load(max).clamp(self.cfg.min_master_piece, max)
     }
 
     /// Requesters that may have master pieces on their way at once: the master's slots over
@@ -816,7 +836,7 @@ impl Policy {
     fn master_clients(&self, share: u32) -> u32 {
         let pieces = self
             .under_load(self.cfg.max_master_pieces)
-            .min(share.div_ceil(self.master_piece().max(1)))
+            .min(share.div_ceil(self.master_piece(share).max(1)))
             .max(1);
         (self.cfg.master_slots / (2 * pieces)).max(1)
     }
@@ -833,8 +853,8 @@ impl Policy {
     }
 
     /// Blocks the master hands out in one answer: several pieces when idle, one when busy.
-    fn master_budget(&self) -> u32 {
-        self.master_piece() * self.under_load(self.cfg.max_master_pieces).max(1)
+    fn master_budget(&self, share: u32) -> u32 {
+        self.master_piece(share) * self.under_load(self.cfg.max_master_pieces).max(1)
     }
 
     /// Answers a Locate from `requester` for the blocks `need` of `file`.
@@ -849,9 +869,9 @@ impl Policy {
         if self.expiry_floor.is_some_and(|t| now >= t) {
             self.expire(now);
         }
-        let master_piece = self.master_piece();
         let share = self.files.get(file).map_or(1, |f| self.first_copy_share(f));
-        let master_budget = self.master_budget().min(share);
+        let master_piece = self.master_piece(share);
+        let master_budget = self.master_budget(share).min(share);
         let master_clients = self.master_clients(share);
         let cfg = self.cfg.clone();
         let f = self
@@ -2518,9 +2538,58 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_requester_gets_longer_master_pieces_than_one_of_a_crowd() {
+        let cfg = sequential();
+        let blocks = 16 * cfg.lone_master_piece;
+        let now = Instant::now();
+        let master_pieces = |p: &mut Policy, x: PeerId| -> Vec<u32> {
+            let ans = p.locate(now, x, &file(), &all(blocks)).unwrap();
+            ans.assignments
+                .iter()
+                .inspect(|a| assert_eq!(a.source, Source::Master))
+                .map(|a| a.range.len())
+                .collect()
+        };
+
+        let mut lone = Policy::new(cfg.clone());
+        lone.add_file(
+            file(),
+            "f".into(),
+            u64::from(blocks) << 16,
+            Blocks::full(blocks),
+        );
+        let a = peer();
+        lone.peer_up(a, vec![addr()]);
+        let sizes = master_pieces(&mut lone, a);
+        assert!(cfg.lone_master_piece > cfg.max_master_piece);
+        assert_eq!(sizes[0], cfg.lone_master_piece, "{sizes:?}");
+
+        // The same file wanted by a crowd: each share is 1/16 as large, and so are the
+        // pieces it may come in; they stay at `max_master_piece`.
+        let mut crowd = Policy::new(cfg.clone());
+        crowd.add_file(
+            file(),
+            "f".into(),
+            u64::from(blocks) << 16,
+            Blocks::full(blocks),
+        );
+        let peers: Vec<PeerId> = (0..16).map(|_| peer()).collect();
+        for x in &peers {
+            crowd.peer_up(*x, vec![addr()]);
+        }
+        let sizes = master_pieces(&mut crowd, peers[0]);
+        assert!(!sizes.is_empty());
+        assert!(
+            sizes.iter().all(|&n| n <= cfg.max_master_piece),
+            "{sizes:?}"
+        );
+    }
+
+    #[test]
     fn master_pieces_shrink_under_load() {
         let mut p = Policy::new(PolicyConfig {
             max_master_piece: 32,
+            lone_master_piece: 32,
             min_master_piece: 2,
             max_master_pieces: 1,
             master_load_half: 32,

@@ -400,6 +400,8 @@ pub struct ChaosSpec {
 pub struct PolicySpec {
     /// Largest master piece, blocks.
     pub max_master_piece: Option<u32>,
+    /// Largest master piece for a requester with a large share (a lone fetch), blocks.
+    pub lone_master_piece: Option<u32>,
     /// Smallest master piece, blocks.
     pub min_master_piece: Option<u32>,
     /// Most master pieces per answer.
@@ -434,6 +436,7 @@ impl PolicySpec {
             }
         };
         set(&mut c.max_master_piece, self.max_master_piece);
+        set(&mut c.lone_master_piece, self.lone_master_piece);
         set(&mut c.min_master_piece, self.min_master_piece);
         set(&mut c.max_master_pieces, self.max_master_pieces);
         set(&mut c.master_load_half, self.master_load_half);
