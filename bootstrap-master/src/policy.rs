@@ -1861,6 +1861,7 @@ mod tests {
     fn setup(blocks: u32) -> Policy {
         let mut p = Policy::new(PolicyConfig {
             max_master_piece: 4,
+            lone_master_piece: 4,
             min_master_piece: 1,
             max_master_pieces: 1,
             master_load_half: 1000,
@@ -1912,6 +1913,7 @@ mod tests {
         // 32 blocks, an idle master that would hand 4 pieces of 8 to one requester.
         let mut p = Policy::new(PolicyConfig {
             max_master_piece: 8,
+            lone_master_piece: 8,
             min_master_piece: 1,
             max_master_pieces: 4,
             master_load_half: 1_000_000,
@@ -1975,6 +1977,7 @@ mod tests {
         let blocks = 1024;
         let mut p = Policy::new(PolicyConfig {
             max_master_piece: 4,
+            lone_master_piece: 4,
             min_master_piece: 1,
             max_master_pieces: 1,
             ..PolicyConfig::default()
@@ -2274,6 +2277,7 @@ mod tests {
         let mut p = Policy::new(PolicyConfig {
             master_slots: 8,
             max_master_piece: 2,
+            lone_master_piece: 2,
             min_master_piece: 2,
             max_master_pieces: 2,
             master_load_half: 1_000_000,
@@ -2518,6 +2522,7 @@ mod tests {
     fn an_idle_master_hands_out_several_pieces_at_once() {
         let mut p = Policy::new(PolicyConfig {
             max_master_piece: 4,
+            lone_master_piece: 4,
             max_master_pieces: 3,
             master_load_half: 1000,
             ..sequential()

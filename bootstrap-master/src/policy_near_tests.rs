@@ -24,6 +24,7 @@ fn all(blocks: u32) -> Vec<BlockRange> {
 fn policy(blocks: u32, region_budget: bool) -> Policy {
     let mut p = Policy::new(PolicyConfig {
         max_master_piece: 4,
+        lone_master_piece: 4,
         min_master_piece: 1,
         max_master_pieces: 1,
         master_load_half: 1000,

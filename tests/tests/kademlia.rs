@@ -29,6 +29,7 @@ async fn the_swarm_finishes_without_the_master() -> anyhow::Result<()> {
         shoal_tests::master_config(&tmp.path().join("master"), Some(4 * 1024 * 1024)).with_policy(
             shoal_master::PolicyConfig {
                 max_master_piece: 2,
+                lone_master_piece: 2,
                 min_master_piece: 1,
                 max_peer_piece: 4,
                 ..Default::default()

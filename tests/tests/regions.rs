@@ -41,6 +41,7 @@ async fn run(region_budget: bool, one_entry: bool, seed: u64) -> anyhow::Result<
     } = shoal_tests::published_with(tmp.path(), size, seed, Some(2 << 20), |cfg| {
         cfg.with_policy(PolicyConfig {
             max_master_piece: 4,
+            lone_master_piece: 4,
             max_master_pieces: 1,
             max_peer_piece: 8,
             one_entry_per_region: one_entry,
