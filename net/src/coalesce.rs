@@ -60,15 +60,45 @@ fn give_back(buf: Box<[u8]>) {
     });
 }
 
+/// Bytes held in a borrowed buffer: `buf[start..end]`. The buffer is taken on first use and
+/// given back (see [`give_back`]) once empty, so an idle wrapper holds none.
+#[derive(Debug, Default)]
+struct Window {
+    buf: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+}
+
+impl Window {
+    /// The buffer, taken now if none is held.
+    fn buffer(&mut self) -> &mut [u8] {
+        self.buf.get_or_insert_with(take_buffer)
+    }
+
+    /// The bytes held (empty if no buffer is).
+    fn held(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[], |b| &b[self.start..self.end])
+    }
+
+    /// Lets the buffer go.
+    fn release(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            give_back(buf);
+        }
+        (self.start, self.end) = (0, 0);
+    }
+
+    fn capacity(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.len())
+    }
+}
+
 /// Writes gathered until flushed (see the module documentation). Reads pass through.
 #[derive(Debug)]
 pub struct WriteBehind<S> {
     inner: S,
-    /// Bytes accepted and not yet written to `inner`: `buf[sent..len]`. `None` between
-    /// bursts.
-    buf: Option<Box<[u8]>>,
-    sent: usize,
-    len: usize,
+    /// Bytes accepted and not yet written to `inner`.
+    held: Window,
 }
 
 impl<S> WriteBehind<S> {
@@ -76,9 +106,7 @@ impl<S> WriteBehind<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner,
-            buf: None,
-            sent: 0,
-            len: 0,
+            held: Window::default(),
         }
     }
 
@@ -89,54 +117,42 @@ impl<S> WriteBehind<S> {
 
     /// Bytes of buffer held now (0 between bursts).
     pub fn buffer_capacity(&self) -> usize {
-        self.buf.as_ref().map_or(0, |b| b.len())
+        self.held.capacity()
     }
 }
 
 impl<S: AsyncWrite + Unpin> WriteBehind<S> {
     /// Writes out everything buffered, then lets the buffer go.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(buf) = &self.buf {
-            while self.sent < self.len {
-                let n =
-                    ready!(Pin::new(&mut self.inner).poll_write(cx, &buf[self.sent..self.len]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.sent += n;
+        while !self.held.held().is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, self.held.held()))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
+            self.held.start += n;
         }
-        self.release();
+        self.held.release();
         Poll::Ready(Ok(()))
-    }
-
-    fn release(&mut self) {
-        if let Some(buf) = self.buf.take() {
-            give_back(buf);
-        }
-        (self.sent, self.len) = (0, 0);
     }
 
     /// Writes what is buffered and then `data` in one vectored write where the stream takes
     /// it (rustls makes one TLS write of them), without copying `data`.
     fn poll_write_through(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        while let Some(buf) = &self.buf {
-            let held = &buf[self.sent..self.len];
+        while !self.held.held().is_empty() {
+            let held = self.held.held();
             let n = ready!(Pin::new(&mut self.inner)
                 .poll_write_vectored(cx, &[IoSlice::new(held), IoSlice::new(data)]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            if n < held.len() {
-                self.sent += n;
-                continue;
-            }
-            let of_data = n - held.len();
-            self.release();
+            let (of_held, of_data) = (n.min(held.len()), n.saturating_sub(held.len()));
+            self.held.start += of_held;
             if of_data > 0 {
+                self.held.release();
                 return Poll::Ready(Ok(of_data));
             }
         }
+        self.held.release();
         Pin::new(&mut self.inner).poll_write(cx, data)
     }
 }
@@ -156,12 +172,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteBehind<S> {
         if data.len() >= GATHER {
             return this.poll_write_through(cx, data);
         }
-        if this.len + data.len() > CAPACITY {
+        if this.held.end + data.len() > CAPACITY {
             ready!(this.poll_drain(cx))?;
         }
-        let (at, buf) = (this.len, this.buf.get_or_insert_with(take_buffer));
-        buf[at..at + data.len()].copy_from_slice(data);
-        this.len += data.len();
+        let at = this.held.end;
+        this.held.buffer()[at..at + data.len()].copy_from_slice(data);
+        this.held.end += data.len();
         Poll::Ready(Ok(data.len()))
     }
 
@@ -201,10 +217,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for WriteBehind<S> {
 #[derive(Debug)]
 pub struct ReadAhead<S> {
     inner: S,
-    /// Bytes read and not yet handed on: `buf[pos..filled]`. `None` between bursts.
-    buf: Option<Box<[u8]>>,
-    pos: usize,
-    filled: usize,
+    /// Bytes read and not yet handed on.
+    held: Window,
 }
 
 impl<S> ReadAhead<S> {
@@ -212,9 +226,7 @@ impl<S> ReadAhead<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner,
-            buf: None,
-            pos: 0,
-            filled: 0,
+            held: Window::default(),
         }
     }
 
@@ -225,15 +237,7 @@ impl<S> ReadAhead<S> {
 
     /// Bytes of buffer held now (0 between bursts).
     pub fn buffer_capacity(&self) -> usize {
-        self.buf.as_ref().map_or(0, |b| b.len())
-    }
-
-    /// Lets the (drained) buffer go.
-    fn release(&mut self) {
-        if let Some(buf) = self.buf.take() {
-            give_back(buf);
-        }
-        (self.pos, self.filled) = (0, 0);
+        self.held.capacity()
     }
 }
 
@@ -247,30 +251,26 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         if out.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if this.pos == this.filled {
+        if this.held.held().is_empty() {
             if out.len() >= CAPACITY {
-                this.release();
+                this.held.release();
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
-            let buf = this.buf.get_or_insert_with(take_buffer);
-            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            match Pin::new(&mut this.inner).poll_read(cx, this.held.buffer()) {
                 Poll::Ready(Ok(n)) if n > 0 => {
-                    this.pos = 0;
-                    this.filled = n.min(CAPACITY);
+                    (this.held.start, this.held.end) = (0, n.min(CAPACITY))
                 }
                 // End of stream, an error, or nothing to read: wait without a buffer.
                 other => {
-                    this.release();
+                    this.held.release();
                     return other;
                 }
             }
         }
-        let Some(buf) = &this.buf else {
-            return Poll::Ready(Ok(0));
-        };
-        let n = out.len().min(this.filled - this.pos);
-        out[..n].copy_from_slice(&buf[this.pos..this.pos + n]);
-        this.pos += n;
+        let held = this.held.held();
+        let n = out.len().min(held.len());
+        out[..n].copy_from_slice(&held[..n]);
+        this.held.start += n;
         Poll::Ready(Ok(n))
     }
 }
