@@ -8,7 +8,8 @@
 # The files (about 4 x SIZE_MIB) go under $TMPDIR (default /tmp); TMPDIR=/dev/shm keeps them in
 # memory when the disk is short of space (then "to disk" means to tmpfs, for nginx too).
 # SHOAL_BIN=/abs/dir runs the `shoal` and `shoal-master` found there instead of building
-# target/release (to alternate two builds in one session).
+# target/release (to alternate two builds in one session). FETCH_ARGS adds options to both
+# `shoal fetch` runs, e.g. FETCH_ARGS=--direct-io.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-1024}
@@ -52,7 +53,7 @@ fetch_over() { # name addr -> "MB/s client-cpu-per-GiB server-cpu-per-GiB rss-Ki
   start=$(date +%s.%N)
   /usr/bin/env time -f "%U %S %M" -o "$WORK/node.time" \
     "$BIN/shoal" fetch "$ID" --bootstrap "$2" --listen /ip4/127.0.0.1/tcp/0 \
-    --data-dir "$WORK/n" --out "$WORK/out.bin" --seed-time 0 2>/dev/null
+    --data-dir "$WORK/n" --out "$WORK/out.bin" --seed-time 0 ${FETCH_ARGS:-} 2>/dev/null
   end=$(date +%s.%N)
   m1=$(cpu_of "$MPID")
   cmp -s "$WORK/file.bin" "$WORK/out.bin" || { echo "shoal ($1) output differs!" >&2; exit 1; }

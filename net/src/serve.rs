@@ -27,7 +27,7 @@ use std::{
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::PeerId;
 use shoal_protocol::{
-    block::{BlockRange, Geometry},
+    block::{AlignedBuf, BlockRange, Geometry},
     limits::{MAX_PIECE_BLOCKS, MAX_PIECE_FRAME},
     piece::{read_frame, refuse, write_frame},
     rate::RateLimiter,
@@ -356,11 +356,11 @@ impl Inner {
         let result = async {
             let batch_blocks = (cfg.read_batch / geometry.block_size.max(1) as usize).max(1);
             let batch_blocks = u32::try_from(batch_blocks).unwrap_or(u32::MAX);
-            let mut buf = Vec::new();
+            let mut buf = None;
             let mut next = range.start;
             while next < range.end {
                 let batch = BlockRange::new(next, next.saturating_add(batch_blocks).min(range.end));
-                buf = read_batch(serve.blocks.clone(), geometry, batch, buf).await?;
+                let data = read_batch(serve.blocks.clone(), geometry, batch, buf.take()).await?;
                 let mut at = 0usize;
                 for block in batch.iter() {
                     let len = geometry.block_len(block);
@@ -375,12 +375,13 @@ impl Inner {
                             deadline += wait;
                         }
                     }
-                    tokio::time::timeout_at(deadline, stream.write_all(&buf[at..at + len]))
+                    tokio::time::timeout_at(deadline, stream.write_all(&data[at..at + len]))
                         .await
                         .map_err(|_| late())??;
                     at += len;
                     sent = sent.saturating_add(len as u64);
                 }
+                buf = Some(data);
                 next = batch.end;
             }
             tokio::time::timeout_at(deadline, stream.close())
@@ -407,17 +408,22 @@ impl Inner {
     }
 }
 
-/// Reads the blocks of `batch` into `buf` (reused) on a blocking thread.
+/// Reads the blocks of `batch` into `buf` (reused while the batches are as long) on a
+/// blocking thread. The buffer is aligned, so that a reader may fetch whole blocks with
+/// `O_DIRECT` (a node's store does) without a copy.
 async fn read_batch(
     reader: Arc<dyn BlockReader>,
     geometry: Geometry,
     batch: BlockRange,
-    mut buf: Vec<u8>,
-) -> Result<Vec<u8>, ServeError> {
+    buf: Option<AlignedBuf>,
+) -> Result<AlignedBuf, ServeError> {
     let bytes = usize::try_from(geometry.range_bytes(batch))
         .map_err(|_| io::Error::other("batch too large"))?;
     tokio::task::spawn_blocking(move || {
-        buf.resize(bytes, 0);
+        let mut buf = match buf {
+            Some(b) if b.len() == bytes => b,
+            _ => AlignedBuf::zeroed(bytes),
+        };
         let mut at = 0usize;
         for block in batch.iter() {
             let len = geometry.block_len(block);

@@ -141,6 +141,14 @@ enum Cmd {
         /// SHA-256 pass over the file.
         #[arg(long)]
         check_whole_file: bool,
+        /// Write whole blocks to the disk with O_DIRECT, past the page cache, and read them
+        /// back that way to serve them; the file's space is reserved first (a disk too small
+        /// fails at once). For a lone fast fetch to a local disk: it saves copying every byte
+        /// into the page cache, about a third of the fetch's CPU here. In a crowd, where a node
+        /// serves what it fetched, it made nodes finish later. File systems that refuse
+        /// O_DIRECT get the page cache anyway.
+        #[arg(long)]
+        direct_io: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -376,6 +384,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             report,
             parallel,
             check_whole_file,
+            direct_io,
             common,
         } => {
             let _lock = lock(&common)?;
@@ -421,6 +430,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.manifest = manifest;
             opts.scheduler.max_transfers = parallel.max(1);
             opts.check_whole_file = check_whole_file;
+            opts.direct_io = direct_io;
             opts.live = Some(live.clone());
             let display = ProgressDisplay::start(progress, live);
             let result = tokio::select! {

@@ -33,6 +33,67 @@ impl std::fmt::Debug for BlockDigest {
     }
 }
 
+/// Alignment of [`AlignedBuf`]: what `O_DIRECT` asks of a buffer, an offset and a length on
+/// the disks and file systems we meet (their logical sectors are 512 or 4096 bytes).
+pub const DIRECT_IO_ALIGN: usize = 4096;
+
+/// A zeroed byte buffer whose first byte sits on a [`DIRECT_IO_ALIGN`] boundary, so that a
+/// block received into it (or read into it for serving) can go to or come from the disk with
+/// `O_DIRECT`, past the page cache and without a copy. Safe code: it over-allocates by less
+/// than one alignment unit and starts at the first aligned byte.
+pub struct AlignedBuf {
+    bytes: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// `len` zero bytes, aligned.
+    pub fn zeroed(len: usize) -> Self {
+        let bytes = vec![0u8; len.saturating_add(DIRECT_IO_ALIGN - 1)];
+        // `align_offset` of a u8 pointer is always below the alignment, so this stays within.
+        let start = bytes.as_ptr().align_offset(DIRECT_IO_ALIGN);
+        Self { bytes, start, len }
+    }
+
+    /// Its length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
+    }
+}
+
+/// Whether `data` may be written or read with `O_DIRECT` at `offset`: its start, its length
+/// and the offset all on [`DIRECT_IO_ALIGN`] boundaries.
+pub fn direct_io_aligned(data: &[u8], offset: u64) -> bool {
+    data.as_ptr().align_offset(DIRECT_IO_ALIGN) == 0
+        && data.len().is_multiple_of(DIRECT_IO_ALIGN)
+        && offset.is_multiple_of(DIRECT_IO_ALIGN as u64)
+}
+
 /// A half-open range of block indices `[start, end)`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 pub struct BlockRange {
@@ -287,6 +348,24 @@ pub fn normalize(ranges: &[BlockRange], blocks: u32, max_ranges: usize) -> Vec<B
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_aligned_buffer_starts_on_the_boundary_whatever_its_length() {
+        for len in [0, 1, 4095, 4096, 65536, 65536 + 7] {
+            let mut b = AlignedBuf::zeroed(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize % DIRECT_IO_ALIGN, 0, "len {len}");
+            assert!(b.iter().all(|&x| x == 0));
+            b.iter_mut().for_each(|x| *x = 7);
+            assert!(b.iter().all(|&x| x == 7));
+        }
+        let b = AlignedBuf::zeroed(3 * 4096);
+        assert!(direct_io_aligned(&b, 8192));
+        assert!(direct_io_aligned(&b[4096..], 0));
+        assert!(!direct_io_aligned(&b, 100), "offset off the boundary");
+        assert!(!direct_io_aligned(&b[..4000], 0), "length off the boundary");
+        assert!(!direct_io_aligned(&b[1..4097], 0), "start off the boundary");
+    }
 
     #[test]
     fn union_is_a_set_union_within_capacity() {

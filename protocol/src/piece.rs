@@ -11,9 +11,12 @@
 
 use std::{future::Future, io};
 
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures::{
+    stream::FuturesOrdered, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt,
+    StreamExt,
+};
 
-use crate::block::{BlockRange, Geometry};
+use crate::block::{AlignedBuf, BlockRange, Geometry};
 pub use crate::frame::{read_frame, write_frame};
 use crate::limits::MAX_PIECE_FRAME;
 use crate::manifest::VerifiedManifest;
@@ -60,6 +63,38 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(u32, &[u8]) -> io::Result<()>,
 {
+    receive_blocks_overlapped(
+        io,
+        manifest,
+        range,
+        1,
+        |block, buf, len| futures::future::ready(sink(block, &buf[..len]).map(|()| buf)),
+        |_, _| {},
+    )
+    .await
+}
+
+/// As [`receive_blocks`], with the storing of blocks overlapping the reading of the next
+/// ones. `store(block, buf, len)` starts storing verified block `block` (the first `len`
+/// bytes of `buf`) and returns a future of the buffer, given back for reuse; the future should
+/// make progress without being polled (a blocking-pool task: a disk write). Up to `depth`
+/// blocks are being stored while the next is read. `stored(block, len)` is called in block
+/// order as each one's store succeeded. On error, exactly the blocks `stored` was called for
+/// are delivered; a block stored after an earlier one failed is not counted.
+pub async fn receive_blocks_overlapped<S, W, Fut, D>(
+    io: &mut S,
+    manifest: &VerifiedManifest,
+    range: BlockRange,
+    depth: usize,
+    mut store: W,
+    mut stored: D,
+) -> Result<(), ReceiveError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    W: FnMut(u32, AlignedBuf, usize) -> Fut,
+    Fut: Future<Output = io::Result<AlignedBuf>>,
+    D: FnMut(u32, usize),
+{
     if range.is_empty() || range.end > manifest.blocks() {
         return Err(ReceiveError::BadRange(range));
     }
@@ -73,16 +108,57 @@ where
         PieceResponse::Refused(r) => return Err(ReceiveError::Refused(r)),
     }
     let geometry = manifest.geometry();
-    let mut buf = vec![0u8; manifest.body().block_size as usize];
-    for block in range.iter() {
-        let data = &mut buf[..geometry.block_len(block)];
-        io.read_exact(data).await?;
-        if !manifest.check_block(block, data) {
-            return Err(ReceiveError::Corrupt { block });
+    let block_size = manifest.body().block_size as usize;
+    let depth = depth.max(1);
+    let mut storing = FuturesOrdered::new();
+    let mut spare: Option<AlignedBuf> = None;
+    let mut made = 0usize;
+    // The outcome of the oldest store: its buffer back, or the error that ends the transfer.
+    let mut done = |(block, len, r): (u32, usize, io::Result<AlignedBuf>)| match r {
+        Ok(buf) => {
+            stored(block, len);
+            Ok(buf)
         }
-        sink(block, data).map_err(|source| ReceiveError::Sink { block, source })?;
+        Err(source) => Err(ReceiveError::Sink { block, source }),
+    };
+    let mut failure = None;
+    for block in range.iter() {
+        let buf = match spare.take() {
+            Some(b) => b,
+            None if made < depth => {
+                made += 1;
+                // Aligned, so that a store may write whole blocks with O_DIRECT without a copy.
+                AlignedBuf::zeroed(block_size)
+            }
+            // A failed store ends the transfer at once: the blocks after it do not count.
+            None => match storing.next().await {
+                Some(r) => done(r)?,
+                None => AlignedBuf::zeroed(block_size),
+            },
+        };
+        let mut buf = buf;
+        let len = geometry.block_len(block);
+        if let Err(e) = io.read_exact(&mut buf[..len]).await {
+            failure = Some(e.into());
+            break;
+        }
+        if !manifest.check_block(block, &buf[..len]) {
+            failure = Some(ReceiveError::Corrupt { block });
+            break;
+        }
+        let fut = store(block, buf, len);
+        storing.push_back(async move { (block, len, fut.await) });
+        // Keep at most `depth` buffers: reuse one that is back already.
+        if let Some(Some(r)) = storing.next().now_or_never() {
+            spare = Some(done(r)?);
+        }
     }
-    Ok(())
+    // Every store started finishes, in order, before the outcome is known; a failed store
+    // comes before the read failure that stopped the loop, so it is the one reported.
+    while let Some(r) = storing.next().await {
+        done(r)?;
+    }
+    failure.map_or(Ok(()), Err)
 }
 
 /// Server half, after the request frame was read and accepted: writes the `Ok` frame and then
@@ -250,5 +326,117 @@ mod tests {
         let answer = served(&data, &m, BlockRange::new(1, 2));
         let (r, _) = receive(answer, &m, BlockRange::new(0, 1));
         assert!(matches!(r, Err(ReceiveError::Corrupt { block: 0 })));
+    }
+
+    /// A store that finishes after being polled `polls` times (waking itself each time), as a
+    /// disk write that takes a while; `fail` makes block `fail`'s store fail.
+    struct Slow {
+        polls: u32,
+        fail: bool,
+        buf: Option<AlignedBuf>,
+    }
+
+    impl Future for Slow {
+        type Output = io::Result<AlignedBuf>;
+        fn poll(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Self::Output> {
+            if self.polls > 0 {
+                self.polls -= 1;
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            if self.fail {
+                return std::task::Poll::Ready(Err(io::Error::other("disk full")));
+            }
+            std::task::Poll::Ready(Ok(self.buf.take().expect("polled once more")))
+        }
+    }
+
+    /// Receives `range` with `depth` stores at once, each taking `polls` polls, block `fail`'s
+    /// failing; returns the outcome, the blocks counted as stored, and the largest number of
+    /// stores that were started and not yet counted at any time.
+    fn receive_overlapped(
+        answer: Vec<u8>,
+        m: &VerifiedManifest,
+        range: BlockRange,
+        depth: usize,
+        polls: u32,
+        fail: Option<u32>,
+    ) -> (Result<(), ReceiveError>, Vec<u32>, usize) {
+        let mut io = Duplex {
+            read: Cursor::new(answer),
+            written: Vec::new(),
+        };
+        let started = std::cell::Cell::new(0usize);
+        let most = std::cell::Cell::new(0usize);
+        let mut got = Vec::new();
+        let r = futures::executor::block_on(receive_blocks_overlapped(
+            &mut io,
+            m,
+            range,
+            depth,
+            |block, buf, len| {
+                assert_eq!(len, m.geometry().block_len(block));
+                assert!(
+                    m.check_block(block, &buf[..len]),
+                    "only verified blocks are stored"
+                );
+                started.set(started.get() + 1);
+                Slow {
+                    polls,
+                    fail: fail == Some(block),
+                    buf: Some(buf),
+                }
+            },
+            |block, _| {
+                most.set(most.get().max(started.get() - got.len()));
+                got.push(block);
+            },
+        ));
+        (r, got, most.get())
+    }
+
+    #[test]
+    fn stores_overlap_the_next_reads_up_to_the_depth() {
+        let (data, m) = setup();
+        let range = BlockRange::new(0, 9);
+        for depth in [1, 2, 4] {
+            let (r, got, most) =
+                receive_overlapped(served(&data, &m, range), &m, range, depth, 5, None);
+            r.unwrap();
+            assert_eq!(got, (0..9).collect::<Vec<_>>(), "in order, depth {depth}");
+            // The slow stores were waited for only once `depth` of them were under way.
+            assert_eq!(most, depth, "stores at once with depth {depth}");
+        }
+    }
+
+    #[test]
+    fn a_failed_store_ends_the_transfer_and_later_blocks_do_not_count() {
+        let (data, m) = setup();
+        let range = BlockRange::new(0, 6);
+        let (r, got, _) = receive_overlapped(served(&data, &m, range), &m, range, 4, 3, Some(2));
+        assert!(
+            matches!(r, Err(ReceiveError::Sink { block: 2, .. })),
+            "{r:?}"
+        );
+        // Blocks 3 and 4 were stored too, but after the failure: not delivered.
+        assert_eq!(got, vec![0, 1]);
+    }
+
+    #[test]
+    fn stores_under_way_finish_before_a_bad_block_is_reported() {
+        let (data, m) = setup();
+        let range = BlockRange::new(2, 6);
+        let mut answer = served(&data, &m, range);
+        let len = answer.len();
+        answer[len - 4096 - 10] ^= 0xff; // inside block 4
+        let (r, got, _) = receive_overlapped(answer, &m, range, 4, 50, None);
+        assert!(
+            matches!(r, Err(ReceiveError::Corrupt { block: 4 })),
+            "{r:?}"
+        );
+        assert_eq!(got, vec![2, 3]);
     }
 }

@@ -103,7 +103,12 @@ fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
     for i in 0..6 {
         let dir = tmp.path().join(format!("node{i}"));
         // They keep serving for 3 s after finishing, so late finishers still find peers.
-        fetchers.push((spawn_fetch(&bins, &file_id, &bootstrap, &dir, "3")?, dir));
+        // Half of them write and serve with O_DIRECT.
+        let extra: &[&str] = if i % 2 == 1 { &["--direct-io"] } else { &[] };
+        fetchers.push((
+            spawn_fetch(&bins, &file_id, &bootstrap, &dir, "3", extra)?,
+            dir,
+        ));
     }
     let want = std::fs::read(&src)?;
     let mut from_peers = 0;
@@ -249,6 +254,7 @@ fn spawn_fetch(
     bootstrap: &str,
     dir: &Path,
     seed_time: &str,
+    extra: &[&str],
 ) -> anyhow::Result<Proc> {
     Ok(Proc(
         Command::new(bins.join("shoal"))
@@ -268,6 +274,7 @@ fn spawn_fetch(
             .arg(dir.join("out.bin"))
             .arg("--report")
             .arg(dir.join("report.json"))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
@@ -285,7 +292,9 @@ fn a_killed_fetch_resumes_without_refetching_verified_blocks() -> anyhow::Result
     // 4 MB/s: the fetch takes about 6 s, long enough to kill it half way.
     let (_master, bootstrap) = spawn_master(&bins, &master_dir, free_port()?, 4_000_000)?;
     let node = tmp.path().join("node");
-    let mut first = spawn_fetch(&bins, &file_id, &bootstrap, &node, "0")?;
+    // Killed while writing with O_DIRECT, resumed through the page cache: the journal means
+    // the same either way.
+    let mut first = spawn_fetch(&bins, &file_id, &bootstrap, &node, "0", &["--direct-io"])?;
     let journal = node.join("journals").join(format!("{file_id}.journal"));
     // Wait until the journal holds at least a third of the 384 blocks, then SIGKILL.
     let start = Instant::now();
@@ -305,7 +314,7 @@ fn a_killed_fetch_resumes_without_refetching_verified_blocks() -> anyhow::Result
     let journaled = std::fs::metadata(&journal)?.len() / 4;
     assert!(journaled < 384, "the first fetch finished before the kill");
 
-    let mut second = spawn_fetch(&bins, &file_id, &bootstrap, &node, "0")?;
+    let mut second = spawn_fetch(&bins, &file_id, &bootstrap, &node, "0", &[])?;
     let status = wait_with_limit(&mut second.0, Duration::from_secs(120), "the resumed fetch")?;
     assert!(status.success(), "the resumed fetch failed: {status}");
     assert!(
@@ -345,7 +354,10 @@ fn fetches_survive_a_master_crash_and_restart() -> anyhow::Result<()> {
     let mut fetchers = Vec::new();
     for i in 0..3 {
         let dir = tmp.path().join(format!("node{i}"));
-        fetchers.push((spawn_fetch(&bins, &file_id, &bootstrap, &dir, "0")?, dir));
+        fetchers.push((
+            spawn_fetch(&bins, &file_id, &bootstrap, &dir, "0", &[])?,
+            dir,
+        ));
     }
     std::thread::sleep(Duration::from_millis(1500));
     master.0.kill()?; // SIGKILL, mid-transfer
