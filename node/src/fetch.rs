@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{future::Either, AsyncRead, AsyncWrite};
+use futures::{future::BoxFuture, AsyncRead, AsyncWrite, FutureExt};
 
 use serde::Serialize;
 use shoal_protocol::{
@@ -258,9 +258,9 @@ enum Event {
 /// paces the Haves to the master on its own interval).
 const PROGRESS_EVERY: Duration = Duration::from_millis(50);
 
-/// With `--direct-io`, bytes of one transfer's blocks being written to disk while its next
-/// blocks arrive (at least two blocks and at most four): an O_DIRECT write waits for the disk,
-/// and without this overlap the transfer would wait with it.
+/// With `--direct-io`, bytes of one transfer's block buffers (at least two blocks and at most
+/// four): while the next block arrives in one, the others are being written to disk. An
+/// O_DIRECT write waits for the disk, and without this overlap the transfer would wait with it.
 const OVERLAP_BYTES: usize = 1 << 20;
 
 /// Providers asked for their holdings in one swarm locate.
@@ -762,20 +762,36 @@ async fn run_transfer(
         } else {
             1
         };
-        let write = |b: u32, buf: AlignedBuf, len: usize| {
-            if direct {
-                let store = store.clone();
-                Either::Left(async move {
-                    tokio::task::spawn_blocking(move || {
-                        store.write_checked_block(b, &buf[..len]).map(|()| buf)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-                })
-            } else {
-                Either::Right(futures::future::ready(
+        let write = |b: u32, buf: AlignedBuf, len: usize| -> BoxFuture<'static, _> {
+            if !direct {
+                return Box::pin(futures::future::ready(
                     store.write_checked_block(b, &buf[..len]).map(|()| buf),
-                ))
+                ));
+            }
+            let store = store.clone();
+            let slots = store.direct_writes().clone();
+            let spawn = move |permit| {
+                tokio::task::spawn_blocking(move || {
+                    let _permit: tokio::sync::OwnedSemaphorePermit = permit;
+                    store.write_checked_block(b, &buf[..len]).map(|()| buf)
+                })
+            };
+            let joined = |r: Result<std::io::Result<AlignedBuf>, tokio::task::JoinError>| {
+                r.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+            };
+            match slots.clone().try_acquire_owned() {
+                // Started now, not when the future is first polled: the write must run while
+                // the next block is read.
+                Ok(permit) => Box::pin(spawn(permit).map(joined)),
+                // Every slot is taken (a slow or hung disk): wait for one here, holding only
+                // this transfer's buffer, which is freed if the transfer is given up.
+                Err(_) => Box::pin(async move {
+                    let permit = slots
+                        .acquire_owned()
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    joined(spawn(permit).await)
+                }),
             }
         };
         receive_blocks_overlapped(&mut stream, manifest, t.range, depth, write, |_, len| {

@@ -36,6 +36,9 @@ const SYNC_EVERY: u64 = 32 * 1024 * 1024;
 /// download loses at most about this much time's work to a crash or an interruption.
 const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Direct writes of one store running at once: the 8 transfers of a fetch with 4 blocks each.
+const DIRECT_WRITES: usize = 32;
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {source}")]
@@ -100,6 +103,10 @@ pub struct PieceStore {
     /// Cleared when the file system refused an aligned `O_DIRECT` transfer after accepting the
     /// open: everything goes through `data` from then on.
     direct_works: AtomicBool,
+    /// Direct writes running on the blocking pool at once ([`DIRECT_WRITES`]): each holds a
+    /// block buffer, and a transfer given up while its writes wait on a hung disk must not
+    /// leave ever more of them behind.
+    direct_writes: Arc<tokio::sync::Semaphore>,
     /// None for a complete copy (nothing to journal).
     syncer: Option<Arc<Syncer>>,
     /// Bytes written between background syncs ([`SYNC_EVERY`]).
@@ -220,6 +227,7 @@ impl PieceStore {
             data,
             direct_works: AtomicBool::new(direct.is_some()),
             direct,
+            direct_writes: Arc::new(tokio::sync::Semaphore::new(DIRECT_WRITES)),
             syncer: Some(Arc::new(syncer)),
             sync_every: SYNC_EVERY,
             written: tokio::sync::Notify::new(),
@@ -254,6 +262,7 @@ impl PieceStore {
             // A complete copy someone else wrote: its blocks are likely in the page cache.
             direct: None,
             direct_works: AtomicBool::new(false),
+            direct_writes: Arc::new(tokio::sync::Semaphore::new(DIRECT_WRITES)),
             syncer: None,
             sync_every: SYNC_EVERY,
             written: tokio::sync::Notify::new(),
@@ -320,6 +329,12 @@ impl PieceStore {
     /// and the file system takes it).
     pub fn direct_io(&self) -> bool {
         self.direct.is_some() && self.direct_works.load(Ordering::Relaxed)
+    }
+
+    /// Permits for direct writes on the blocking pool: take one before starting a write and
+    /// hold it until the write ends.
+    pub fn direct_writes(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.direct_writes
     }
 
     /// The `O_DIRECT` file, when `data` at `offset` may go through it.
@@ -429,7 +444,8 @@ impl PieceStore {
         let g = self.manifest.geometry();
         let blocks = self.manifest.blocks();
         let mut h = Sha256::new();
-        let mut buf = vec![0u8; g.block_size as usize];
+        // Aligned: with direct I/O the blocks are read back past the page cache too.
+        let mut buf = shoal_protocol::block::AlignedBuf::zeroed(g.block_size as usize);
         let mut next = 0;
         loop {
             // Register for the next write before looking, so no write is missed.
@@ -464,6 +480,10 @@ fn reserve(data: &File, size: u64) -> io::Result<()> {
         Err(Errno::NOSPC) => Err(io::Error::new(
             io::ErrorKind::StorageFull,
             format!("no room for the file's {size} bytes on this disk"),
+        )),
+        Err(e @ (Errno::DQUOT | Errno::FBIG)) => Err(io::Error::new(
+            io::ErrorKind::StorageFull,
+            format!("cannot reserve the file's {size} bytes: {e}"),
         )),
         // Not supported by this file system: the space is taken as blocks arrive.
         Err(e) => {

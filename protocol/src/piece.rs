@@ -77,10 +77,13 @@ where
 /// As [`receive_blocks`], with the storing of blocks overlapping the reading of the next
 /// ones. `store(block, buf, len)` starts storing verified block `block` (the first `len`
 /// bytes of `buf`) and returns a future of the buffer, given back for reuse; the future should
-/// make progress without being polled (a blocking-pool task: a disk write). Up to `depth`
-/// blocks are being stored while the next is read. `stored(block, len)` is called in block
-/// order as each one's store succeeded. On error, exactly the blocks `stored` was called for
-/// are delivered; a block stored after an earlier one failed is not counted.
+/// make progress without being polled (a blocking-pool task started before it returns: a
+/// disk write). It uses `depth` buffers: while the next block is read into one, up to
+/// `depth - 1` blocks are being stored (`depth` while it waits for a buffer back).
+/// `stored(block, len)` is called in block order as each one's store succeeded. On error,
+/// exactly the blocks `stored` was called for are delivered; a block stored after an earlier
+/// one failed is not counted. A bad block is reported as such even when a store before it
+/// failed (the peer's fault is not hidden by a local one).
 pub async fn receive_blocks_overlapped<S, W, Fut, D>(
     io: &mut S,
     manifest: &VerifiedManifest,
@@ -153,10 +156,16 @@ where
             spare = Some(done(r)?);
         }
     }
-    // Every store started finishes, in order, before the outcome is known; a failed store
-    // comes before the read failure that stopped the loop, so it is the one reported.
+    // Every store started finishes, in order, before the outcome is known. A failed store
+    // comes before the read failure that stopped the loop: it ends the count and is the one
+    // reported, unless the peer sent a bad block.
     while let Some(r) = storing.next().await {
-        done(r)?;
+        if let Err(e) = done(r) {
+            return Err(match failure {
+                Some(corrupt @ ReceiveError::Corrupt { .. }) => corrupt,
+                _ => e,
+            });
+        }
     }
     failure.map_or(Ok(()), Err)
 }
@@ -307,6 +316,13 @@ mod tests {
         let (r, got) = receive(answer.clone(), &m, range);
         assert!(matches!(r, Err(ReceiveError::Corrupt { block: 4 })));
         assert_eq!(got, vec![2, 3]);
+        // A failed store before it does not hide the bad block; the count stops there.
+        let (r, got, _) = receive_overlapped(answer.clone(), &m, range, 4, 50, Some(3));
+        assert!(
+            matches!(r, Err(ReceiveError::Corrupt { block: 4 })),
+            "{r:?}"
+        );
+        assert_eq!(got, vec![2]);
         // With slow stores under way, they finish before the bad block is reported.
         let (r, got, _) = receive_overlapped(answer, &m, range, 4, 50, None);
         assert!(
