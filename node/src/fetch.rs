@@ -12,11 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{future::BoxFuture, AsyncRead, AsyncWrite, FutureExt};
+use futures::{AsyncRead, AsyncWrite};
 
 use serde::Serialize;
 use shoal_protocol::{
-    block::{AlignedBuf, BlockRange, Blocks},
+    block::{BlockRange, Blocks},
     limits::{MAX_DIGESTS_PER_RESPONSE, MAX_RANGES_PER_MESSAGE, PIECE_PROTOCOL},
     manifest::{choose_block_size, ManifestBuilder},
     piece::{receive_blocks_overlapped, ReceiveError},
@@ -257,11 +257,6 @@ enum Event {
 /// How often a running transfer tells the fetch loop how far it got (the scheduler then
 /// paces the Haves to the master on its own interval).
 const PROGRESS_EVERY: Duration = Duration::from_millis(50);
-
-/// With `--direct-io`, bytes of one transfer's block buffers (at least two blocks and at most
-/// four): while the next block arrives in one, the others are being written to disk. An
-/// O_DIRECT write waits for the disk, and without this overlap the transfer would wait with it.
-const OVERLAP_BYTES: usize = 1 << 20;
 
 /// Providers asked for their holdings in one swarm locate.
 pub const MAX_PROVIDERS_ASKED: usize = 16;
@@ -754,46 +749,8 @@ async fn run_transfer(
             meter: &meter,
             ok_len: ok.len(),
         };
-        // With O_DIRECT a write waits for the disk: it runs on the blocking pool while the
-        // next blocks arrive. Through the page cache it is a memory copy, done here.
-        let direct = store.direct_io();
-        let depth = if direct {
-            (OVERLAP_BYTES / g.block_size.max(1) as usize).clamp(2, 4)
-        } else {
-            1
-        };
-        let write = |b: u32, buf: AlignedBuf, len: usize| -> BoxFuture<'static, _> {
-            if !direct {
-                return Box::pin(futures::future::ready(
-                    store.write_checked_block(b, &buf[..len]).map(|()| buf),
-                ));
-            }
-            let store = store.clone();
-            let slots = store.direct_writes().clone();
-            let spawn = move |permit| {
-                tokio::task::spawn_blocking(move || {
-                    let _permit: tokio::sync::OwnedSemaphorePermit = permit;
-                    store.write_checked_block(b, &buf[..len]).map(|()| buf)
-                })
-            };
-            let joined = |r: Result<std::io::Result<AlignedBuf>, tokio::task::JoinError>| {
-                r.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-            };
-            match slots.clone().try_acquire_owned() {
-                // Started now, not when the future is first polled: the write must run while
-                // the next block is read.
-                Ok(permit) => Box::pin(spawn(permit).map(joined)),
-                // Every slot is taken (a slow or hung disk): wait for one here, holding only
-                // this transfer's buffer, which is freed if the transfer is given up.
-                Err(_) => Box::pin(async move {
-                    let permit = slots
-                        .acquire_owned()
-                        .await
-                        .map_err(|e| std::io::Error::other(e.to_string()))?;
-                    joined(spawn(permit).await)
-                }),
-            }
-        };
+        let depth = store.write_depth();
+        let write = |b, buf, len| store.write_owned(b, buf, len);
         receive_blocks_overlapped(&mut stream, manifest, t.range, depth, write, |_, len| {
             let n = delivered.fetch_add(1, Ordering::Relaxed) + 1;
             if told.elapsed() >= PROGRESS_EVERY {

@@ -25,7 +25,11 @@ use std::{
     },
 };
 
-use shoal_protocol::{block::Blocks, VerifiedManifest};
+use futures::future::{ready, BoxFuture, Either, FutureExt, Ready};
+use shoal_protocol::{
+    block::{AlignedBuf, Blocks},
+    VerifiedManifest,
+};
 
 /// Bytes written between syncs of the data file (and journal appends), at most (see also
 /// [`SYNC_INTERVAL`]). A crash loses at most about this much verified work (plus a sync in
@@ -38,6 +42,9 @@ const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Direct writes of one store running at once: the 8 transfers of a fetch with 4 blocks each.
 const DIRECT_WRITES: usize = 32;
+
+/// With O_DIRECT, bytes of one transfer's block buffers ([`PieceStore::write_depth`]).
+const OVERLAP_BYTES: usize = 1 << 20;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -331,10 +338,52 @@ impl PieceStore {
         self.direct.is_some() && self.direct_works.load(Ordering::Relaxed)
     }
 
-    /// Permits for direct writes on the blocking pool: take one before starting a write and
-    /// hold it until the write ends.
-    pub fn direct_writes(&self) -> &Arc<tokio::sync::Semaphore> {
-        &self.direct_writes
+    /// Block buffers a transfer should keep ([`shoal_protocol::piece::receive_blocks_overlapped`]):
+    /// one through the page cache, where a write is a memory copy; with O_DIRECT, 1 MiB of
+    /// them (2 to 4 blocks), so that the next block arrives while the others are written.
+    pub(crate) fn write_depth(&self) -> usize {
+        if self.direct_io() {
+            (OVERLAP_BYTES / self.manifest.geometry().block_size.max(1) as usize).clamp(2, 4)
+        } else {
+            1
+        }
+    }
+
+    /// Stores verified block `block`, the first `len` bytes of `buf`, and gives the buffer
+    /// back. Through the page cache the write is done before this returns. With O_DIRECT it
+    /// waits for the disk, so it starts on the blocking pool at once (the next block is read
+    /// meanwhile), at most [`DIRECT_WRITES`] at a time: past that the future waits for a slot
+    /// holding only its own buffer, which is freed if the transfer is given up.
+    pub(crate) fn write_owned(
+        self: &Arc<Self>,
+        block: u32,
+        buf: AlignedBuf,
+        len: usize,
+    ) -> Either<Ready<io::Result<AlignedBuf>>, BoxFuture<'static, io::Result<AlignedBuf>>> {
+        if !self.direct_io() {
+            return Either::Left(ready(
+                self.write_checked_block(block, &buf[..len]).map(|()| buf),
+            ));
+        }
+        let store = self.clone();
+        let slots = self.direct_writes.clone();
+        let spawn = move |permit: tokio::sync::OwnedSemaphorePermit| {
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                store.write_checked_block(block, &buf[..len]).map(|()| buf)
+            })
+        };
+        let joined = |r: Result<io::Result<AlignedBuf>, tokio::task::JoinError>| {
+            r.unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+        };
+        Either::Right(match slots.clone().try_acquire_owned() {
+            Ok(permit) => spawn(permit).map(joined).boxed(),
+            Err(_) => async move {
+                let permit = slots.acquire_owned().await.map_err(io::Error::other)?;
+                joined(spawn(permit).await)
+            }
+            .boxed(),
+        })
     }
 
     /// The `O_DIRECT` file, when `data` at `offset` may go through it.
@@ -573,7 +622,6 @@ mod tests {
 
     #[test]
     fn whole_blocks_go_past_the_page_cache_and_read_back_intact() {
-        use shoal_protocol::block::AlignedBuf;
         let dir = tempfile::tempdir().unwrap();
         // Three whole blocks and a short last one (which goes through the page cache).
         let data: Vec<u8> = (0..3 * 4096 + 100u32).map(|i| (i % 251) as u8).collect();
