@@ -263,6 +263,7 @@ enum Command {
     MasterAway,
     FindProviders(FileId, oneshot::Sender<Vec<PeerId>>),
     GossipScore(PeerId, oneshot::Sender<Option<f64>>),
+    KadServer(oneshot::Sender<bool>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Shutdown(oneshot::Sender<()>),
     /// Panics the event loop (tests of the panic path).
@@ -410,6 +411,16 @@ impl Client {
             .await
             .ok()?;
         rx.await.ok().flatten()
+    }
+
+    /// Whether this node answers Kademlia queries now: only while the master is away (while
+    /// it is connected, the master answers lookups and the node is a Kademlia client).
+    pub async fn kad_server(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::KadServer(tx)).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 
     /// The addresses this node listens on.
@@ -669,6 +680,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         greet_on_connect: false,
         bootstrap_peers,
         kad_bootstrapped: false,
+        kad_server: false,
         provided: HashSet::new(),
         peer_queries: HashMap::new(),
         provider_queries: HashMap::new(),
@@ -776,6 +788,9 @@ struct EventLoop {
     /// The master and the `--peer`s: Kademlia bootstraps once connected to one of them.
     bootstrap_peers: HashSet<PeerId>,
     kad_bootstrapped: bool,
+    /// Whether this node answers Kademlia queries: only while the master is away (see
+    /// [`EventLoop::set_kad_server`]).
+    kad_server: bool,
     /// Peer lookups in flight: the peer looked for, and who waits for the answer.
     /// Several waiters for one peer share one query (at most [`MAX_PEER_WAITERS`] each).
     peer_queries: HashMap<kad::QueryId, (PeerId, Vec<oneshot::Sender<bool>>)>,
@@ -949,6 +964,11 @@ impl EventLoop {
     ///
     /// [`PROVIDER_REFRESH`]: shoal_protocol::behaviour::PROVIDER_REFRESH
     fn provide_shelf(&mut self) {
+        if !self.kad_server {
+            // Announced when the master goes away (`set_kad_server`): until then nobody
+            // looks providers up.
+            return;
+        }
         let files: Vec<FileId> = self
             .shelf
             .lock()
@@ -973,6 +993,33 @@ impl EventLoop {
                 Err(e) => tracing::debug!(%file, error = %e, "cannot provide"),
             }
         }
+    }
+
+    /// Kademlia: a client while the master is connected, a server while it is away. While
+    /// the master answers, it finds every holder and answers lookups by PeerId itself, and a
+    /// crowd of nodes answering each other's bootstrap queries costs CPU the transfers need.
+    /// Without the master the swarm needs the DHT: turning server, the node joins it and
+    /// announces its files again (at once, and again at each provide tick until the announce
+    /// is complete), so that providers are found wherever the others look.
+    fn set_kad_server(&mut self, server: bool) {
+        if server == self.kad_server {
+            return;
+        }
+        self.kad_server = server;
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if !server {
+            tracing::debug!("master connected: Kademlia client");
+            kad.set_mode(Some(kad::Mode::Client));
+            return;
+        }
+        tracing::info!("master away: answering Kademlia queries and announcing held files");
+        kad.set_mode(Some(kad::Mode::Server));
+        self.kad_bootstrapped = true;
+        if let Err(e) = kad.bootstrap() {
+            tracing::debug!(error = %e, "Kademlia bootstrap");
+        }
+        self.provided.clear();
+        self.provide_shelf();
     }
 
     /// Dials the master when a connection existed (or the node started without it) and is
@@ -1131,7 +1178,10 @@ impl EventLoop {
                 let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
                 self.peer_queries.insert(id, (peer, vec![tx]));
             }
-            Command::MasterAway => self.greet_on_connect = true,
+            Command::MasterAway => {
+                self.greet_on_connect = true;
+                self.set_kad_server(true);
+            }
             Command::FindProviders(file, tx) => {
                 if self.provider_queries.len() >= MAX_PROVIDER_QUERIES {
                     let _ = tx.send(Vec::new());
@@ -1143,6 +1193,9 @@ impl EventLoop {
                     .kad
                     .get_providers(provider_key(&file));
                 self.provider_queries.insert(id, (tx, HashSet::new()));
+            }
+            Command::KadServer(tx) => {
+                let _ = tx.send(self.kad_server);
             }
             Command::GossipScore(peer, tx) => {
                 let _ = tx.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
@@ -1243,6 +1296,9 @@ impl EventLoop {
             } => {
                 self.rtts.remove(&peer_id);
                 self.peer_use.disconnected(&peer_id);
+                if peer_id == self.master {
+                    self.set_kad_server(true);
+                }
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -1263,12 +1319,16 @@ impl EventLoop {
                         self.reannounce();
                     }
                     self.greet_on_connect = true;
+                    self.set_kad_server(false);
                     // Reserve on its relay now if wanted (`--relay always`, or still found
                     // unreachable after a reconnect) rather than at the next retry tick.
                     self.retry_relay();
                 }
-                if !self.kad_bootstrapped && self.bootstrap_peers.contains(&peer_id) {
-                    // The master (or a --peer) is the first bootstrap peer: join the DHT
+                if self.kad_server
+                    && !self.kad_bootstrapped
+                    && self.bootstrap_peers.contains(&peer_id)
+                {
+                    // Without the master, a --peer is the first bootstrap peer: join the DHT
                     // through whichever answers first.
                     self.kad_bootstrapped = true;
                     if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {

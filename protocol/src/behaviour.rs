@@ -206,9 +206,16 @@ impl Behaviour {
         // provides, 20 providers per key.
         let mut kad =
             kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_cfg);
-        // Every shoal peer answers DHT queries: nodes are mirrors, and mirrors must be
-        // findable by PeerId when a redirect hint's addresses fail.
-        kad.set_mode(Some(kad::Mode::Server));
+        // The master always answers DHT queries. A node starts as a client: while the master
+        // answers, the DHT is not needed to find anything (the master knows every node's
+        // addresses and answers lookups by PeerId itself), and a crowd of nodes answering
+        // each other's bootstrap queries cost several CPU-seconds a crowd. The node turns
+        // server when it loses the master (`shoal_node`'s event loop), so that the swarm can
+        // go on without it.
+        kad.set_mode(Some(match role {
+            Role::Master => kad::Mode::Server,
+            Role::Node => kad::Mode::Client,
+        }));
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
                 .with_agent_version(format!("shoal/{}", env!("CARGO_PKG_VERSION")))

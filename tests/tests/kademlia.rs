@@ -82,6 +82,15 @@ async fn the_swarm_finishes_without_the_master() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // While the master answers, no node answers Kademlia queries (a crowd's bootstrap
+    // queries would cost it CPU its transfers need).
+    for (client, _) in &nodes {
+        anyhow::ensure!(
+            !client.kad_server().await,
+            "{} answers Kademlia queries while the master is up",
+            client.peer_id()
+        );
+    }
     let master_sent = master.metrics().piece_bytes_sent.get();
     master.shutdown().await;
     let done: u64 = held.iter().map(|h| h.load(Ordering::Relaxed)).sum();
@@ -118,6 +127,13 @@ async fn the_swarm_finishes_without_the_master() -> anyhow::Result<()> {
         swarm_locates > 0,
         "no locate went through Kademlia: the master was not needed after all?"
     );
+    for (client, _) in &nodes {
+        anyhow::ensure!(
+            client.kad_server().await,
+            "{} does not answer Kademlia queries with the master gone",
+            client.peer_id()
+        );
+    }
     println!(
         "after the master stopped: {} bytes from peers, {swarm_locates} swarm locates",
         total - done
