@@ -562,12 +562,7 @@ impl EventLoop {
                 // Kademlia hands these out to anyone looking the peer up: for a peer behind
                 // a NAT, only its addresses through the relay (its own would hang dials).
                 if !self.policy.is_relayed(&peer_id) {
-                    for a in &addrs {
-                        self.swarm
-                            .behaviour_mut()
-                            .kad
-                            .add_address(&peer_id, a.clone());
-                    }
+                    self.swarm.behaviour_mut().feed_kad(&peer_id, &addrs);
                 }
                 self.policy.peer_up(peer_id, addrs);
             }

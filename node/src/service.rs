@@ -679,7 +679,6 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         region: cfg.region.clone(),
         greet_on_connect: false,
         bootstrap_peers,
-        kad_bootstrapped: false,
         kad_server: false,
         provided: HashSet::new(),
         peer_queries: HashMap::new(),
@@ -785,11 +784,11 @@ struct EventLoop {
     /// Whether the next connection to the master must say hello again and re-announce what
     /// this node holds: once a connection existed, or when the node started without it.
     greet_on_connect: bool,
-    /// The master and the `--peer`s: Kademlia bootstraps once connected to one of them.
+    /// The master and the `--peer`s: a Kademlia server bootstraps again when one of them
+    /// connects.
     bootstrap_peers: HashSet<PeerId>,
-    kad_bootstrapped: bool,
-    /// Whether this node answers Kademlia queries: only while the master is away (see
-    /// [`EventLoop::set_kad_server`]).
+    /// Whether this node answers Kademlia queries: only while the master does not answer
+    /// (see [`EventLoop::set_kad_server`]).
     kad_server: bool,
     /// Peer lookups in flight: the peer looked for, and who waits for the answer.
     /// Several waiters for one peer share one query (at most [`MAX_PEER_WAITERS`] each).
@@ -995,12 +994,15 @@ impl EventLoop {
         }
     }
 
-    /// Kademlia: a client while the master is connected, a server while it is away. While
-    /// the master answers, it finds every holder and answers lookups by PeerId itself, and a
-    /// crowd of nodes answering each other's bootstrap queries costs CPU the transfers need.
-    /// Without the master the swarm needs the DHT: turning server, the node joins it and
-    /// announces its files again (at once, and again at each provide tick until the announce
-    /// is complete), so that providers are found wherever the others look.
+    /// Kademlia: a client while the master answers, a server while it does not. While the
+    /// master answers, it finds every holder and answers lookups by PeerId itself, and a crowd
+    /// of nodes answering each other's bootstrap queries costs CPU the transfers need. Without
+    /// the master the swarm needs the DHT: turning server, the node joins it and announces its
+    /// files again (at once, and again at each provide tick until an announce reached a peer),
+    /// so that providers are found wherever the others look. The node turns server when a
+    /// request to the master fails (no connection, a timeout), when a dial to the master fails
+    /// while it has no connection to it, and when it started without the master; it turns
+    /// client when the master answers a request (the hello a reconnection sends included).
     fn set_kad_server(&mut self, server: bool) {
         if server == self.kad_server {
             return;
@@ -1012,9 +1014,10 @@ impl EventLoop {
             kad.set_mode(Some(kad::Mode::Client));
             return;
         }
-        tracing::info!("master away: answering Kademlia queries and announcing held files");
+        tracing::info!(
+            "the master does not answer: answering Kademlia queries and announcing held files"
+        );
         kad.set_mode(Some(kad::Mode::Server));
-        self.kad_bootstrapped = true;
         if let Err(e) = kad.bootstrap() {
             tracing::debug!(error = %e, "Kademlia bootstrap");
         }
@@ -1046,7 +1049,10 @@ impl EventLoop {
 
     fn on_kad(&mut self, event: kad::Event) {
         let kad::Event::OutboundQueryProgressed {
-            id, result, step, ..
+            id,
+            result,
+            step,
+            stats,
         } = event
         else {
             return;
@@ -1075,6 +1081,15 @@ impl EventLoop {
                     Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
                 };
                 self.on_peer_found(id, peers);
+                false
+            }
+            kad::QueryResult::StartProviding(Ok(kad::AddProviderOk { key }))
+                if stats.num_successes() == 0 =>
+            {
+                // libp2p calls an announce that reached nobody a success (a node that just
+                // turned server may know no other server yet): try again at the next tick.
+                tracing::debug!("provider announce reached no peer; will retry");
+                self.provided.retain(|f| provider_key(f) != key);
                 false
             }
             kad::QueryResult::StartProviding(Err(e)) => {
@@ -1212,6 +1227,15 @@ impl EventLoop {
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Master(ev)) => {
+                // Whether the master answers decides the node's Kademlia mode.
+                match &ev {
+                    request_response::Event::Message {
+                        message: request_response::Message::Response { .. },
+                        ..
+                    } => self.set_kad_server(false),
+                    request_response::Event::OutboundFailure { .. } => self.set_kad_server(true),
+                    _ => {}
+                }
                 // The node serves no master requests; only answers to its own matter.
                 let _ = settle(&mut self.pending_master, ev);
             }
@@ -1268,14 +1292,13 @@ impl EventLoop {
                 // Identify feeds Kademlia: the addresses a peer says it listens on (capped,
                 // unspecified ones dropped) make it findable when the master is not there.
                 if info.protocols.contains(&KAD_PROTOCOL) {
-                    for a in info
+                    let addrs: Vec<Multiaddr> = info
                         .listen_addrs
                         .into_iter()
                         .filter(|a| !is_unspecified(a))
                         .take(MAX_HINT_ADDRS)
-                    {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
-                    }
+                        .collect();
+                    self.swarm.behaviour_mut().feed_kad(&peer_id, &addrs);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
@@ -1296,9 +1319,8 @@ impl EventLoop {
             } => {
                 self.rtts.remove(&peer_id);
                 self.peer_use.disconnected(&peer_id);
-                if peer_id == self.master {
-                    self.set_kad_server(true);
-                }
+                // Not a reason to turn Kademlia server by itself: an idle connection to the
+                // master closes after the idle timeout and is dialed again at once.
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -1319,18 +1341,13 @@ impl EventLoop {
                         self.reannounce();
                     }
                     self.greet_on_connect = true;
-                    self.set_kad_server(false);
                     // Reserve on its relay now if wanted (`--relay always`, or still found
                     // unreachable after a reconnect) rather than at the next retry tick.
                     self.retry_relay();
                 }
-                if self.kad_server
-                    && !self.kad_bootstrapped
-                    && self.bootstrap_peers.contains(&peer_id)
-                {
-                    // Without the master, a --peer is the first bootstrap peer: join the DHT
-                    // through whichever answers first.
-                    self.kad_bootstrapped = true;
+                if self.kad_server && self.bootstrap_peers.contains(&peer_id) {
+                    // A server without the master joins the DHT through the --peers (it
+                    // bootstrapped when it turned server, but they may not have answered yet).
                     if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
                         tracing::debug!(error = %e, "Kademlia bootstrap");
                     }
@@ -1398,6 +1415,15 @@ impl EventLoop {
                 for (_, tx) in self.pending_master.drain() {
                     let _ = tx.send(Err(NodeError::Network(why.clone())));
                 }
+                if !self.swarm.is_connected(&peer) {
+                    self.set_kad_server(true);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                ..
+            } if peer == self.master && !self.swarm.is_connected(&peer) => {
+                self.set_kad_server(true);
             }
             other => tracing::trace!(?other, "swarm event"),
         }

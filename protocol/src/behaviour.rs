@@ -13,10 +13,12 @@ use libp2p::{
     identity::Keypair,
     kad, memory_connection_limits, ping, relay, request_response,
     swarm::{behaviour::toggle::Toggle, NetworkBehaviour},
-    PeerId, StreamProtocol,
+    Multiaddr, PeerId, StreamProtocol,
 };
 
-use crate::limits::{DIGEST_PROTOCOL, KAD_PROTOCOL, MASTER_PROTOCOL, PUBLISH_PROTOCOL};
+use crate::limits::{
+    DIGEST_PROTOCOL, KAD_PROTOCOL, MASTER_PROTOCOL, MAX_HINT_ADDRS, PUBLISH_PROTOCOL,
+};
 use crate::wire::{DigestCodec, MasterCodec, PublishCodec};
 
 /// Identify protocol version string of shoal.
@@ -197,6 +199,11 @@ impl Behaviour {
             .set_provider_publication_interval(Some(PROVIDER_REFRESH))
             .set_provider_record_ttl(Some(PROVIDER_TTL));
         if role == Role::Master {
+            // Nodes are Kademlia clients while the master answers, so a lookup by PeerId finds
+            // a node only in the master's own table: room for 256 per bucket instead of 20
+            // (a few buckets hold nearly all of a swarm, so this keeps most nodes of a
+            // thousand; at most about 256 x 8 entries, each bounded by `feed_kad`).
+            kad_cfg.set_kbucket_size(std::num::NonZeroUsize::new(256).expect("256 > 0"));
             // The master is where everyone starts: it has nobody to bootstrap from (a periodic
             // bootstrap would warn "No known peers" every 5 minutes while no node is
             // connected) and learns its routing table from the nodes that connect.
@@ -263,6 +270,28 @@ impl Behaviour {
             dcutr: Toggle::from(dcutr),
             autonat,
         })
+    }
+
+    /// Puts `addrs` (filtered and capped by the caller) into Kademlia's routing table as
+    /// `peer`'s. libp2p-kad keeps every address it is given, so an entry that would grow past
+    /// twice [`MAX_HINT_ADDRS`] is replaced instead: a peer that keeps announcing new
+    /// addresses cannot grow its entry, and the scans over it, without bound.
+    pub fn feed_kad(&mut self, peer: &PeerId, addrs: &[Multiaddr]) {
+        let held = self
+            .kad
+            .kbucket(*peer)
+            .and_then(|b| {
+                b.iter()
+                    .find(|e| e.node.key.preimage() == peer)
+                    .map(|e| e.node.value.len())
+            })
+            .unwrap_or(0);
+        if held + addrs.len() > 2 * MAX_HINT_ADDRS {
+            self.kad.remove_peer(peer);
+        }
+        for a in addrs.iter().take(MAX_HINT_ADDRS) {
+            self.kad.add_address(peer, a.clone());
+        }
     }
 
     /// The gossipsub topic of authority events.
@@ -410,5 +439,44 @@ mod tests {
             &crate::relay::RelayLimits::default(),
         )
         .unwrap();
+    }
+
+    /// A peer that keeps announcing new addresses does not grow its routing entry.
+    #[test]
+    fn a_routing_entry_stays_bounded_whatever_a_peer_announces() {
+        let key = Keypair::generate_ed25519();
+        let mut b = Behaviour::new(
+            &key,
+            Role::Master,
+            &ConnectionCaps::for_role(Role::Master),
+            Advertise::default(),
+            None,
+            &crate::relay::RelayLimits::default(),
+        )
+        .expect("behaviour");
+        let peer = PeerId::random();
+        for round in 0..20u16 {
+            let addrs: Vec<Multiaddr> = (0..8u16)
+                .map(|i| {
+                    format!("/ip4/10.0.0.1/tcp/{}", 1000 + round * 8 + i)
+                        .parse()
+                        .expect("multiaddr")
+                })
+                .collect();
+            b.feed_kad(&peer, &addrs);
+            let held = b
+                .kad
+                .kbucket(peer)
+                .and_then(|k| {
+                    k.iter()
+                        .find(|e| *e.node.key.preimage() == peer)
+                        .map(|e| e.node.value.len())
+                })
+                .expect("the peer is in the table");
+            assert!(
+                (1..=2 * MAX_HINT_ADDRS).contains(&held),
+                "round {round}: {held} addresses held"
+            );
+        }
     }
 }

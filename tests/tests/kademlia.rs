@@ -229,6 +229,10 @@ async fn a_fetch_started_while_the_master_is_down_works_from_a_manifest() -> any
     assert_eq!(report.bytes_from_master, 0);
     assert_eq!(report.bytes_from_peers, size as u64);
     assert!(report.swarm_locates > 0, "no locate went through Kademlia");
+    anyhow::ensure!(
+        late.kad_server().await,
+        "a node started without the master does not answer Kademlia queries"
+    );
     println!(
         "masterless fetch: {} bytes from peers in {:.1} s, {} swarm locates",
         report.bytes_from_peers, report.elapsed_s, report.swarm_locates
@@ -258,6 +262,15 @@ async fn a_fetch_started_while_the_master_is_down_works_from_a_manifest() -> any
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     println!("the master came back and heard the node holds all {blocks} blocks");
+    // It answered the node's hello, so the node is a Kademlia client again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while late.kad_server().await {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the node still answers Kademlia queries 10 s after the master answered it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // ... and redirects to it: the other holders leave, a newcomer fetches from the node.
     for h in &holders {
         h.client.shutdown().await;
