@@ -514,7 +514,9 @@ impl Client {
 
     /// Looks `peer` up in Kademlia (after its hinted addresses failed): the addresses the
     /// lookup finds are added to the swarm. True when it found the peer (or is connected to
-    /// it). Ends within the Kademlia query timeout.
+    /// it: a peer that is a Kademlia client does not answer the lookup, but the lookup's dial
+    /// to the addresses the master gave for it connects). Ends within the Kademlia query
+    /// timeout.
     pub async fn find_peer(&self, peer: PeerId) -> bool {
         let (tx, rx) = oneshot::channel();
         if self
@@ -529,8 +531,9 @@ impl Client {
         matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(true)))
     }
 
-    /// Serves `store` to other nodes from now on. The node announces itself on Kademlia as a
-    /// provider of the file within [`PROVIDE_INTERVAL`].
+    /// Serves `store` to other nodes from now on. While the master does not answer, the node
+    /// announces itself on Kademlia as a provider of the file within [`PROVIDE_INTERVAL`]
+    /// (while it answers, the master tells others where the file is).
     pub fn share(&self, store: Arc<PieceStore>) {
         self.shelf
             .lock()
