@@ -429,31 +429,26 @@ mod tests {
         let (p, t) = authority_scoring();
         p.validate().unwrap();
         t.validate().unwrap();
-        let key = Keypair::generate_ed25519();
+        behaviour(Role::Node);
+    }
+
+    /// A behaviour with the defaults of `role` and a fresh key.
+    fn behaviour(role: Role) -> Behaviour {
         Behaviour::new(
-            &key,
-            Role::Node,
-            &ConnectionCaps::for_role(Role::Node),
+            &Keypair::generate_ed25519(),
+            role,
+            &ConnectionCaps::for_role(role),
             Advertise::default(),
             None,
             &crate::relay::RelayLimits::default(),
         )
-        .unwrap();
+        .expect("behaviour")
     }
 
     /// A peer that keeps announcing new addresses does not grow its routing entry.
     #[test]
     fn a_routing_entry_stays_bounded_whatever_a_peer_announces() {
-        let key = Keypair::generate_ed25519();
-        let mut b = Behaviour::new(
-            &key,
-            Role::Master,
-            &ConnectionCaps::for_role(Role::Master),
-            Advertise::default(),
-            None,
-            &crate::relay::RelayLimits::default(),
-        )
-        .expect("behaviour");
+        let mut b = behaviour(Role::Master);
         let peer = PeerId::random();
         for round in 0..20u16 {
             let addrs: Vec<Multiaddr> = (0..8u16)
