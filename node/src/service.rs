@@ -1013,7 +1013,7 @@ impl EventLoop {
         self.kad_server = server;
         let kad = &mut self.swarm.behaviour_mut().kad;
         if !server {
-            tracing::debug!("master connected: Kademlia client");
+            tracing::debug!("the master answers: Kademlia client");
             kad.set_mode(Some(kad::Mode::Client));
             return;
         }
@@ -1348,9 +1348,14 @@ impl EventLoop {
                     // unreachable after a reconnect) rather than at the next retry tick.
                     self.retry_relay();
                 }
-                if self.kad_server && self.bootstrap_peers.contains(&peer_id) {
+                if self.kad_server
+                    && peer_id != self.master
+                    && self.bootstrap_peers.contains(&peer_id)
+                {
                     // A server without the master joins the DHT through the --peers (it
                     // bootstrapped when it turned server, but they may not have answered yet).
+                    // Not through the master coming back: its answer to the hello this
+                    // connection sends turns the node client again.
                     if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
                         tracing::debug!(error = %e, "Kademlia bootstrap");
                     }
