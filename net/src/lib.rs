@@ -10,6 +10,7 @@
 //!   [`Behaviour`]).
 //! - [`tls`]: libp2p's TLS 1.3 handshake with AES-GCM preferred where the CPU has AES.
 //! - [`coalesce`]: fewer, larger socket reads and TLS writes under yamux.
+//! - [`mux`]: yamux sending frames as large as a block.
 //! - [`relay_meter`]: the bytes the master's relay carries, counted under its muxers.
 //! - [`cli`]: logging set-up and one-line error reports for the binaries.
 //! - [`lock`]: one process per data directory ("data dir X is in use by process N").
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod coalesce;
 pub mod keyfile;
 pub mod lock;
+pub mod mux;
 pub mod relay_meter;
 pub mod serve;
 pub mod swarm;

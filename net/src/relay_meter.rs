@@ -23,14 +23,13 @@ use std::{
 };
 
 use futures::{future, AsyncRead, AsyncWrite};
-use libp2p::{
-    core::{
-        muxing::{StreamMuxer, StreamMuxerEvent},
-        upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade},
-        UpgradeInfo,
-    },
-    yamux,
+use libp2p::core::{
+    muxing::{StreamMuxer, StreamMuxerEvent},
+    upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade},
+    UpgradeInfo,
 };
+
+use crate::mux::{Muxer, Yamux};
 
 /// Bytes carried by the relay's circuits, both directions together. Cheap to clone; all
 /// clones read the same count.
@@ -112,27 +111,27 @@ where
     }
 }
 
-/// yamux, each muxer it makes wrapped in a [`MeteredMuxer`]: the master's multiplexer
+/// [`Yamux`], each muxer it makes wrapped in a [`MeteredMuxer`]: the master's multiplexer
 /// upgrade, so that its TCP transport is `SwarmBuilder::with_tcp`'s, like a node's.
 #[derive(Clone)]
 pub(crate) struct MeteredYamux {
-    yamux: yamux::Config,
+    yamux: Yamux,
     meter: RelayMeter,
 }
 
 impl MeteredYamux {
-    /// yamux's defaults, counting into `meter`.
+    /// [`Yamux`], counting into `meter`.
     pub(crate) fn new(meter: RelayMeter) -> Self {
         Self {
-            yamux: yamux::Config::default(),
+            yamux: Yamux::new(),
             meter,
         }
     }
 }
 
 impl UpgradeInfo for MeteredYamux {
-    type Info = <yamux::Config as UpgradeInfo>::Info;
-    type InfoIter = <yamux::Config as UpgradeInfo>::InfoIter;
+    type Info = <Yamux as UpgradeInfo>::Info;
+    type InfoIter = <Yamux as UpgradeInfo>::InfoIter;
 
     fn protocol_info(&self) -> Self::InfoIter {
         self.yamux.protocol_info()
@@ -143,7 +142,7 @@ impl<C> InboundConnectionUpgrade<C> for MeteredYamux
 where
     C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    type Output = MeteredMuxer<yamux::Muxer<C>>;
+    type Output = MeteredMuxer<Muxer<C>>;
     type Error = io::Error;
     type Future = future::Ready<Result<Self::Output, Self::Error>>;
 
@@ -157,7 +156,7 @@ impl<C> OutboundConnectionUpgrade<C> for MeteredYamux
 where
     C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    type Output = MeteredMuxer<yamux::Muxer<C>>;
+    type Output = MeteredMuxer<Muxer<C>>;
     type Error = io::Error;
     type Future = future::Ready<Result<Self::Output, Self::Error>>;
 

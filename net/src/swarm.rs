@@ -10,13 +10,14 @@
 
 use std::time::Duration;
 
-use libp2p::{identity::Keypair, noise, quic, tcp, yamux, Swarm, Transport};
+use libp2p::{identity::Keypair, noise, quic, tcp, Swarm, Transport};
 use shoal_protocol::{
     behaviour::{Advertise, Behaviour, BehaviourError, ConnectionCaps, Role},
     relay::RelayLimits,
 };
 
 use crate::{
+    mux::Yamux,
     relay_meter::{MeteredMuxer, MeteredYamux, RelayMeter},
     tls,
 };
@@ -116,7 +117,7 @@ fn build_node(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, Swa
         .with_tcp(
             tcp::Config::default().nodelay(true),
             (tls::Config::new, noise::Config::new),
-            yamux::Config::default,
+            Yamux::new,
         )
         .map_err(|e| err(&e))?
         .with_quic_config(|c| {
@@ -126,10 +127,7 @@ fn build_node(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, Swa
             // syscalls) falls with it. Paths with smaller MTUs keep what discovery finds.
             c.mtu_upper_bound(QUIC_MTU_UPPER_BOUND)
         })
-        .with_relay_client(
-            (tls::Config::new, noise::Config::new),
-            yamux::Config::default,
-        )
+        .with_relay_client((tls::Config::new, noise::Config::new), Yamux::new)
         .map_err(|e| err(&e))?
         .with_behaviour(|k, relay_client| {
             Behaviour::new(
@@ -183,7 +181,7 @@ mod tests {
     use futures::StreamExt;
     use libp2p::{
         swarm::{dummy, NetworkBehaviour, SwarmEvent},
-        Multiaddr,
+        yamux, Multiaddr,
     };
 
     use super::*;
