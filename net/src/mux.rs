@@ -1,16 +1,21 @@
 //! yamux with frames as large as a block.
 //!
 //! libp2p's yamux upgrade keeps yamux's default of cutting every write into frames of at most
-//! 16 KiB, and does not let that be changed. Under shoal's piece server, which writes one
-//! whole block (64 KiB and up) at a time, each such frame costs its own header, TLS write,
-//! `writev`, wake-up of the receiving connection task and yamux buffer on the other side. In a
-//! 48-node flash crowd, where every node's CPU goes to these per-frame costs, frames of up to
-//! [`SPLIT_SEND_SIZE`] took about 8% off the crowd's CPU (see ARCHITECTURE, "yamux frames").
+//! 16 KiB, and does not let that be changed. shoal's piece server writes whole blocks (64 KiB
+//! and up), and each 16 KiB frame of them costs its own header, TLS write, `writev`, wake-up
+//! of the receiving connection task and yamux buffer on the other side. In a 48-node flash
+//! crowd, where every node's CPU goes to these per-frame costs, frames of a 64 KiB block took
+//! about 8% off the crowd's CPU (see ARCHITECTURE, "yamux frames").
 //!
-//! This is the same wire protocol (`/yamux/1.0.0`): yamux accepts frames of up to 1 MiB from
-//! any peer, so shoal peers of either kind, and stock libp2p peers, talk to each other as
-//! before. Only what this side sends changes; what it accepts (frame size, windows, streams)
-//! is yamux's default.
+//! This is the same wire protocol (`/yamux/1.0.0`): a yamux peer takes any data frame within
+//! the window it granted (256 KiB at first), and rust-yamux any up to 1 MiB, so shoal peers
+//! and stock libp2p peers talk to each other as before. Only what this side sends changes; what it accepts (frame
+//! size, windows, streams) is yamux's default.
+//!
+//! Larger frames also mean more memory a peer that stops reading can pin: yamux queues up to
+//! about 12 frames per stream for the socket, and frames already queued stay queued after the
+//! stream is dropped, until the connection closes. At [`SPLIT_SEND_SIZE`] that is 768 KiB a
+//! stream, four times yamux's default (see ARCHITECTURE, "yamux frames").
 
 use std::{
     collections::VecDeque,
@@ -25,9 +30,11 @@ use libp2p::core::{
     upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade, UpgradeInfo},
 };
 
-/// The largest frame this side sends: a block of up to 256 KiB (the block size of files up to
-/// 4 GiB) goes out as one frame. yamux's default is 16 KiB; any peer accepts up to 1 MiB.
-pub const SPLIT_SEND_SIZE: usize = 256 * 1024;
+/// The largest frame this side sends, when the stream's send window allows: a 64 KiB block
+/// (the block size of files up to 1 GiB) goes out as one frame, a larger block as several.
+/// yamux's default is 16 KiB. Larger frames measured no better in the flash crowd, and would
+/// let a peer that stops reading pin more memory per stream (module docs).
+pub const SPLIT_SEND_SIZE: usize = 64 * 1024;
 
 /// Inbound streams held while the connection's owner is not taking them; more are dropped
 /// (reset). yamux's own backlog of unacknowledged streams is as large, so a peer that follows
@@ -322,7 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stock_libp2p_peer_takes_the_large_frames() {
-        let (sent, got, _) = send_through(|io| {
+        let (sent, got, longest) = send_through(|io| {
             libp2p::yamux::Config::default()
                 .upgrade_inbound(io, "/yamux/1.0.0")
                 .into_inner()
@@ -331,6 +338,7 @@ mod tests {
         .await;
         assert_eq!(got.len(), sent.len());
         assert!(got == sent, "the bytes differ");
+        assert_eq!(longest, SPLIT_SEND_SIZE, "longest write to the socket");
     }
 
     #[test]

@@ -18,9 +18,10 @@
 //! - **Disk reads off the async threads.** Blocks are read by `spawn_blocking`, in batches of
 //!   about [`ServeConfig::read_batch`] bytes.
 //! - **Large writes.** Consecutive blocks go to the stream (and through the upload rate limit)
-//!   [`ServeConfig::write_chunk`] bytes at a time, one yamux frame: each write wakes both
-//!   ends, and under a rate limit every write is a wake-up from idle. Measured on one fetch
-//!   from a master capped at 8 MiB/s: 35-40% less CPU on each side than a write per block.
+//!   up to [`ServeConfig::write_chunk`] bytes at a time: each write wakes both ends, and under
+//!   a rate limit every write is a wake-up from idle. Measured on one fetch from a master
+//!   capped at 8 MiB/s: 35-40% less CPU on each side than a write per block. Under a rate
+//!   limit a chunk is smaller where the rate is low ([`ServeConfig::chunk_blocks`]).
 
 use std::{
     io,
@@ -107,6 +108,10 @@ pub trait PieceSource: Send + Sync + 'static {
     fn served(&self, _peer: &PeerId, _file: &FileId, _bytes: u64) {}
 }
 
+/// Under an upload rate limit, a write takes at most this long of the rate's share of one
+/// upload slot ([`ServeConfig::chunk_blocks`]).
+pub const RATE_CHUNK_TIME: Duration = Duration::from_secs(2);
+
 /// How the piece server works. Every field has a documented default.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -128,7 +133,9 @@ pub struct ServeConfig {
     /// Bytes read from disk per blocking call (at least one block). Default 1 MiB.
     pub read_batch: usize,
     /// Bytes written to the stream (and taken from the upload rate limit) at once, in whole
-    /// blocks, at least one. Default 256 KiB, one yamux frame ([`crate::mux::SPLIT_SEND_SIZE`]).
+    /// blocks, at least one, within one read batch. Default 256 KiB. Under a rate limit it is
+    /// at most [`RATE_CHUNK_TIME`]'s worth of the rate shared by the slots (see
+    /// [`ServeConfig::chunk_blocks`]).
     pub write_chunk: usize,
 }
 
@@ -143,7 +150,7 @@ impl Default for ServeConfig {
             base_deadline: Duration::from_secs(10),
             min_rate: 256 * 1024,
             read_batch: 1024 * 1024,
-            write_chunk: crate::mux::SPLIT_SEND_SIZE,
+            write_chunk: 256 * 1024,
         }
     }
 }
@@ -201,6 +208,22 @@ impl ServeConfig {
     pub fn with_write_chunk(mut self, bytes: usize) -> Self {
         self.write_chunk = bytes;
         self
+    }
+
+    /// Blocks of `block_size` bytes written at once: [`ServeConfig::write_chunk`] in whole
+    /// blocks, at least one; under a rate limit at most [`RATE_CHUNK_TIME`] of the rate per
+    /// upload slot. The slots share the limit, so with every slot busy a stream waits for the
+    /// others' chunks between two of its own: this keeps that gap near `RATE_CHUNK_TIME`, far
+    /// inside a downloader's stall timeout, whatever the rate.
+    pub fn chunk_blocks(&self, block_size: u32) -> usize {
+        let bs = block_size.max(1) as usize;
+        let mut bytes = self.write_chunk;
+        if let Some(rate) = self.max_upload_rate {
+            let share =
+                rate as f64 * RATE_CHUNK_TIME.as_secs_f64() / self.upload_slots.max(1) as f64;
+            bytes = bytes.min(share as usize);
+        }
+        (bytes / bs).max(1)
     }
 
     /// The overall deadline of a stream carrying `bytes`: `base_deadline + bytes / min_rate`.
@@ -370,8 +393,7 @@ impl Inner {
         let result = async {
             let batch_blocks = (cfg.read_batch / geometry.block_size.max(1) as usize).max(1);
             let batch_blocks = u32::try_from(batch_blocks).unwrap_or(u32::MAX);
-            // Whole blocks, as many as fit in one write of `write_chunk` (at least one).
-            let chunk_blocks = (cfg.write_chunk / geometry.block_size.max(1) as usize).max(1);
+            let chunk_blocks = cfg.chunk_blocks(geometry.block_size);
             let mut buf = None;
             let mut next = range.start;
             while next < range.end {
@@ -510,7 +532,12 @@ mod tests {
     }
 
     fn memory(blocks: u32) -> Arc<Memory> {
-        let data: Vec<u8> = (0..blocks * BS).map(|i| (i % 251) as u8).collect();
+        memory_of(blocks * BS)
+    }
+
+    /// A file of `len` bytes (its last block short unless `len` is a multiple of [`BS`]).
+    fn memory_of(len: u32) -> Arc<Memory> {
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let k = Keypair::generate_ed25519();
         let mut b = ManifestBuilder::new(BS);
         b.update(&data);
@@ -760,19 +787,16 @@ mod tests {
 
     #[tokio::test]
     async fn consecutive_blocks_go_out_in_writes_of_the_chunk_size() {
-        let src = memory(8);
+        // Eight blocks, the last 100 bytes short.
+        let src = memory_of(8 * BS - 100);
+        let b = BS as usize;
+        let last = 2 * b - 100;
         // (write_chunk, the block writes expected): whole blocks per write, at least one.
         let cases = [
-            (
-                3 * BS as usize,
-                vec![3 * BS as usize, 3 * BS as usize, 2 * BS as usize],
-            ),
-            (
-                3 * BS as usize + 100,
-                vec![3 * BS as usize, 3 * BS as usize, 2 * BS as usize],
-            ),
-            (1, vec![BS as usize; 8]),
-            (1 << 20, vec![8 * BS as usize]),
+            (3 * b, vec![3 * b, 3 * b, last]),
+            (3 * b + 100, vec![3 * b, 3 * b, last]),
+            (1, [vec![b; 7], vec![b - 100]].concat()),
+            (1 << 20, vec![8 * b - 100]),
         ];
         for (chunk, want) in cases {
             let server = PieceServer::new(
@@ -795,16 +819,39 @@ mod tests {
             let (r, got) = fetch(&mut c, &src.manifest, BlockRange::new(0, 8)).await;
             r.unwrap();
             assert_eq!(got, (0..8).collect::<Vec<_>>());
-            // Frames (the answer) are small; the block writes are what is left.
-            let blocks: Vec<usize> = writes
-                .lock()
-                .unwrap()
-                .iter()
-                .copied()
-                .filter(|&n| n >= BS as usize)
-                .collect();
+            // The answer's frame comes first, in small writes; the block writes are the rest.
+            let writes = writes.lock().unwrap().clone();
+            let (answer, blocks) = writes.split_at(writes.len() - want.len());
+            assert!(
+                answer.iter().all(|&n| n < 64),
+                "write_chunk {chunk}: writes before the blocks {answer:?}"
+            );
             assert_eq!(blocks, want, "write_chunk {chunk}");
         }
+    }
+
+    #[test]
+    fn under_a_rate_limit_a_chunk_is_two_seconds_of_one_slots_share() {
+        const KIB: u64 = 1024;
+        let bs = 64 * 1024;
+        let cfg = |slots: usize, rate: Option<u64>| {
+            ServeConfig::default()
+                .with_upload_slots(slots)
+                .with_max_upload_rate(rate)
+        };
+        // No limit: the configured 256 KiB.
+        assert_eq!(cfg(16, None).chunk_blocks(bs), 4);
+        // A node at 4 MiB/s, 16 slots: 512 KiB a slot in 2 s, so the 256 KiB cap.
+        assert_eq!(cfg(16, Some(4096 * KIB)).chunk_blocks(bs), 4);
+        // A master at 8 MiB/s, 64 slots: 256 KiB.
+        assert_eq!(cfg(64, Some(8192 * KIB)).chunk_blocks(bs), 4);
+        // At 2 MiB/s over 64 slots: 64 KiB, one block.
+        assert_eq!(cfg(64, Some(2048 * KIB)).chunk_blocks(bs), 1);
+        // Slow: never less than one block.
+        assert_eq!(cfg(16, Some(100 * KIB)).chunk_blocks(bs), 1);
+        assert_eq!(cfg(16, Some(1)).chunk_blocks(1), 1);
+        // A block larger than the chunk: one block.
+        assert_eq!(cfg(16, None).chunk_blocks(1 << 20), 1);
     }
 
     #[tokio::test(start_paused = true)]
