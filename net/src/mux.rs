@@ -12,15 +12,21 @@
 //! and stock libp2p peers talk to each other as before. Only what this side sends changes; what it accepts (frame
 //! size, windows, streams) is yamux's default.
 //!
-//! Larger frames also mean more memory a peer that stops reading can pin: yamux queues up to
+//! Bytes queued for the socket are capped per connection ([`MAX_QUEUED`]). yamux queues up to
 //! about 12 frames per stream for the socket, and frames already queued stay queued after the
-//! stream is dropped, until the connection closes. At [`SPLIT_SEND_SIZE`] that is 768 KiB a
-//! stream, four times yamux's default (see ARCHITECTURE, "yamux frames").
+//! stream is dropped, until the connection closes: a peer that grants large windows and stops
+//! reading could otherwise pin that much for every stream it gets served, up to 512 streams a
+//! connection. Here a stream's write waits while the connection has [`MAX_QUEUED`] bytes
+//! written to yamux and not yet taken by the socket.
 
 use std::{
     collections::VecDeque,
     io, iter,
     pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll, Waker},
 };
 
@@ -35,6 +41,157 @@ use libp2p::core::{
 /// yamux's default is 16 KiB. Larger frames measured no better in the flash crowd, and would
 /// let a peer that stops reading pin more memory per stream (module docs).
 pub const SPLIT_SEND_SIZE: usize = 64 * 1024;
+
+/// Bytes a connection's streams may have written to yamux that the socket has not taken yet;
+/// a stream's write waits while more are queued. Frames of every stream of the connection
+/// count, their headers included.
+pub const MAX_QUEUED: usize = 1024 * 1024;
+
+/// yamux's frame header.
+const HEADER: usize = 12;
+
+/// A connection's bytes queued in yamux for its socket, and the writers waiting for room.
+#[derive(Debug, Default)]
+struct Queue {
+    bytes: AtomicUsize,
+    /// The muxer is gone: writes no longer wait (yamux answers them with its error).
+    closed: std::sync::atomic::AtomicBool,
+    /// Distinct wakers of streams whose writes wait (at most one per task).
+    waiting: Mutex<Vec<Waker>>,
+}
+
+impl Queue {
+    fn full(&self) -> bool {
+        self.bytes.load(Ordering::Acquire) >= MAX_QUEUED && !self.closed.load(Ordering::Acquire)
+    }
+
+    fn wake_all(&self) {
+        let woken = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in woken {
+            w.wake();
+        }
+    }
+
+    /// The connection is gone: wake every waiting writer, and let none wait again.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.wake_all();
+    }
+
+    /// A stream handed yamux `n` bytes (one frame).
+    fn queued(&self, n: usize) {
+        self.bytes.fetch_add(n + HEADER, Ordering::AcqRel);
+    }
+
+    /// The socket took `n` bytes (frames, or control frames that were never counted: the
+    /// count stops at zero).
+    fn sent(&self, n: usize) {
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                Some(b.saturating_sub(n))
+            });
+        if !self.full() {
+            self.wake_all();
+        }
+    }
+
+    /// Whether a write must wait; if so, `cx` is woken once there is room.
+    fn must_wait(&self, cx: &Context<'_>) -> bool {
+        if !self.full() {
+            return false;
+        }
+        {
+            let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+        }
+        // Room may have been made between the check and the registration.
+        self.full()
+    }
+}
+
+/// The socket under yamux: counts what it takes off the connection's [`Queue`].
+#[derive(Debug)]
+pub struct Counted<C> {
+    inner: C,
+    queue: Arc<Queue>,
+}
+
+impl<C: AsyncRead + Unpin> AsyncRead for Counted<C> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<C: AsyncWrite + Unpin> AsyncWrite for Counted<C> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.queue.sent(n);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// A yamux stream whose writes wait while its connection has [`MAX_QUEUED`] bytes queued.
+#[derive(Debug)]
+pub struct Stream {
+    inner: yamux::Stream,
+    queue: Arc<Queue>,
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.queue.must_wait(cx) {
+            return Poll::Pending;
+        }
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.queue.queued(n);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
 
 /// Inbound streams held while the connection's owner is not taking them; more are dropped
 /// (reset). yamux's own backlog of unacknowledged streams is as large, so a peer that follows
@@ -57,8 +214,14 @@ impl Yamux {
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
+        let queue = Arc::new(Queue::default());
+        let io = Counted {
+            inner: io,
+            queue: queue.clone(),
+        };
         Muxer {
             connection: yamux::Connection::new(io, self.0, mode),
+            queue,
             inbound: VecDeque::new(),
             inbound_waker: None,
         }
@@ -109,12 +272,19 @@ where
 /// One yamux connection.
 #[derive(Debug)]
 pub struct Muxer<C> {
-    connection: yamux::Connection<C>,
+    connection: yamux::Connection<Counted<C>>,
+    queue: Arc<Queue>,
     /// Inbound streams that arrived while the owner was driving the connection (`poll`) rather
     /// than asking for a stream (`poll_inbound`): yamux hands them out only from the one call
     /// that also moves every other stream's bytes.
     inbound: VecDeque<yamux::Stream>,
     inbound_waker: Option<Waker>,
+}
+
+impl<C> Drop for Muxer<C> {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 /// A yamux connection's error, as an I/O error.
@@ -129,6 +299,13 @@ impl<C> Muxer<C>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    fn wrap(&self, inner: yamux::Stream) -> Stream {
+        Stream {
+            inner,
+            queue: self.queue.clone(),
+        }
+    }
+
     /// Drives the connection until an inbound stream arrives or nothing more can be done now.
     fn next_inbound(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<yamux::Stream>> {
         match self.connection.poll_next_inbound(cx) {
@@ -144,7 +321,7 @@ impl<C> StreamMuxer for Muxer<C>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    type Substream = yamux::Stream;
+    type Substream = Stream;
     type Error = io::Error;
 
     fn poll_inbound(
@@ -152,10 +329,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::Substream, Self::Error>> {
         if let Some(s) = self.inbound.pop_front() {
-            return Poll::Ready(Ok(s));
+            return Poll::Ready(Ok(self.wrap(s)));
         }
         if let Poll::Ready(r) = self.next_inbound(cx) {
-            return Poll::Ready(r);
+            return Poll::Ready(r.map(|s| self.wrap(s)));
         }
         self.inbound_waker = Some(cx.waker().clone());
         Poll::Pending
@@ -165,7 +342,8 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::Substream, Self::Error>> {
-        self.connection.poll_new_outbound(cx).map_err(to_io)
+        let s = std::task::ready!(self.connection.poll_new_outbound(cx)).map_err(to_io)?;
+        Poll::Ready(Ok(self.wrap(s)))
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -339,6 +517,56 @@ mod tests {
         assert_eq!(got.len(), sent.len());
         assert!(got == sent, "the bytes differ");
         assert_eq!(longest, SPLIT_SEND_SIZE, "longest write to the socket");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_pins_at_most_max_queued_a_connection() {
+        // The other end never reads: the socket takes only what fits in the pipe.
+        let (x, _y) = tokio::io::duplex(64 * 1024);
+        let mut client = Yamux::new().muxer(x.compat(), yamux::Mode::Client);
+        // Eight streams, each with yamux's initial 256 KiB of credit: 2 MiB could be queued.
+        let mut streams = Vec::new();
+        for _ in 0..8 {
+            let s = future::poll_fn(|cx| client.poll_outbound_unpin(cx))
+                .await
+                .expect("an outbound stream");
+            streams.push(s);
+        }
+        let _inbound = drive(client);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let mut writers = Vec::new();
+        for mut s in streams {
+            let accepted = accepted.clone();
+            writers.push(tokio::spawn(async move {
+                let block = vec![7u8; SPLIT_SEND_SIZE];
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    for _ in 0..4 {
+                        let n = s.write(&block).await.expect("write");
+                        accepted.fetch_add(n, Ordering::Relaxed);
+                    }
+                })
+                .await;
+                s
+            }));
+        }
+        let mut held = Vec::new();
+        for w in writers {
+            held.push(w.await.expect("writer"));
+        }
+        let accepted = accepted.load(Ordering::Relaxed);
+        // Each stream may get one frame past the cap before it sees it full.
+        let bound = MAX_QUEUED + 8 * SPLIT_SEND_SIZE;
+        assert!(
+            accepted <= bound,
+            "{accepted} bytes accepted, more than {bound}"
+        );
+        assert!(accepted >= MAX_QUEUED, "only {accepted} bytes accepted");
+        // The connection going away lets the waiting writers go (with yamux's error).
+        drop(_y);
+        for mut s in held {
+            let r = tokio::time::timeout(Duration::from_secs(5), s.write(&[1u8; 10])).await;
+            assert!(r.is_ok(), "a writer still waits after its connection ended");
+        }
     }
 
     #[test]
