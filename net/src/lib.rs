@@ -31,6 +31,8 @@ pub mod relay_meter;
 pub mod serve;
 pub mod swarm;
 pub mod task;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 
 pub use keyfile::{load_or_create_key, write_atomic, KeyError};

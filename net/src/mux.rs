@@ -393,39 +393,6 @@ mod tests {
 
     type Pipe = Compat<tokio::io::DuplexStream>;
 
-    /// Records the longest write offered to the socket under a muxer.
-    struct Spy {
-        inner: Pipe,
-        longest: Arc<AtomicUsize>,
-    }
-
-    impl AsyncRead for Spy {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut [u8],
-        ) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.inner).poll_read(cx, buf)
-        }
-    }
-
-    impl AsyncWrite for Spy {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.longest.fetch_max(buf.len(), Ordering::Relaxed);
-            Pin::new(&mut self.inner).poll_write(cx, buf)
-        }
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.inner).poll_flush(cx)
-        }
-        fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.inner).poll_close(cx)
-        }
-    }
-
     /// Drives `m` in the background, handing its inbound streams to the returned receiver.
     fn drive<M>(mut m: M) -> tokio::sync::mpsc::UnboundedReceiver<M::Substream>
     where
@@ -463,11 +430,7 @@ mod tests {
         M::Substream: AsyncRead + Unpin + Send,
     {
         let (x, y) = tokio::io::duplex(64 * 1024);
-        let longest = Arc::new(AtomicUsize::new(0));
-        let spy = Spy {
-            inner: x.compat(),
-            longest: longest.clone(),
-        };
+        let (spy, writes) = crate::testing::Recorder::new(x.compat());
         let mut client = Yamux::new().muxer(spy, yamux::Mode::Client);
         let mut rx = drive(server(y.compat()));
         let mut out = future::poll_fn(|cx| client.poll_outbound_unpin(cx))
@@ -492,7 +455,8 @@ mod tests {
             .expect("the stream did not end within 10 s")
             .expect("read");
         writer.await.expect("writer");
-        (data, got, longest.load(Ordering::Relaxed))
+        let longest = writes.lock().unwrap().iter().copied().max().unwrap_or(0);
+        (data, got, longest)
     }
 
     #[tokio::test]

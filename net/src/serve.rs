@@ -746,45 +746,6 @@ mod tests {
         assert_eq!(got, vec![0, 1, 2, 3]);
     }
 
-    /// A stream that records the length of every write offered to it.
-    struct Recorder {
-        inner: Compat<tokio::io::DuplexStream>,
-        writes: Arc<Mutex<Vec<usize>>>,
-    }
-
-    impl futures::AsyncRead for Recorder {
-        fn poll_read(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            buf: &mut [u8],
-        ) -> std::task::Poll<io::Result<usize>> {
-            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-        }
-    }
-
-    impl futures::AsyncWrite for Recorder {
-        fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> std::task::Poll<io::Result<usize>> {
-            self.writes.lock().unwrap().push(buf.len());
-            std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-        }
-        fn poll_flush(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-        }
-        fn poll_close(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_close(cx)
-        }
-    }
-
     #[tokio::test]
     async fn consecutive_blocks_go_out_in_writes_of_the_chunk_size() {
         // Eight blocks, the last 100 bytes short.
@@ -807,14 +768,8 @@ mod tests {
             );
             // Room for the whole answer, so that every write is taken whole.
             let (a, b) = tokio::io::duplex(1 << 20);
-            let writes = Arc::new(Mutex::new(Vec::new()));
-            server.accept(
-                PeerId::random(),
-                Recorder {
-                    inner: b.compat(),
-                    writes: writes.clone(),
-                },
-            );
+            let (recorder, writes) = crate::testing::Recorder::new(b.compat());
+            server.accept(PeerId::random(), recorder);
             let mut c = a.compat();
             let (r, got) = fetch(&mut c, &src.manifest, BlockRange::new(0, 8)).await;
             r.unwrap();
