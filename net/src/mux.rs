@@ -20,11 +20,11 @@
 //! written to yamux and not yet taken by the socket.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     io, iter,
     pin::Pin,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll, Waker},
@@ -43,72 +43,95 @@ use libp2p::core::{
 pub const SPLIT_SEND_SIZE: usize = 64 * 1024;
 
 /// Bytes a connection's streams may have written to yamux that the socket has not taken yet;
-/// a stream's write waits while more are queued. Frames of every stream of the connection
+/// a stream's write waits while this many or more are queued (one frame may pass it). Frames of every stream of the connection
 /// count, their headers included.
 pub const MAX_QUEUED: usize = 1024 * 1024;
 
 /// yamux's frame header.
 const HEADER: usize = 12;
 
+/// Writers that found the queue full are woken once it is below this, not at every frame
+/// the socket takes.
+const LOW_WATER: usize = MAX_QUEUED / 2;
+
 /// A connection's bytes queued in yamux for its socket, and the writers waiting for room.
+///
+/// A write reserves its largest possible frame before yamux sees it and gives back what the
+/// frame did not use, so the socket taking a frame (on another thread, at once) can never
+/// run ahead of the count. Control frames the socket takes were never counted; the count
+/// stops at zero, so they only make it low for a moment.
 #[derive(Debug, Default)]
 struct Queue {
     bytes: AtomicUsize,
-    /// The muxer is gone: writes no longer wait (yamux answers them with its error).
-    closed: std::sync::atomic::AtomicBool,
-    /// Distinct wakers of streams whose writes wait (at most one per task).
-    waiting: Mutex<Vec<Waker>>,
+    /// The connection is closing or gone: writes no longer wait (yamux answers them).
+    closed: AtomicBool,
+    /// Whether `waiting` may hold anyone (saves the lock on every socket write).
+    has_waiters: AtomicBool,
+    next_id: AtomicU64,
+    /// The waker of each stream whose write waits, by stream: at most one per live stream.
+    waiting: Mutex<HashMap<u64, Waker>>,
 }
 
 impl Queue {
-    fn full(&self) -> bool {
-        self.bytes.load(Ordering::Acquire) >= MAX_QUEUED && !self.closed.load(Ordering::Acquire)
+    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waker>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn wake_all(&self) {
-        let woken = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        let woken: Vec<Waker> = {
+            let mut w = self.waiting();
+            self.has_waiters.store(false, Ordering::SeqCst);
+            w.drain().map(|(_, w)| w).collect()
+        };
         for w in woken {
             w.wake();
         }
     }
 
-    /// The connection is gone: wake every waiting writer, and let none wait again.
+    /// The connection is closing or gone: wake every waiting writer, and let none wait again.
     fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::SeqCst);
         self.wake_all();
     }
 
-    /// A stream handed yamux `n` bytes (one frame).
-    fn queued(&self, n: usize) {
-        self.bytes.fetch_add(n + HEADER, Ordering::AcqRel);
+    /// Takes `r` bytes if the queue is below the cap (or closed).
+    fn try_reserve(&self, r: usize) -> bool {
+        self.bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                (b < MAX_QUEUED).then_some(b + r)
+            })
+            .is_ok()
+            || self.closed.load(Ordering::SeqCst)
     }
 
-    /// The socket took `n` bytes (frames, or control frames that were never counted: the
-    /// count stops at zero).
-    fn sent(&self, n: usize) {
+    /// `n` bytes left the queue: the socket took them, or a reservation was not used.
+    fn release(&self, n: usize) {
         let _ = self
             .bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
                 Some(b.saturating_sub(n))
             });
-        if !self.full() {
+        if self.has_waiters.load(Ordering::SeqCst) && self.bytes.load(Ordering::SeqCst) < LOW_WATER
+        {
             self.wake_all();
         }
     }
 
-    /// Whether a write must wait; if so, `cx` is woken once there is room.
-    fn must_wait(&self, cx: &Context<'_>) -> bool {
-        if !self.full() {
-            return false;
+    /// Stream `id` waits for room: `cx` is woken once the queue is below [`LOW_WATER`] (or
+    /// closed).
+    fn wait(&self, id: u64, cx: &Context<'_>) {
+        let mut w = self.waiting();
+        w.insert(id, cx.waker().clone());
+        self.has_waiters.store(true, Ordering::SeqCst);
+    }
+
+    /// Stream `id` is gone.
+    fn forget(&self, id: u64) {
+        let mut w = self.waiting();
+        w.remove(&id);
+        if w.is_empty() {
+            self.has_waiters.store(false, Ordering::SeqCst);
         }
-        {
-            let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-            if !w.iter().any(|x| x.will_wake(cx.waker())) {
-                w.push(cx.waker().clone());
-            }
-        }
-        // Room may have been made between the check and the registration.
-        self.full()
     }
 }
 
@@ -137,7 +160,7 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Counted<C> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            self.queue.sent(n);
+            self.queue.release(n);
         }
         r
     }
@@ -156,6 +179,13 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Counted<C> {
 pub struct Stream {
     inner: yamux::Stream,
     queue: Arc<Queue>,
+    id: u64,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.queue.forget(self.id);
+    }
 }
 
 impl AsyncRead for Stream {
@@ -174,13 +204,21 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.queue.must_wait(cx) {
-            return Poll::Pending;
+        // yamux makes one frame of at most this much of a write.
+        let reserved = buf.len().min(SPLIT_SEND_SIZE) + HEADER;
+        if !self.queue.try_reserve(reserved) {
+            self.queue.wait(self.id, cx);
+            // Room may have been made between the try and the registration.
+            if !self.queue.try_reserve(reserved) {
+                return Poll::Pending;
+            }
         }
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            self.queue.queued(n);
-        }
+        let used = match r {
+            Poll::Ready(Ok(n)) => (n + HEADER).min(reserved),
+            _ => 0,
+        };
+        self.queue.release(reserved - used);
         r
     }
 
@@ -303,17 +341,21 @@ where
         Stream {
             inner,
             queue: self.queue.clone(),
+            id: self.queue.next_id.fetch_add(1, Ordering::Relaxed),
         }
     }
 
     /// Drives the connection until an inbound stream arrives or nothing more can be done now.
     fn next_inbound(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<yamux::Stream>> {
-        match self.connection.poll_next_inbound(cx) {
-            Poll::Ready(Some(Ok(s))) => Poll::Ready(Ok(s)),
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(to_io(e))),
-            Poll::Ready(None) => Poll::Ready(Err(to_io(yamux::ConnectionError::Closed))),
-            Poll::Pending => Poll::Pending,
-        }
+        let end = match self.connection.poll_next_inbound(cx) {
+            Poll::Ready(Some(Ok(s))) => return Poll::Ready(Ok(s)),
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Err(e))) => to_io(e),
+            Poll::Ready(None) => to_io(yamux::ConnectionError::Closed),
+        };
+        // yamux dropped what it had queued: nobody should wait for it to drain.
+        self.queue.close();
+        Poll::Ready(Err(end))
     }
 }
 
@@ -342,11 +384,18 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::Substream, Self::Error>> {
-        let s = std::task::ready!(self.connection.poll_new_outbound(cx)).map_err(to_io)?;
-        Poll::Ready(Ok(self.wrap(s)))
+        match std::task::ready!(self.connection.poll_new_outbound(cx)) {
+            Ok(s) => Poll::Ready(Ok(self.wrap(s))),
+            Err(e) => {
+                self.queue.close();
+                Poll::Ready(Err(to_io(e)))
+            }
+        }
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Closing may wait on a peer that does not read; writers must not wait with it.
+        self.queue.close();
         self.connection.poll_close(cx).map_err(to_io)
     }
 
@@ -485,8 +534,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_stops_reading_pins_at_most_max_queued_a_connection() {
-        // The other end never reads: the socket takes only what fits in the pipe.
-        let (x, _y) = tokio::io::duplex(64 * 1024);
+        // The other end reads nothing until told: the socket takes what fits in the pipe.
+        let (x, mut y) = tokio::io::duplex(64 * 1024);
         let mut client = Yamux::new().muxer(x.compat(), yamux::Mode::Client);
         // Eight streams, each with yamux's initial 256 KiB of credit: 2 MiB could be queued.
         let mut streams = Vec::new();
@@ -498,11 +547,12 @@ mod tests {
         }
         let _inbound = drive(client);
         let accepted = Arc::new(AtomicUsize::new(0));
+        let block = vec![7u8; SPLIT_SEND_SIZE];
         let mut writers = Vec::new();
         for mut s in streams {
             let accepted = accepted.clone();
+            let block = block.clone();
             writers.push(tokio::spawn(async move {
-                let block = vec![7u8; SPLIT_SEND_SIZE];
                 let _ = tokio::time::timeout(Duration::from_secs(5), async {
                     for _ in 0..4 {
                         let n = s.write(&block).await.expect("write");
@@ -517,20 +567,90 @@ mod tests {
         for w in writers {
             held.push(w.await.expect("writer"));
         }
-        let accepted = accepted.load(Ordering::Relaxed);
+        let stalled = accepted.load(Ordering::Relaxed);
         // Each stream may get one frame past the cap before it sees it full.
         let bound = MAX_QUEUED + 8 * SPLIT_SEND_SIZE;
         assert!(
-            accepted <= bound,
-            "{accepted} bytes accepted, more than {bound}"
+            stalled <= bound,
+            "{stalled} bytes accepted, more than {bound}"
         );
-        assert!(accepted >= MAX_QUEUED, "only {accepted} bytes accepted");
+        assert!(
+            stalled >= MAX_QUEUED - SPLIT_SEND_SIZE,
+            "only {stalled} bytes accepted"
+        );
+
+        // A writer waiting on the full queue goes on once the peer reads enough.
+        let mut waiting = held.pop().expect("a stream");
+        let writer = tokio::spawn(async move {
+            let n = waiting.write(&block).await.expect("write");
+            (waiting, n)
+        });
+        // Paused time: everything runs until idle, so the writer is waiting by now.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !writer.is_finished(),
+            "the write did not wait for a full queue"
+        );
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut read = 0;
+        while read < MAX_QUEUED {
+            read += tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read(&mut y, &mut buf),
+            )
+            .await
+            .expect("the queued frames did not reach the peer")
+            .expect("read");
+        }
+        let (_waiting, n) = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer was not woken once the queue drained")
+            .expect("writer");
+        assert!(n > 0);
+
         // The connection going away lets the waiting writers go (with yamux's error).
-        drop(_y);
+        drop(y);
         for mut s in held {
             let r = tokio::time::timeout(Duration::from_secs(5), s.write(&[1u8; 10])).await;
             assert!(r.is_ok(), "a writer still waits after its connection ended");
         }
+    }
+
+    #[test]
+    fn the_count_holds_whatever_the_order_of_socket_and_writer() {
+        let q = Queue::default();
+        let frame = SPLIT_SEND_SIZE + HEADER;
+        // The socket takes the frame before the writer has given back its reservation...
+        assert!(q.try_reserve(frame));
+        q.release(frame); // the socket took header and body
+        q.release(0); // the writer used all it reserved
+        assert_eq!(q.bytes.load(Ordering::SeqCst), 0);
+        // ... or after; and a short frame gives back the rest.
+        assert!(q.try_reserve(frame));
+        q.release(frame - (100 + HEADER));
+        q.release(100 + HEADER);
+        assert_eq!(q.bytes.load(Ordering::SeqCst), 0);
+        // Full: no reservation until it is closed.
+        q.bytes.store(MAX_QUEUED, Ordering::SeqCst);
+        assert!(!q.try_reserve(1));
+        q.close();
+        assert!(q.try_reserve(1));
+    }
+
+    #[test]
+    fn a_stream_waits_in_one_place_and_leaves_none_behind() {
+        let q = Queue::default();
+        let waker = futures::task::noop_waker();
+        let cx = Context::from_waker(&waker);
+        for _ in 0..1000 {
+            q.wait(1, &cx);
+            q.wait(2, &cx);
+        }
+        assert_eq!(q.waiting().len(), 2);
+        q.forget(1);
+        q.forget(2);
+        assert!(q.waiting().is_empty());
+        assert!(!q.has_waiters.load(Ordering::SeqCst));
     }
 
     #[test]
