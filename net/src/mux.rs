@@ -43,8 +43,8 @@ use libp2p::core::{
 pub const SPLIT_SEND_SIZE: usize = 64 * 1024;
 
 /// Bytes a connection's streams may have written to yamux that the socket has not taken yet;
-/// a stream's write waits while this many or more are queued (one frame may pass it). Frames of every stream of the connection
-/// count, their headers included.
+/// a stream's write waits while this many or more are queued (one frame may pass it). Frames
+/// of every stream of the connection count, their headers included.
 pub const MAX_QUEUED: usize = 1024 * 1024;
 
 /// yamux's frame header.
