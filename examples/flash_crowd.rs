@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use shoal_tests::procs::{metric, sha256_file, wait_for_file, Proc};
+use shoal_tests::procs::{metric, metrics, sha256_file, wait_for_file, Proc};
 
 const MIB: u64 = 1 << 20;
 const MASTER_RATE: u64 = 8 * MIB;
@@ -253,10 +253,14 @@ fn main() -> Result<()> {
         let downloading = nodes.iter().filter(|n| n.finished.is_none()).count();
         for n in &mut nodes {
             // A node that is not up yet (no metrics) counts as neither idle nor busy.
-            let Ok(up) = metric(&n.metrics, "shoal_node_piece_bytes_uploaded_total") else {
+            // One scrape a node a sample: the scrapes cost the nodes CPU in the crowd.
+            let Ok(page) = metrics(&n.metrics) else {
                 continue;
             };
-            let held = metric(&n.metrics, "shoal_node_download_held_bytes").unwrap_or(0.0);
+            let Ok(up) = page.get("shoal_node_piece_bytes_uploaded_total") else {
+                continue;
+            };
+            let held = page.get("shoal_node_download_held_bytes").unwrap_or(0.0);
             let others = downloading - usize::from(n.finished.is_none());
             if up <= n.uploaded && held > 0.0 && others > 0 {
                 n.idle_s += dt;

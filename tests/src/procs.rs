@@ -93,12 +93,39 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
 /// `GET /metrics` from `addr` (HOST:PORT); returns the value of the sample `name` (with
 /// its labels, if any).
 pub fn metric(addr: &str, name: &str) -> anyhow::Result<f64> {
+    metrics(addr)?.get(name)
+}
+
+/// One scrape of a process's metrics page: read several samples for one request.
+pub struct Metrics {
+    addr: String,
+    text: String,
+}
+
+/// `GET /metrics` from `addr` (HOST:PORT), once.
+pub fn metrics(addr: &str) -> anyhow::Result<Metrics> {
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().split(' ').next()?.parse().ok())
-        .with_context(|| format!("{name} missing from the master's metrics:\n{text}"))
+    Ok(Metrics {
+        addr: addr.to_owned(),
+        text,
+    })
+}
+
+impl Metrics {
+    /// The value of the sample `name` (with its labels, if any).
+    pub fn get(&self, name: &str) -> anyhow::Result<f64> {
+        self.text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().split(' ').next()?.parse().ok())
+            .with_context(|| {
+                format!(
+                    "{name} missing from the metrics of {}:\n{}",
+                    self.addr, self.text
+                )
+            })
+    }
 }
