@@ -72,28 +72,52 @@ pub enum TlsError {
 /// carry-less multiply instructions (there it is the cheapest AEAD per byte), ChaCha20-Poly1305
 /// first where it has not (there AES runs in software: slower, and not constant-time).
 ///
-/// The suites are ring's; key exchange and signatures stay aws-lc's (the rest of the
-/// provider). ring seals and opens AES-GCM with VAES and 256-bit carry-less multiply on CPUs
-/// that have them, about twice as fast per byte as aws-lc 0.47 there, which has that code
-/// only for AVX-512; elsewhere the two run the same AES-NI code (see ARCHITECTURE.md).
+/// The suites (their AEAD, hash and HKDF) are ring's where [`ring_seals_faster`], aws-lc's
+/// elsewhere; the rest of the provider (key exchange, the random source) is aws-lc's either
+/// way. Certificates are signed and checked by libp2p's code, whatever the provider.
 pub fn cipher_suites() -> Vec<SupportedCipherSuite> {
-    use rustls::crypto::ring::cipher_suite::{
-        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    let [aes256, aes128, chacha] = if ring_seals_faster() {
+        use rustls::crypto::ring::cipher_suite as ring;
+        [
+            ring::TLS13_AES_256_GCM_SHA384,
+            ring::TLS13_AES_128_GCM_SHA256,
+            ring::TLS13_CHACHA20_POLY1305_SHA256,
+        ]
+    } else {
+        use aws_lc_rs::cipher_suite as aws_lc;
+        [
+            aws_lc::TLS13_AES_256_GCM_SHA384,
+            aws_lc::TLS13_AES_128_GCM_SHA256,
+            aws_lc::TLS13_CHACHA20_POLY1305_SHA256,
+        ]
     };
     // Between the two AES suites, rustls's own order.
     if has_aes_instructions() {
-        vec![
-            TLS13_AES_256_GCM_SHA384,
-            TLS13_AES_128_GCM_SHA256,
-            TLS13_CHACHA20_POLY1305_SHA256,
-        ]
+        vec![aes256, aes128, chacha]
     } else {
-        vec![
-            TLS13_CHACHA20_POLY1305_SHA256,
-            TLS13_AES_256_GCM_SHA384,
-            TLS13_AES_128_GCM_SHA256,
-        ]
+        vec![chacha, aes256, aes128]
     }
+}
+
+/// Whether ring's AES-GCM is the faster of the two here: on x86-64 CPUs with VAES,
+/// VPCLMULQDQ and AVX2 but without AVX-512. There ring (0.17.14) runs its VAES-AVX2 code and
+/// aws-lc (aws-lc-sys 0.47), whose VAES code needs AVX-512, runs the older AES-NI code: about
+/// twice the time per byte on this project's machine (ARCHITECTURE.md). With AVX-512 aws-lc
+/// has a VAES path of its own, and on aarch64 an unrolled one that ring lacks; neither was
+/// measured against ring, so aws-lc keeps them.
+#[cfg(target_arch = "x86_64")]
+pub fn ring_seals_faster() -> bool {
+    std::arch::is_x86_feature_detected!("vaes")
+        && std::arch::is_x86_feature_detected!("vpclmulqdq")
+        && std::arch::is_x86_feature_detected!("avx2")
+        && !std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Whether ring's AES-GCM is the faster of the two here (see the x86-64 version): never
+/// known to be on this architecture.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn ring_seals_faster() -> bool {
+    false
 }
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
