@@ -39,15 +39,10 @@ pub struct Delay {
 impl Delay {
     /// A `Delay` that completes `dur` from now.
     pub fn new(dur: Duration) -> Delay {
-        let sleep = match Handle::try_current() {
-            Ok(_) => tokio::time::sleep(dur),
-            Err(_) => {
-                let _in_fallback = fallback().enter();
-                tokio::time::sleep(dur)
-            }
-        };
+        // Outside any runtime, made in the fallback's.
+        let _in_fallback = Handle::try_current().is_err().then(|| fallback().enter());
         Delay {
-            sleep: Box::pin(sleep),
+            sleep: Box::pin(tokio::time::sleep_until(deadline(dur))),
         }
     }
 
@@ -73,8 +68,8 @@ impl fmt::Debug for Delay {
     }
 }
 
-/// `dur` from now, at most about thirty years (as tokio's `sleep`, so that `reset` and `new`
-/// agree and neither overflows).
+/// `dur` from now, at most about thirty years (as tokio's `sleep`), so that it cannot
+/// overflow.
 fn deadline(dur: Duration) -> Instant {
     Instant::now() + dur.min(FAR_FUTURE)
 }
