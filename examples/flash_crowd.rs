@@ -9,6 +9,11 @@
 //! and did not upload while some other node was still downloading. That over-counts idleness
 //! a little (the others may already hold what the idle node has), never under-counts it.
 //!
+//! With `--idle SECS` it then lets the finished swarm seed for SECS more seconds and prints
+//! the CPU it used meanwhile (from `/proc/<pid>/stat`, so on Linux only): what a swarm costs
+//! while nothing moves (pings, gossip heartbeats, timers). All to all, that grows with the
+//! square of the crowd, and it is spent during the crowd too.
+//!
 //! `bench/flash-crowd.sh [N] [MIB]` builds the release binaries and runs this.
 
 use std::path::{Path, PathBuf};
@@ -29,6 +34,7 @@ struct Args {
     mib: u64,
     bin: PathBuf,
     limit: Duration,
+    idle: Option<Duration>,
 }
 
 fn args() -> Result<Args> {
@@ -36,22 +42,26 @@ fn args() -> Result<Args> {
     let mut pos = Vec::new();
     let mut bin = None;
     let mut limit = Duration::from_secs(600);
+    let mut idle = None;
+    let secs = |v: Option<String>, flag: &str| -> Result<Duration> {
+        Ok(Duration::from_secs(
+            v.with_context(|| format!("{flag} needs seconds"))?
+                .parse()
+                .with_context(|| format!("{flag}: seconds"))?,
+        ))
+    };
     while let Some(a) = it.next() {
         match a.as_str() {
             "--bin-dir" => bin = Some(PathBuf::from(it.next().context("--bin-dir needs a path")?)),
-            "--limit" => {
-                limit = Duration::from_secs(
-                    it.next()
-                        .context("--limit needs seconds")?
-                        .parse()
-                        .context("--limit: seconds")?,
-                )
-            }
+            "--limit" => limit = secs(it.next(), "--limit")?,
+            "--idle" => idle = Some(secs(it.next(), "--idle")?),
             "-h" | "--help" => {
                 println!(
-                    "usage: flash_crowd [N=12] [MIB=64] [--bin-dir DIR] [--limit SECS]\n\
+                    "usage: flash_crowd [N=12] [MIB=64] [--bin-dir DIR] [--limit SECS] [--idle SECS]\n\
                      Runs a master (upload 8 MiB/s) and N fetch processes (upload 4 MiB/s each) \
-                     from DIR (default: the directory above this binary, e.g. target/release)."
+                     from DIR (default: the directory above this binary, e.g. target/release).\n\
+                     --limit SECS  give up when the crowd is not done by then (default 600)\n\
+                     --idle SECS   then measure the finished swarm's CPU while it seeds for SECS"
                 );
                 std::process::exit(0);
             }
@@ -90,6 +100,7 @@ fn args() -> Result<Args> {
         mib,
         bin,
         limit,
+        idle,
     })
 }
 
@@ -269,6 +280,22 @@ fn main() -> Result<()> {
         }
     }
 
+    // The finished swarm, seeding: nothing moves, so what it spends is its upkeep.
+    let idle_cpu = match a.idle {
+        Some(span) => {
+            // Past the last Haves and transfer ends.
+            std::thread::sleep(Duration::from_secs(2));
+            let before = swarm_cpu(&master, &nodes)?;
+            std::thread::sleep(span);
+            let after = swarm_cpu(&master, &nodes)?;
+            Some((
+                (after.0 - before.0) / span.as_secs_f64().max(1e-9),
+                (after.1 - before.1) / span.as_secs_f64().max(1e-9),
+                span,
+            ))
+        }
+        None => None,
+    };
     let egress = metric(&mmetrics, "shoal_master_piece_bytes_sent_total")?;
     let want = sha256_file(&src)?;
     for (i, n) in nodes.iter().enumerate() {
@@ -317,5 +344,40 @@ fn main() -> Result<()> {
         slowest.idle_s,
         quantile(&idle, 0.5)
     );
+    if let Some((master_cpu, nodes_cpu, span)) = idle_cpu {
+        println!(
+            "idle swarm CPU    nodes {:.1} ms/s each, master {:.1} ms/s (seeding, over {} s)",
+            1e3 * nodes_cpu / n,
+            1e3 * master_cpu,
+            span.as_secs()
+        );
+    }
     Ok(())
+}
+
+/// CPU seconds the master and all the nodes have used so far (user + system).
+fn swarm_cpu(master: &Proc, nodes: &[Node]) -> Result<(f64, f64)> {
+    let mut all = 0.0;
+    for n in nodes {
+        all += process_cpu(n.proc.0.id())?;
+    }
+    Ok((process_cpu(master.0.id())?, all))
+}
+
+/// CPU seconds process `pid` has used (user + system), from `/proc/<pid>/stat`.
+fn process_cpu(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat (--idle needs Linux)"))?;
+    // The fields after the command name, which is in parentheses and may hold spaces:
+    // state is the first; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        f.get(i)
+            .and_then(|x| x.parse::<u64>().ok())
+            .map(|t| t as f64)
+            .with_context(|| format!("/proc/{pid}/stat: no field {i}"))
+    };
+    // USER_HZ: 100 on every Linux architecture this runs on.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
