@@ -54,7 +54,13 @@ fn args() -> Result<Args> {
         match a.as_str() {
             "--bin-dir" => bin = Some(PathBuf::from(it.next().context("--bin-dir needs a path")?)),
             "--limit" => limit = secs(it.next(), "--limit")?,
-            "--idle" => idle = Some(secs(it.next(), "--idle")?),
+            "--idle" => {
+                let span = secs(it.next(), "--idle")?;
+                if span.is_zero() {
+                    bail!("--idle: at least 1 second");
+                }
+                idle = Some(span);
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: flash_crowd [N=12] [MIB=64] [--bin-dir DIR] [--limit SECS] [--idle SECS]\n\
@@ -281,21 +287,26 @@ fn main() -> Result<()> {
     }
 
     // The finished swarm, seeding: nothing moves, so what it spends is its upkeep.
-    let idle_cpu = match a.idle {
-        Some(span) => {
-            // Past the last Haves and transfer ends.
-            std::thread::sleep(Duration::from_secs(2));
-            let before = swarm_cpu(&master, &nodes)?;
+    // A failed reading is told, and the crowd's own results are still printed.
+    let idle_cpu = a.idle.and_then(|span| {
+        // Past the last Haves and transfer ends.
+        std::thread::sleep(Duration::from_secs(2));
+        let measured = swarm_cpu(&master, &nodes).and_then(|before| {
             std::thread::sleep(span);
-            let after = swarm_cpu(&master, &nodes)?;
-            Some((
-                (after.0 - before.0) / span.as_secs_f64().max(1e-9),
-                (after.1 - before.1) / span.as_secs_f64().max(1e-9),
+            Ok((before, swarm_cpu(&master, &nodes)?))
+        });
+        match measured {
+            Ok((before, after)) => Some((
+                (after.0 - before.0) / span.as_secs_f64(),
+                (after.1 - before.1) / span.as_secs_f64(),
                 span,
-            ))
+            )),
+            Err(e) => {
+                eprintln!("--idle: {e:#}");
+                None
+            }
         }
-        None => None,
-    };
+    });
     let egress = metric(&mmetrics, "shoal_master_piece_bytes_sent_total")?;
     let want = sha256_file(&src)?;
     for (i, n) in nodes.iter().enumerate() {
@@ -376,7 +387,8 @@ fn process_cpu(pid: u32) -> Result<f64> {
         f.get(i)
             .and_then(|x| x.parse::<u64>().ok())
             .map(|t| t as f64)
-            .with_context(|| format!("/proc/{pid}/stat: no field {i}"))
+            // Numbered as in proc(5), where the state is field 3.
+            .with_context(|| format!("/proc/{pid}/stat: no field {}", i + 3))
     };
     // USER_HZ: 100 on every Linux architecture this runs on.
     Ok((ticks(11)? + ticks(12)?) / 100.0)

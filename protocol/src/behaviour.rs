@@ -26,7 +26,8 @@ pub const IDENTIFY_PROTOCOL: &str = "/shoal/id/1";
 
 /// How often the master pings each connected node. Its pings are how it notices a node that
 /// vanished without closing its connection (a failed ping drops the node from every mirror
-/// list), so they are frequent: such a node is gone within this plus [`PING_TIMEOUT`].
+/// list), so they are frequent. libp2p-ping reports failures only from the second in a row,
+/// so such a node is dropped about two intervals and two timeouts (25-30 s) after it went.
 pub const MASTER_PING_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How often a node pings each peer it is connected to (the first ping goes out when the
@@ -41,9 +42,10 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Gossipsub's heartbeat (libp2p's default). Authority events do not wait for it: the master
 /// publishes each one to every subscribed peer at once (flood publishing), and peers forward
-/// what they accept to their mesh at once. The heartbeat only keeps the mesh in shape and
-/// scores peers, and each one walks every peer: at 500 ms a 48-node crowd used about 7% more
-/// CPU (see ARCHITECTURE, "Pings and heartbeats").
+/// what they accept to their mesh at once. The heartbeat mends the mesh, reads peers' scores
+/// and sends IHAVE gossip from the message cache (how a peer that missed a message gets it
+/// later), and each one walks every peer: at 500 ms a 48-node crowd used about 7% more CPU
+/// (see ARCHITECTURE, "Pings and heartbeats").
 pub const GOSSIP_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Caps on connections, enforced by libp2p before any protocol runs. A connection over a cap

@@ -109,7 +109,8 @@ async fn only_the_master_speaks_with_authority() -> anyhow::Result<()> {
     // The relay is connected to both other nodes, so it could forward to them.
     connect(&third, &relay).await?;
     connect(&honest, &relay).await?;
-    // Subscriptions are exchanged on connection; meshes form at the next heartbeats (500 ms).
+    // Subscriptions are exchanged on connection, and a peer joins the mesh of a topic when
+    // its subscription arrives (the heartbeat, every second, only mends the mesh).
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // A file added with `shoal-master add` (the registry, as the CLI does) is announced on
