@@ -377,19 +377,6 @@ fn swarm_cpu(master: &Proc, nodes: &[Node]) -> Result<(f64, f64)> {
 
 /// CPU seconds process `pid` has used (user + system), from `/proc/<pid>/stat`.
 fn process_cpu(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat (--idle needs Linux)"))?;
-    // The fields after the command name, which is in parentheses and may hold spaces:
-    // state is the first; utime and stime are the 12th and 13th.
-    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> {
-        f.get(i)
-            .and_then(|x| x.parse::<u64>().ok())
-            .map(|t| t as f64)
-            // Numbered as in proc(5), where the state is field 3.
-            .with_context(|| format!("/proc/{pid}/stat: no field {}", i + 3))
-    };
-    // USER_HZ: 100 on every Linux architecture this runs on.
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
+    shoal_sim::live::pid_cpu_s(pid)
+        .with_context(|| format!("cannot read /proc/{pid}/stat (--idle needs Linux)"))
 }

@@ -306,7 +306,18 @@ fn open_files_limit() -> Option<u64> {
 /// CPU seconds this process has used so far, all its threads, live or ended (Linux:
 /// `/proc/self/stat`, in the kernel's fixed 100 ticks per second); `None` elsewhere.
 pub fn process_cpu_s() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    stat_cpu_s("/proc/self/stat")
+}
+
+/// CPU seconds process `pid` has used so far, as [`process_cpu_s`]; `None` when it is gone
+/// (or not on Linux).
+pub fn pid_cpu_s(pid: u32) -> Option<f64> {
+    stat_cpu_s(&format!("/proc/{pid}/stat"))
+}
+
+/// User plus system CPU seconds from the `stat` file at `path`.
+fn stat_cpu_s(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the command name (which may hold spaces), from field 3 on: utime and
     // stime are fields 14 and 15.
     let rest = &stat[stat.rfind(')')? + 1..];
