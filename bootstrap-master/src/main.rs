@@ -66,7 +66,8 @@ struct Cli {
     /// Refuse an announce that would leave less than this free on the data dir's disk.
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
     min_free_disk: u64,
-    /// Connections in all (incoming ones included).
+    /// Connections in all (incoming ones included). Incoming ones may take all but a fifth
+    /// of them, at most 904, kept for the master's own dials (4,096 of the default 5,000).
     #[arg(long, value_name = "N", default_value_t = ConnectionCaps::for_role(Role::Master).established_total)]
     max_connections: u32,
     /// Connections with any one peer.
@@ -151,13 +152,11 @@ impl Cli {
             self.max_memory_fraction > 0.0 && self.max_memory_fraction <= 1.0,
             "--max-memory-fraction must be in (0, 1]"
         );
-        let defaults = ConnectionCaps::for_role(Role::Master);
         Ok(ConnectionCaps {
             per_peer: self.max_connections_per_peer,
             pending_incoming: self.max_pending_incoming,
-            established_incoming: defaults.established_incoming.min(self.max_connections),
-            established_total: self.max_connections,
             max_memory_fraction: self.max_memory_fraction,
+            ..ConnectionCaps::for_role_with_total(Role::Master, self.max_connections)
         })
     }
 }

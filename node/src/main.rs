@@ -288,13 +288,10 @@ async fn join_with(
         "no master address: pass --bootstrap ADDR (the master prints its addresses when it \
          starts) or a ticket (shoal:...) instead of a file id"
     );
-    let defaults = node_caps();
     let caps = ConnectionCaps {
         per_peer: c.max_connections_per_peer.max(1),
         pending_incoming: c.max_pending_incoming.max(1),
-        established_incoming: defaults.established_incoming.min(c.max_connections.max(1)),
-        established_total: c.max_connections.max(1),
-        ..defaults
+        ..ConnectionCaps::for_role_with_total(Role::Node, c.max_connections.max(1))
     };
     for (i, bootstrap) in candidates.iter().enumerate() {
         let cfg = NodeConfig::new(&c.data_dir, bootstrap.clone())

@@ -80,6 +80,31 @@ impl ConnectionCaps {
             max_memory_fraction: 0.9,
         }
     }
+
+    /// The defaults for `role` with `total` established connections in all, and the incoming
+    /// cap that follows from it.
+    ///
+    /// The master's connections are nearly all incoming (nodes dial it; it dials only for
+    /// AutoNAT dial-backs and Kademlia), so its incoming cap grows with `total`, keeping back
+    /// a fifth of it, at most 904 (the default's 5,000 - 4,096), for its own dials: with
+    /// `--max-connections 12000` it takes 11,096 nodes, where a fixed 4,096 would have
+    /// refused every node past that whatever the operator asked for. A node dials at least as
+    /// much as it is dialed, so its incoming cap stays at most its default.
+    pub fn for_role_with_total(role: Role, total: u32) -> Self {
+        let defaults = Self::for_role(role);
+        let established_incoming = match role {
+            Role::Master => {
+                let reserve = defaults.established_total - defaults.established_incoming;
+                total - (total / 5).min(reserve)
+            }
+            Role::Node => defaults.established_incoming.min(total),
+        };
+        Self {
+            established_incoming,
+            established_total: total,
+            ..defaults
+        }
+    }
 }
 
 /// All protocols of a shoal peer.
@@ -428,6 +453,33 @@ mod tests {
             sequence_number: Some(1),
             topic: gossipsub::IdentTopic::new(topic).hash(),
         }
+    }
+
+    #[test]
+    fn the_masters_incoming_cap_follows_its_total() {
+        for role in [Role::Master, Role::Node] {
+            let d = ConnectionCaps::for_role(role);
+            let same = ConnectionCaps::for_role_with_total(role, d.established_total);
+            assert_eq!(
+                same.established_incoming, d.established_incoming,
+                "{role:?}"
+            );
+        }
+        let big = ConnectionCaps::for_role_with_total(Role::Master, 12_000);
+        assert_eq!(
+            (big.established_incoming, big.established_total),
+            (11_096, 12_000)
+        );
+        let small = ConnectionCaps::for_role_with_total(Role::Master, 100);
+        assert_eq!(small.established_incoming, 80);
+        assert_eq!(
+            ConnectionCaps::for_role_with_total(Role::Master, 0).established_incoming,
+            0
+        );
+        let node = ConnectionCaps::for_role_with_total(Role::Node, 4_000);
+        assert_eq!(node.established_incoming, 512);
+        let node = ConnectionCaps::for_role_with_total(Role::Node, 100);
+        assert_eq!(node.established_incoming, 100);
     }
 
     #[test]
