@@ -485,10 +485,24 @@ impl EventLoop {
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                num_established,
+                ..
             } => {
                 if self.policy.is_banned(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                if endpoint.is_dialer() && num_established.get() > 1 {
+                    // The master dials a peer it is already connected to only for an AutoNAT
+                    // dial-back, whose answer was settled when this connection came up. Kept,
+                    // it would hold the peer's second connection slot (and run every protocol
+                    // twice) until idle: the peer's next probe would then be refused over the
+                    // per-peer cap and tell a reachable node it is not.
+                    tracing::trace!(%peer_id, "dial-back done: closing its connection");
+                    self.swarm.close_connection(connection_id);
                     return;
                 }
                 tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "peer connected");
