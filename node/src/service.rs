@@ -720,15 +720,8 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
         peer_use,
     };
     // The first request doubles as the connection check.
-    let why = match tokio::time::timeout(
-        MASTER_HELLO_TIMEOUT,
-        client.master_request(MasterRequest::Hello {
-            region: cfg.region.clone(),
-        }),
-    )
-    .await
-    {
-        Ok(Ok(_)) => return Ok(client),
+    let why = match tokio::time::timeout(MASTER_HELLO_TIMEOUT, hello(&client, &cfg.region)).await {
+        Ok(Ok(())) => return Ok(client),
         Ok(Err(e)) => format!("cannot reach the master at {}: {e}", cfg.bootstrap),
         Err(_) => format!(
             "no answer from the master at {} within {} s",
@@ -747,8 +740,45 @@ pub async fn start(cfg: NodeConfig) -> Result<Client, NodeError> {
     Ok(client)
 }
 
-/// How long [`start`] waits for the master's answer to its hello.
+/// How long [`start`] waits for the master's answer to its hello, tries again included.
 pub const MASTER_HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long [`start`] keeps saying hello while the connection to the master fails (a refused
+/// or failed dial, a closed connection), before it reports that it cannot reach the master.
+pub const HELLO_RETRY_WINDOW: Duration = Duration::from_secs(5);
+
+/// The first wait before [`start`] says hello again after the connection failed; it doubles
+/// up to [`HELLO_RETRY_MAX`], each wait lengthened by up to half of itself at random.
+pub const HELLO_RETRY_FIRST: Duration = Duration::from_millis(250);
+
+/// The longest wait between two hellos.
+pub const HELLO_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Says hello to the master until it answers (or refuses). A failed connection is tried again
+/// for [`HELLO_RETRY_WINDOW`], after growing, jittered waits: a master that is restarting, or
+/// whose cap on connections in their handshake (64 by default) is full because many nodes join
+/// at once, refuses a dial that a moment later it takes. A master that stays down is reported
+/// after the window. The caller bounds the whole by [`MASTER_HELLO_TIMEOUT`].
+async fn hello(client: &Client, region: &str) -> Result<(), NodeError> {
+    let deadline = tokio::time::Instant::now() + HELLO_RETRY_WINDOW;
+    let mut wait = HELLO_RETRY_FIRST;
+    loop {
+        let req = MasterRequest::Hello {
+            region: region.to_string(),
+        };
+        match client.master_request(req).await {
+            Ok(_) => return Ok(()),
+            Err(NodeError::Network(e)) if tokio::time::Instant::now() < deadline => {
+                // Jittered, so that nodes refused together do not come back together.
+                let extra = wait.mul_f64(rand::random::<f64>() / 2.0);
+                tracing::debug!(error = %e, retry_in = ?(wait + extra), "hello failed");
+                tokio::time::sleep(wait + extra).await;
+                wait = (wait * 2).min(HELLO_RETRY_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// How often a node that is not connected to the master dials it again. Requests dial it too;
 /// this brings back an idle node (one that only serves), so that the master hears what it
