@@ -293,7 +293,7 @@ fn max_peers_per_node(nodes: usize, open_files: Option<u64>) -> usize {
 
 /// The process's soft limit on open files (Linux: `/proc/self/limits`); `None` elsewhere or
 /// when unlimited.
-fn open_files_limit() -> Option<u64> {
+pub fn open_files_limit() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = text.lines().find(|l| l.starts_with("Max open files"))?;
     line["Max open files".len()..]
@@ -313,6 +313,21 @@ pub fn process_cpu_s() -> Option<f64> {
 /// (or not on Linux).
 pub fn pid_cpu_s(pid: u32) -> Option<f64> {
     stat_cpu_s(&format!("/proc/{pid}/stat"))
+}
+
+/// Resident memory of process `pid` now, in bytes (`VmRSS` in `/proc/<pid>/status`); `None`
+/// when it is gone (or not on Linux).
+pub fn pid_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// User plus system CPU seconds from the `stat` file at `path`.
@@ -669,6 +684,21 @@ mod tests {
         assert_eq!(max_peers_per_node(200, Some(1_024)), MIN_PEERS);
         assert_eq!(max_peers_per_node(200, None), MIN_PEERS);
         assert!(open_files_limit().is_some_and(|n| n > 0));
+    }
+
+    #[test]
+    fn the_resident_memory_counts_touched_pages() {
+        let me = std::process::id();
+        let before = pid_rss_bytes(me).expect("/proc/self/status on Linux");
+        // 64 MiB, every page written, so resident whatever the allocator does.
+        let buf = std::hint::black_box(vec![1u8; 64 << 20]);
+        let after = pid_rss_bytes(me).expect("/proc/self/status on Linux");
+        assert!(
+            after >= before + (32 << 20),
+            "64 MiB touched, RSS {before} -> {after} bytes"
+        );
+        drop(buf);
+        assert_eq!(pid_rss_bytes(u32::MAX), None);
     }
 
     #[test]
