@@ -72,6 +72,7 @@ fn args() -> Result<Args> {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
+            s if s.starts_with('-') => bail!("unknown option {s}\n{USAGE}"),
             s => {
                 steps = s
                     .split(',')
@@ -127,7 +128,7 @@ fn main() -> Result<()> {
     let mmetrics = format!("127.0.0.1:{}", free_port()?);
     // Room for every node and the master's own dials (see ConnectionCaps::for_role_with_total).
     let max_connections = most + most / 4 + 1_000;
-    let master = Proc(
+    let mut master = Proc(
         Command::new(a.bin.join("shoal-master"))
             .arg("--data-dir")
             .arg(&mdir)
@@ -153,7 +154,7 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_secs(5));
     let base = measure(mpid, &[], a.idle)?;
     println!(
-        "| 0 | {:.1} MiB | | {:.2} ms/s | | |",
+        "| 0 | {:.1} MiB | | {:.1} ms/s | | |",
         base.rss as f64 / (1 << 20) as f64,
         1e3 * base.master_cpu
     );
@@ -178,7 +179,7 @@ fn main() -> Result<()> {
                     .context("starting a worker")?,
             ));
             started += n;
-            wait_connected(&mmetrics, started, &mut workers, root)?;
+            wait_connected(&mmetrics, started, &mut master, &mut workers, root)?;
         }
         let up = t0.elapsed();
         std::thread::sleep(a.settle);
@@ -206,14 +207,28 @@ fn main() -> Result<()> {
 }
 
 /// Waits until the master counts `count` connected peers (a deadline of 40 ms a node, at
-/// least 60 s), failing with its log if a worker ends first.
-fn wait_connected(metrics: &str, count: usize, workers: &mut [Proc], root: &Path) -> Result<()> {
+/// least 60 s), failing with its log if the master or a worker ends first.
+fn wait_connected(
+    metrics: &str,
+    count: usize,
+    master: &mut Proc,
+    workers: &mut [Proc],
+    root: &Path,
+) -> Result<()> {
     let deadline = Duration::from_secs(60).max(Duration::from_millis(40 * count as u64));
     let t0 = Instant::now();
     loop {
         let peers = metric(metrics, "shoal_master_peers").unwrap_or(0.0) as usize;
         if peers >= count {
             return Ok(());
+        }
+        if let Some(status) = master.0.try_wait()? {
+            let said = std::fs::read_to_string(root.join("master.log")).unwrap_or_default();
+            let last: Vec<&str> = said.lines().rev().take(5).collect();
+            bail!(
+                "shoal-master exited with {status}; the end of its log:\n{}",
+                last.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         for (i, w) in workers.iter_mut().enumerate() {
             if let Some(status) = w.0.try_wait()? {

@@ -140,7 +140,7 @@ async fn manifest_for(
         return Ok(m.clone());
     }
     let e = match get_manifest(client, opts.file).await {
-        Err(NodeError::Network(e)) => e,
+        Err(NodeError::Network(e) | NodeError::Unreachable(e)) => e,
         r => return r.map(Arc::new),
     };
     let saved = crate::provenance::manifest_path(client.data_dir(), &opts.file);
@@ -303,7 +303,11 @@ async fn locate_in_swarm(
             let mut r = ask().await;
             // A provider this node cannot reach yet (no address known, or stale ones): look
             // it up, then ask once more.
-            if matches!(r, Ok(Err(NodeError::Network(_)))) && client.find_peer(p).await {
+            if matches!(
+                r,
+                Ok(Err(NodeError::Network(_) | NodeError::Unreachable(_)))
+            ) && client.find_peer(p).await
+            {
                 r = ask().await;
             }
             match r {
@@ -435,7 +439,7 @@ pub async fn fetch(client: &Client, opts: FetchOptions) -> Result<FetchReport, N
                             .await;
                         let (r, swarm) = match r {
                             // The master is unreachable: keep going with the swarm.
-                            Err(NodeError::Network(e)) => {
+                            Err(NodeError::Network(e) | NodeError::Unreachable(e)) => {
                                 tracing::info!(error = %e, "master unreachable; locating through Kademlia");
                                 (locate_in_swarm(&c, file, blocks, &need, &avoid).await, true)
                             }

@@ -221,6 +221,11 @@ pub enum NodeError {
     /// Network setup or a request failed.
     #[error("network: {0}")]
     Network(String),
+    /// A request found no way to its peer: the dial failed, or the connection closed before
+    /// the answer. Said as [`NodeError::Network`] is; unlike its other causes (a peer that
+    /// answers under another identity, or speaks none of the protocols), this may pass.
+    #[error("network: {0}")]
+    Unreachable(String),
     /// The master refused.
     #[error("master refused: {0}")]
     Refused(String),
@@ -754,11 +759,13 @@ pub const HELLO_RETRY_FIRST: Duration = Duration::from_millis(250);
 /// The longest wait between two hellos.
 pub const HELLO_RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// Says hello to the master until it answers (or refuses). A failed connection is tried again
-/// for [`HELLO_RETRY_WINDOW`], after growing, jittered waits: a master that is restarting, or
-/// whose cap on connections in their handshake (64 by default) is full because many nodes join
-/// at once, refuses a dial that a moment later it takes. A master that stays down is reported
-/// after the window. The caller bounds the whole by [`MASTER_HELLO_TIMEOUT`].
+/// Says hello to the master until it answers (or refuses). A failed connection
+/// ([`NodeError::Unreachable`]) is tried again for [`HELLO_RETRY_WINDOW`], after growing,
+/// jittered waits: a master that is restarting, or whose cap on connections in their handshake
+/// (64 by default) is full because many nodes join at once, refuses a dial that a moment later
+/// it takes. A master that stays down is reported after the window; any other failure (an
+/// address that answers under another identity, say) at once. The caller bounds the whole by
+/// [`MASTER_HELLO_TIMEOUT`].
 async fn hello(client: &Client, region: &str) -> Result<(), NodeError> {
     let deadline = tokio::time::Instant::now() + HELLO_RETRY_WINDOW;
     let mut wait = HELLO_RETRY_FIRST;
@@ -768,11 +775,13 @@ async fn hello(client: &Client, region: &str) -> Result<(), NodeError> {
         };
         match client.master_request(req).await {
             Ok(_) => return Ok(()),
-            Err(NodeError::Network(e)) if tokio::time::Instant::now() < deadline => {
-                // Jittered, so that nodes refused together do not come back together.
+            Err(NodeError::Unreachable(e)) if tokio::time::Instant::now() < deadline => {
+                // Jittered, so that nodes refused together do not come back together; the
+                // last wait ends at the window's end.
                 let extra = wait.mul_f64(rand::random::<f64>() / 2.0);
-                tracing::debug!(error = %e, retry_in = ?(wait + extra), "hello failed");
-                tokio::time::sleep(wait + extra).await;
+                let until = (tokio::time::Instant::now() + wait + extra).min(deadline);
+                tracing::debug!(error = %e, ?until, "hello failed");
+                tokio::time::sleep_until(until).await;
                 wait = (wait * 2).min(HELLO_RETRY_MAX);
             }
             Err(e) => return Err(e),
@@ -1531,7 +1540,14 @@ fn settle<Req, Resp>(
             request_id, error, ..
         } => {
             if let Some(tx) = pending.remove(&request_id) {
-                let _ = tx.send(Err(NodeError::Network(error.to_string())));
+                let e = match error {
+                    request_response::OutboundFailure::DialFailure
+                    | request_response::OutboundFailure::ConnectionClosed => {
+                        NodeError::Unreachable(error.to_string())
+                    }
+                    _ => NodeError::Network(error.to_string()),
+                };
+                let _ = tx.send(Err(e));
             }
             None
         }

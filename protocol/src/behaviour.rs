@@ -84,8 +84,9 @@ impl ConnectionCaps {
     /// The defaults for `role` with `total` established connections in all, and the incoming
     /// cap that follows from it.
     ///
-    /// The master's connections are nearly all incoming (nodes dial it; it dials only for
-    /// AutoNAT dial-backs and Kademlia), so its incoming cap grows with `total`, keeping back
+    /// The master's connections are nearly all incoming (nodes dial it; it dials for AutoNAT
+    /// dial-backs, Kademlia, and pulls from publishers that left), so its incoming cap grows
+    /// with `total`, keeping back
     /// a fifth of it, at most 904 (the default's 5,000 - 4,096), for its own dials: with
     /// `--max-connections 12000` it takes 11,096 nodes, where a fixed 4,096 would have
     /// refused every node past that whatever the operator asked for. A node dials at least as

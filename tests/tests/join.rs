@@ -4,7 +4,7 @@
 //! that a moment later it takes. (A master that stays down is reported after the window:
 //! `kademlia.rs`.)
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use shoal_master::Master;
@@ -25,7 +25,6 @@ async fn a_node_started_before_its_master_joins_when_the_master_comes_up() -> an
         .collect();
 
     let ndir = dir.path().join("node");
-    let started = Instant::now();
     let node = tokio::spawn(async move { start_node(&ndir, &bootstrap, None).await });
     // Nothing listens there now: the node's first hellos fail (connection refused).
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -39,10 +38,6 @@ async fn a_node_started_before_its_master_joins_when_the_master_comes_up() -> an
         .context("the node did not finish starting within 20 s")??
         .context("the node did not join the master once it was up")?;
     assert_eq!(client.master(), master.peer_id());
-    assert!(
-        started.elapsed() >= Duration::from_secs(1),
-        "joined before the master was up"
-    );
     master.shutdown().await;
     Ok(())
 }
