@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use shoal_tests::procs::{metric, metrics, sha256_file, wait_for_file, Proc};
+use shoal_tests::procs::{master_bootstrap, metric, metrics, sha256_file, wait_for_file, Proc};
 
 const MIB: u64 = 1 << 20;
 const MASTER_RATE: u64 = 8 * MIB;
@@ -190,11 +190,7 @@ fn main() -> Result<()> {
             .spawn()
             .context("starting shoal-master")?,
     );
-    let bootstrap = wait_for_file(&mdir.join("bootstrap.addr"), Duration::from_secs(30))?
-        .lines()
-        .next()
-        .context("empty bootstrap.addr")?
-        .to_string();
+    let bootstrap = master_bootstrap(&mdir)?;
 
     // The crowd, all at once.
     let t0 = Instant::now();

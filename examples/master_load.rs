@@ -23,7 +23,7 @@ use anyhow::{bail, ensure, Context, Result};
 use futures::StreamExt;
 use libp2p::Multiaddr;
 use shoal_sim::live::{open_files_limit, pid_cpu_s, pid_rss_bytes};
-use shoal_tests::procs::{metric, wait_for_file, Proc};
+use shoal_tests::procs::{master_bootstrap, metric, Proc};
 
 /// Nodes a worker starts at once (each start dials the master and waits for its answer).
 const STARTS_AT_ONCE: usize = 32;
@@ -140,11 +140,7 @@ fn main() -> Result<()> {
             .spawn()
             .context("starting shoal-master")?,
     );
-    let bootstrap = wait_for_file(&mdir.join("bootstrap.addr"), Duration::from_secs(30))?
-        .lines()
-        .next()
-        .context("empty bootstrap.addr")?
-        .to_string();
+    let bootstrap = master_bootstrap(&mdir)?;
     let mpid = master.0.id();
 
     println!(

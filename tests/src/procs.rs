@@ -58,6 +58,18 @@ pub fn wait_for_file(path: &Path, limit: Duration) -> anyhow::Result<String> {
     }
 }
 
+/// Waits (at most 30 s) for a `shoal-master` process with data dir `master_dir` to write its
+/// addresses; returns the first, the one to bootstrap from.
+pub fn master_bootstrap(master_dir: &Path) -> anyhow::Result<String> {
+    Ok(
+        wait_for_file(&master_dir.join("bootstrap.addr"), Duration::from_secs(30))?
+            .lines()
+            .next()
+            .context("empty bootstrap.addr")?
+            .to_string(),
+    )
+}
+
 /// Waits for `child` to exit, at most `limit`.
 pub fn wait_with_limit(
     child: &mut Child,
