@@ -219,18 +219,15 @@ fn wait_connected(
             return Ok(());
         }
         if let Some(status) = master.0.try_wait()? {
-            let said = std::fs::read_to_string(root.join("master.log")).unwrap_or_default();
-            let last: Vec<&str> = said.lines().rev().take(5).collect();
             bail!(
-                "shoal-master exited with {status}; the end of its log:\n{}",
-                last.into_iter().rev().collect::<Vec<_>>().join("\n")
+                "shoal-master exited with {status}; its log ends:\n{}",
+                why(&root.join("master.log"))
             );
         }
         for (i, w) in workers.iter_mut().enumerate() {
             if let Some(status) = w.0.try_wait()? {
                 let log = root.join(format!("w{i}")).join("stderr.log");
-                let said = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!("worker {i} exited with {status}: {}", tail(&said));
+                bail!("worker {i} exited with {status}: {}", why(&log));
             }
         }
         if t0.elapsed() > deadline {
@@ -292,10 +289,17 @@ fn worker(count: usize, bootstrap: Multiaddr, dir: &Path) -> Result<()> {
     })
 }
 
-/// The error a worker ended with (anyhow prints it first, then the causes, then a backtrace).
-fn tail(s: &str) -> String {
-    let from = s.find("Error:").unwrap_or(0);
-    s[from..].lines().take(8).collect::<Vec<_>>().join("\n")
+/// What a process said before it ended, from its log: the error a worker ended with (anyhow
+/// prints it first, then the causes, then a backtrace), else the log's last five lines.
+fn why(log: &Path) -> String {
+    let s = std::fs::read_to_string(log).unwrap_or_default();
+    match s.find("Error:") {
+        Some(from) => s[from..].lines().take(8).collect::<Vec<_>>().join("\n"),
+        None => {
+            let last: Vec<&str> = s.lines().rev().take(5).collect();
+            last.into_iter().rev().collect::<Vec<_>>().join("\n")
+        }
+    }
 }
 
 /// A free loopback port for the metrics endpoint (the kernel's choice; a small race, fine
