@@ -8,6 +8,7 @@
 //! - [`keyfile`]: identity keys loaded or created with mode 0600, and durable atomic writes.
 //! - [`swarm`]: the libp2p swarm (TCP with TLS or noise, then yamux; QUIC; the shoal
 //!   [`Behaviour`]).
+//! - [`tcp`]: the TCP transport, with the kernel's keepalive on every connection.
 //! - [`tls`]: libp2p's TLS 1.3 handshake with AES-GCM preferred where the CPU has AES.
 //! - [`coalesce`]: fewer, larger socket reads and TLS writes under yamux.
 //! - [`mux`]: yamux sending frames as large as a block.
@@ -31,6 +32,7 @@ pub mod relay_meter;
 pub mod serve;
 pub mod swarm;
 pub mod task;
+pub mod tcp;
 #[cfg(test)]
 mod testing;
 pub mod tls;

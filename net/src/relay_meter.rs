@@ -22,14 +22,8 @@ use std::{
     task::{Context, Poll},
 };
 
-use futures::{future, AsyncRead, AsyncWrite};
-use libp2p::core::{
-    muxing::{StreamMuxer, StreamMuxerEvent},
-    upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade},
-    UpgradeInfo,
-};
-
-use crate::mux::{Muxer, Yamux};
+use futures::{AsyncRead, AsyncWrite};
+use libp2p::core::muxing::{StreamMuxer, StreamMuxerEvent};
 
 /// Bytes carried by the relay's circuits, both directions together. Cheap to clone; all
 /// clones read the same count.
@@ -108,61 +102,6 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Result<StreamMuxerEvent, Self::Error>> {
         Pin::new(&mut self.inner).poll(cx)
-    }
-}
-
-/// [`Yamux`], each muxer it makes wrapped in a [`MeteredMuxer`]: the master's multiplexer
-/// upgrade, so that its TCP transport is `SwarmBuilder::with_tcp`'s, like a node's.
-#[derive(Clone)]
-pub(crate) struct MeteredYamux {
-    yamux: Yamux,
-    meter: RelayMeter,
-}
-
-impl MeteredYamux {
-    /// [`Yamux`], counting into `meter`.
-    pub(crate) fn new(meter: RelayMeter) -> Self {
-        Self {
-            yamux: Yamux::new(),
-            meter,
-        }
-    }
-}
-
-impl UpgradeInfo for MeteredYamux {
-    type Info = <Yamux as UpgradeInfo>::Info;
-    type InfoIter = <Yamux as UpgradeInfo>::InfoIter;
-
-    fn protocol_info(&self) -> Self::InfoIter {
-        self.yamux.protocol_info()
-    }
-}
-
-impl<C> InboundConnectionUpgrade<C> for MeteredYamux
-where
-    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    type Output = MeteredMuxer<Muxer<C>>;
-    type Error = io::Error;
-    type Future = future::Ready<Result<Self::Output, Self::Error>>;
-
-    fn upgrade_inbound(self, socket: C, info: Self::Info) -> Self::Future {
-        let muxer = self.yamux.upgrade_inbound(socket, info).into_inner();
-        future::ready(muxer.map(|m| MeteredMuxer::new(m, self.meter)))
-    }
-}
-
-impl<C> OutboundConnectionUpgrade<C> for MeteredYamux
-where
-    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    type Output = MeteredMuxer<Muxer<C>>;
-    type Error = io::Error;
-    type Future = future::Ready<Result<Self::Output, Self::Error>>;
-
-    fn upgrade_outbound(self, socket: C, info: Self::Info) -> Self::Future {
-        let muxer = self.yamux.upgrade_outbound(socket, info).into_inner();
-        future::ready(muxer.map(|m| MeteredMuxer::new(m, self.meter)))
     }
 }
 

@@ -10,16 +10,20 @@
 
 use std::time::Duration;
 
-use libp2p::{identity::Keypair, noise, quic, tcp, Swarm, Transport};
+use libp2p::{
+    core::{transport::upgrade::Version, Negotiated},
+    identity::Keypair,
+    noise, quic, PeerId, Swarm, Transport,
+};
 use shoal_protocol::{
     behaviour::{Advertise, Behaviour, BehaviourError, ConnectionCaps, Role},
     relay::RelayLimits,
 };
 
 use crate::{
-    mux::Yamux,
-    relay_meter::{MeteredMuxer, MeteredYamux, RelayMeter},
-    tls,
+    mux::{Muxer, Yamux},
+    relay_meter::{MeteredMuxer, RelayMeter},
+    tcp, tls,
 };
 
 /// Largest UDP payload QUIC's MTU discovery probes for: a 9,000-byte jumbo frame less the
@@ -114,19 +118,10 @@ fn build_node(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, Swa
     let err = |e: &dyn std::fmt::Display| SwarmError(e.to_string());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            (tls::Config::new, noise::Config::new),
-            Yamux::new,
-        )
+        .with_other_transport(tcp_transport)
         .map_err(|e| err(&e))?
-        .with_quic_config(|c| {
-            // MTU discovery may probe up to a jumbo frame's UDP payload (the default stops
-            // at 1,452 bytes): on paths that carry them (datacenters, loopback) a packet then
-            // carries about six times the data, and the per-packet work (crypto, ACKs,
-            // syscalls) falls with it. Paths with smaller MTUs keep what discovery finds.
-            c.mtu_upper_bound(QUIC_MTU_UPPER_BOUND)
-        })
+        .with_other_transport(quic_transport)
+        .map_err(|e| err(&e))?
         .with_relay_client((tls::Config::new, noise::Config::new), Yamux::new)
         .map_err(|e| err(&e))?
         .with_behaviour(|k, relay_client| {
@@ -155,14 +150,13 @@ fn build_master(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, S
     let quic_meter = opts.relay_meter.clone();
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            (tls::Config::new, noise::Config::new),
-            move || MeteredYamux::new(tcp_meter),
-        )
+        .with_other_transport(|k| {
+            tcp_transport(k)
+                .map(|t| t.map(move |(peer, conn), _| (peer, MeteredMuxer::new(conn, tcp_meter))))
+        })
         .map_err(|e| err(&e))?
         .with_other_transport(|k| {
-            quic::tokio::Transport::new(quic::Config::new(k).mtu_upper_bound(QUIC_MTU_UPPER_BOUND))
+            quic_transport(k)
                 .map(move |(peer, conn), _| (peer, MeteredMuxer::new(conn, quic_meter)))
         })
         .map_err(|e| err(&e))?
@@ -174,6 +168,38 @@ fn build_master(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, S
         .with_swarm_config(|c| c.with_idle_connection_timeout(opts.idle_timeout))
         .build();
     Ok(swarm)
+}
+
+/// What a TCP connection's muxer runs on.
+type TcpMuxer = Muxer<Negotiated<tcp::Secured<Negotiated<tcp::Socket>>>>;
+
+/// TCP with the kernel's keepalive ([`crate::tcp`]), TLS offered before noise, then yamux
+/// ([`Yamux`]).
+fn tcp_transport(
+    key: &Keypair,
+) -> Result<
+    impl Transport<
+            Output = (PeerId, TcpMuxer),
+            Dial: Send,
+            ListenerUpgrade: Send,
+            Error: Send + Sync + 'static,
+        > + Send
+        + Unpin
+        + 'static,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    Ok(tcp::keepalive_tcp()
+        .upgrade(Version::V1Lazy)
+        .authenticate(tcp::Security::new(key)?)
+        .multiplex(Yamux::new()))
+}
+
+/// QUIC, with MTU discovery up to a jumbo frame's UDP payload (the default stops at 1,452
+/// bytes): on paths that carry them (datacenters, loopback) a packet then carries about six
+/// times the data, and the per-packet work (crypto, ACKs, syscalls) falls with it. Paths with
+/// smaller MTUs keep what discovery finds.
+fn quic_transport(key: &Keypair) -> quic::tokio::Transport {
+    quic::tokio::Transport::new(quic::Config::new(key).mtu_upper_bound(QUIC_MTU_UPPER_BOUND))
 }
 
 #[cfg(test)]
@@ -191,7 +217,7 @@ mod tests {
         libp2p::SwarmBuilder::with_new_identity()
             .with_tokio()
             .with_tcp(
-                tcp::Config::default(),
+                libp2p::tcp::Config::default(),
                 noise::Config::new,
                 yamux::Config::default,
             )
@@ -206,7 +232,7 @@ mod tests {
         libp2p::SwarmBuilder::with_new_identity()
             .with_tokio()
             .with_tcp(
-                tcp::Config::default(),
+                libp2p::tcp::Config::default(),
                 libp2p::tls::Config::new,
                 yamux::Config::default,
             )

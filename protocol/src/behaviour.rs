@@ -24,18 +24,16 @@ use crate::wire::{DigestCodec, MasterCodec, PublishCodec};
 /// Identify protocol version string of shoal.
 pub const IDENTIFY_PROTOCOL: &str = "/shoal/id/1";
 
-/// How often the master pings each connected node. Its pings are how it notices a node that
-/// vanished without closing its connection (a failed ping drops the node from every mirror
-/// list), so they are frequent. libp2p-ping reports failures only from the second in a row,
-/// so such a node is dropped about two intervals and two timeouts (25-30 s) after it went.
-pub const MASTER_PING_INTERVAL: Duration = Duration::from_secs(5);
-
-/// How often a node pings each peer it is connected to (the first ping goes out when the
-/// connection opens). A node judges its peers by its transfers, not by pings: these only
-/// measure the RTTs it reports to the master for nearness, which change slowly. In a crowd
-/// every node ends up connected to nearly every other one, so pinging as often as the master
-/// does cost a 48-node swarm about 0.3 CPU-seconds per second while it sat idle.
-pub const NODE_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// How often a peer pings each peer it is connected to (the first ping goes out when the
+/// connection opens). The pings measure the RTTs a node reports to the master and the master
+/// ranks by (they change slowly), and catch a peer that hangs while its kernel still answers.
+/// A peer that vanished without closing its connections is found by the kernel's TCP
+/// keepalive instead (`shoal_net::tcp`, about 30 s), which wakes neither process: pinging
+/// each of 1,000 idle nodes every 5 s cost the master about 30% of its idle CPU, and in a
+/// crowd, where every node ends up connected to nearly every other one, 5 s pings cost a
+/// 48-node swarm about 0.3 CPU-seconds per second while it sat idle. libp2p-ping reports a
+/// failure only from the second in a row, so a hung peer is dropped 70-80 s after it hung.
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How long a ping may go unanswered before it counts as failed.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -280,10 +278,7 @@ impl Behaviour {
         );
         let ping = ping::Behaviour::new(
             ping::Config::new()
-                .with_interval(match role {
-                    Role::Master => MASTER_PING_INTERVAL,
-                    Role::Node => NODE_PING_INTERVAL,
-                })
+                .with_interval(PING_INTERVAL)
                 .with_timeout(PING_TIMEOUT),
         );
         let relay_server = (role == Role::Master && relay.enabled).then(|| {

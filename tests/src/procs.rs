@@ -42,6 +42,30 @@ impl Drop for Proc {
     }
 }
 
+/// Waits until `log` contains `needle`, while `proc` runs; at most `limit`.
+pub fn wait_for_log(
+    log: &Path,
+    needle: &str,
+    proc: &mut Proc,
+    limit: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(());
+        }
+        if let Some(status) = proc.0.try_wait()? {
+            bail!("{what} exited ({status}) before logging {needle:?}:\n{text}");
+        }
+        if start.elapsed() > limit {
+            bail!("{what} did not log {needle:?} within {limit:?}:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits until the file at `path` exists and is not blank; returns its text.
 pub fn wait_for_file(path: &Path, limit: Duration) -> anyhow::Result<String> {
     let start = Instant::now();

@@ -21,13 +21,13 @@
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context};
 use shoal_tests::{
     netns::{unavailable, Lab},
-    procs::{bin_dir, sha256_file, wait_for_file, Proc},
+    procs::{bin_dir, sha256_file, wait_for_file, wait_for_log, Proc},
 };
 
 const MASTER_IP: &str = "10.77.0.1";
@@ -65,30 +65,6 @@ fn topology(drop_unsolicited: bool) -> anyhow::Result<Lab> {
         }
     }
     Ok(lab)
-}
-
-/// Waits until `log` contains `needle`, while `proc` runs; at most `limit`.
-fn wait_for_log(
-    log: &Path,
-    needle: &str,
-    proc: &mut Proc,
-    limit: Duration,
-    what: &str,
-) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains(needle) {
-            return Ok(());
-        }
-        if let Some(status) = proc.0.try_wait()? {
-            bail!("{what} exited ({status}) before logging {needle:?}:\n{text}");
-        }
-        if start.elapsed() > limit {
-            bail!("{what} did not log {needle:?} within {limit:?}:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 struct Fetcher {
