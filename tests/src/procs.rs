@@ -42,6 +42,20 @@ impl Drop for Proc {
     }
 }
 
+/// Adds the file at `src` to the master's data dir `master_dir` with `shoal-master add` from
+/// `bins`; returns the file id it printed.
+pub fn add_file(bins: &Path, master_dir: &Path, src: &Path) -> anyhow::Result<String> {
+    let out = Command::new(bins.join("shoal-master"))
+        .arg("add")
+        .arg(src)
+        .arg("--data-dir")
+        .arg(master_dir)
+        .stderr(std::process::Stdio::null())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "shoal-master add failed");
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
 /// Waits until `log` contains `needle`, while `proc` runs; at most `limit`.
 pub fn wait_for_log(
     log: &Path,

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::Context;
-use shoal_tests::procs::{bin_dir, metric, sha256_file, wait_for_file, Proc};
+use shoal_tests::procs::{add_file, bin_dir, metric, sha256_file, wait_for_file, Proc};
 
 fn spawn_master(bins: &Path, dir: &Path, rate: Option<u64>) -> anyhow::Result<(Proc, String)> {
     let mut c = Command::new(bins.join("shoal-master"));
@@ -31,18 +31,6 @@ fn spawn_master(bins: &Path, dir: &Path, rate: Option<u64>) -> anyhow::Result<(P
             .context("empty bootstrap.addr")?
             .to_string(),
     ))
-}
-
-fn add_file(bins: &Path, master_dir: &Path, src: &Path) -> anyhow::Result<String> {
-    let out = Command::new(bins.join("shoal-master"))
-        .arg("add")
-        .arg(src)
-        .arg("--data-dir")
-        .arg(master_dir)
-        .stderr(Stdio::null())
-        .output()?;
-    anyhow::ensure!(out.status.success(), "shoal-master add failed");
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 /// Without a terminal a fetch prints progress lines; the download goes to OUT.part; Ctrl-C

@@ -22,7 +22,7 @@ use std::{
 use anyhow::Context;
 use shoal_tests::{
     netns::{unavailable, Lab},
-    procs::{bin_dir, master_bootstrap, wait_for_file, wait_for_log, Proc},
+    procs::{add_file, bin_dir, master_bootstrap, wait_for_file, wait_for_log, Proc},
 };
 
 /// How long the master may take to notice.
@@ -48,15 +48,7 @@ fn a_node_that_vanishes_silently_is_dropped_from_the_mirrors_within_a_minute() -
     let src = tmp.path().join("src.bin");
     shoal_tests::write_random_file(&src, 1024 * 1024, 79)?;
     let master_dir = tmp.path().join("master");
-    let added = std::process::Command::new(bins.join("shoal-master"))
-        .arg("add")
-        .arg(&src)
-        .arg("--data-dir")
-        .arg(&master_dir)
-        .stderr(Stdio::null())
-        .output()?;
-    anyhow::ensure!(added.status.success(), "shoal-master add failed");
-    let file_id = String::from_utf8(added.stdout)?.trim().to_string();
+    let file_id = add_file(&bins, &master_dir, &src)?;
 
     let master_log = tmp.path().join("master.log");
     let mut master = Proc(

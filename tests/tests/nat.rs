@@ -27,7 +27,7 @@ use std::{
 use anyhow::{bail, Context};
 use shoal_tests::{
     netns::{unavailable, Lab},
-    procs::{bin_dir, sha256_file, wait_for_file, wait_for_log, Proc},
+    procs::{add_file, bin_dir, sha256_file, wait_for_file, wait_for_log, Proc},
 };
 
 const MASTER_IP: &str = "10.77.0.1";
@@ -141,15 +141,7 @@ fn swarm(drop_unsolicited: bool, master_args: &[&str]) -> anyhow::Result<Swarm> 
     shoal_tests::write_random_file(&src, size, 1010)?;
     let want = sha256_file(&src)?;
     let master_dir = tmp.path().join("master");
-    let added = std::process::Command::new(bins.join("shoal-master"))
-        .arg("add")
-        .arg(&src)
-        .arg("--data-dir")
-        .arg(&master_dir)
-        .stderr(Stdio::null())
-        .output()?;
-    anyhow::ensure!(added.status.success(), "shoal-master add failed");
-    let file_id = String::from_utf8(added.stdout)?.trim().to_string();
+    let file_id = add_file(&bins, &master_dir, &src)?;
 
     let master_log = tmp.path().join("master.log");
     let master = Proc(

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context;
-use shoal_tests::procs::{bin_dir, wait_for_file, wait_with_limit, Proc};
+use shoal_tests::procs::{add_file, bin_dir, wait_for_file, wait_with_limit, Proc};
 
 #[test]
 fn master_and_six_fetch_processes_over_loopback() -> anyhow::Result<()> {
@@ -234,18 +234,6 @@ fn spawn_master(bins: &Path, dir: &Path, port: u16, rate: u64) -> anyhow::Result
             .context("empty bootstrap.addr")?
             .to_string(),
     ))
-}
-
-fn add_file(bins: &Path, master_dir: &Path, src: &Path) -> anyhow::Result<String> {
-    let out = Command::new(bins.join("shoal-master"))
-        .arg("add")
-        .arg(src)
-        .arg("--data-dir")
-        .arg(master_dir)
-        .stderr(Stdio::null())
-        .output()?;
-    anyhow::ensure!(out.status.success(), "shoal-master add failed");
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 fn spawn_fetch(
