@@ -37,14 +37,19 @@ pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
 /// Then probed again this often while unanswered.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Unanswered probes after which the kernel ends the connection: a silent peer is dropped
-/// about `KEEPALIVE_IDLE + KEEPALIVE_PROBES * KEEPALIVE_INTERVAL` (30 s) after its last
-/// traffic.
+/// Unanswered probes after which the kernel ends the connection, where [`USER_TIMEOUT`] is not
+/// supported. On Linux the user timeout decides instead: the connection ends once it has
+/// heard nothing for `USER_TIMEOUT` with probes out (here the same 30 s:
+/// `KEEPALIVE_IDLE + KEEPALIVE_PROBES * KEEPALIVE_INTERVAL`).
 pub const KEEPALIVE_PROBES: u32 = 3;
 
 /// Sent data that stays unacknowledged this long ends the connection (`TCP_USER_TIMEOUT`):
 /// the keepalive only probes a connection with nothing in flight, and without this a
 /// connection with data in flight to a vanished peer would retransmit for about 15 minutes.
+/// So a vanished peer's connection ends 30-60 s after it went: 30 s after the last thing
+/// heard from it, or 30 s after the first thing sent to it that was never acknowledged. Since
+/// Linux 5.11 it also ends a connection whose peer's receive window stayed shut for this long
+/// (a process that stopped reading its socket).
 pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Turns on the kernel's keepalive probes and the user timeout above for `stream`. A platform

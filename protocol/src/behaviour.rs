@@ -28,11 +28,12 @@ pub const IDENTIFY_PROTOCOL: &str = "/shoal/id/1";
 /// connection opens). The pings measure the RTTs a node reports to the master and the master
 /// ranks by (they change slowly), and catch a peer that hangs while its kernel still answers.
 /// A peer that vanished without closing its connections is found by the kernel's TCP
-/// keepalive instead (`shoal_net::tcp`, about 30 s), which wakes neither process: pinging
+/// keepalive instead (`shoal_net::tcp`, 30-60 s), which wakes neither process: pinging
 /// each of 1,000 idle nodes every 5 s cost the master about 30% of its idle CPU, and in a
 /// crowd, where every node ends up connected to nearly every other one, 5 s pings cost a
 /// 48-node swarm about 0.3 CPU-seconds per second while it sat idle. libp2p-ping reports a
-/// failure only from the second in a row, so a hung peer is dropped 70-80 s after it hung.
+/// failure only from the second in a row (the next ping goes out 30 s after a failure), so a
+/// hung peer is dropped 80 s after its last answer, 50-80 s after it hung.
 pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How long a ping may go unanswered before it counts as failed.
