@@ -141,9 +141,8 @@ fn build_node(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, Swa
     Ok(swarm)
 }
 
-/// The master: the node's TCP transport with each yamux muxer wrapped in the relay meter, and
-/// the same QUIC transport as [`libp2p::SwarmBuilder`]'s `with_quic`, built by hand for the
-/// same reason.
+/// The master: the node's TCP and QUIC transports, each connection's muxer wrapped in the
+/// relay meter.
 fn build_master(key: Keypair, opts: &SwarmOptions) -> Result<Swarm<Behaviour>, SwarmError> {
     let err = |e: &dyn std::fmt::Display| SwarmError(e.to_string());
     let tcp_meter = opts.relay_meter.clone();
