@@ -112,16 +112,6 @@ pub type Secured<C> = futures::future::Either<tls::Stream<C>, noise::Output<C>>;
 type SecurityFailure<C> =
     <SelectUpgrade<tls::Config, noise::Config> as InboundConnectionUpgrade<C>>::Error;
 
-/// Moves the PeerId out of the `Either` of the two handshakes' outputs.
-fn flatten<A, B>(
-    either: futures::future::Either<(PeerId, A), (PeerId, B)>,
-) -> (PeerId, futures::future::Either<A, B>) {
-    match either {
-        futures::future::Either::Left((peer, a)) => (peer, futures::future::Either::Left(a)),
-        futures::future::Either::Right((peer, b)) => (peer, futures::future::Either::Right(b)),
-    }
-}
-
 impl<C> InboundConnectionUpgrade<C> for Security
 where
     C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -131,7 +121,10 @@ where
     type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
 
     fn upgrade_inbound(self, socket: C, info: Self::Info) -> Self::Future {
-        self.0.upgrade_inbound(socket, info).map_ok(flatten).boxed()
+        self.0
+            .upgrade_inbound(socket, info)
+            .map_ok(futures::future::Either::factor_first)
+            .boxed()
     }
 }
 
@@ -146,7 +139,7 @@ where
     fn upgrade_outbound(self, socket: C, info: Self::Info) -> Self::Future {
         self.0
             .upgrade_outbound(socket, info)
-            .map_ok(flatten)
+            .map_ok(futures::future::Either::factor_first)
             .boxed()
     }
 }
