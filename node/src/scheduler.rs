@@ -35,6 +35,12 @@ pub struct SchedulerConfig {
     /// the master at most this often, so that others may fetch them from this node before its
     /// whole piece is in; blocks of a transfer that ended are told at once.
     pub have_interval: Duration,
+    /// The blocks of a transfer from a peer that ended are told at most this long after the
+    /// last Have, together with whatever else is due by then (at once when no Have went out
+    /// that recently); those of a master transfer at once. In a crowd a node ends a short
+    /// piece every few tens of milliseconds, and a Have each was about one request to the
+    /// master per piece, half of a piece's streams.
+    pub end_have_interval: Duration,
 }
 
 /// Receive-side deadlines of one transfer: it is abandoned when no byte arrived for `stall`,
@@ -162,6 +168,7 @@ impl Default for SchedulerConfig {
             max_locate_backoff: Duration::from_secs(5),
             deadlines: TransferDeadlines::default(),
             have_interval: Duration::from_millis(250),
+            end_have_interval: Duration::from_millis(50),
         }
     }
 }
@@ -424,14 +431,18 @@ impl Scheduler {
             self.in_flight.remove(b);
             self.have.insert(b);
         }
-        let waiting = !self.unreported.is_empty();
+        self.tell_have(now, got, self.cfg.have_interval);
+    }
+
+    /// Queues `got` for a Have, due at most `interval` after the last one (at once if none
+    /// was told that recently), or sooner if something queued before is due sooner.
+    fn tell_have(&mut self, now: Instant, got: BlockRange, interval: Duration) {
+        let due_now = !self.unreported.is_empty() && self.have_due.is_none();
         self.unreported.push(got);
-        if waiting && self.have_due.is_none() {
-            return; // already due at once
+        if due_now {
+            return;
         }
-        let due = self
-            .last_have
-            .map_or(now, |t| (t + self.cfg.have_interval).max(now));
+        let due = self.last_have.map_or(now, |t| (t + interval).max(now));
         self.have_due = Some(self.have_due.map_or(due, |d| d.min(due)));
     }
 
@@ -493,9 +504,13 @@ impl Scheduler {
         // Only what `on_progress` did not take in yet is new.
         let new = BlockRange::new(got.start.saturating_add(done).min(got.end), got.end);
         if !new.is_empty() {
-            self.unreported.push(new);
-            // A finished piece is told at once.
-            self.have_due = None;
+            let interval = match t.source {
+                // A master piece is told at once: the master hands this node its next first
+                // copies only once it hears that the last ones arrived.
+                Source::Master => Duration::ZERO,
+                Source::Peer { .. } => self.cfg.end_have_interval,
+            };
+            self.tell_have(now, new, interval);
         }
         if !got.is_empty() {
             // Once the master hears of these, it may have more to give (it hands a requester
@@ -745,9 +760,11 @@ mod tests {
             drain(&mut s, now),
             vec![Action::Have(vec![BlockRange::new(0, 4)])]
         );
+        // A peer's piece ending right after a Have is told `end_have_interval` later.
         s.on_transfer_end(now, 1, 6, None);
+        assert!(drain(&mut s, now).is_empty());
         assert_eq!(
-            drain(&mut s, now),
+            drain(&mut s, now + Duration::from_millis(50)),
             vec![Action::Have(vec![BlockRange::new(4, 10)])]
         );
         assert!(s.is_complete());
@@ -791,17 +808,66 @@ mod tests {
             drain(&mut s, now + ms(250)),
             vec![Action::Have(vec![BlockRange::new(2, 4)])]
         );
-        // The end of the piece is told at once, and only what was not told yet.
+        // The end of the piece is told within `end_have_interval` of the last Have, with
+        // what was queued before it, and only what was not told yet.
         s.on_progress(now + ms(260), 0, 5);
         s.on_transfer_end(now + ms(270), 0, 8, None);
+        assert!(drain(&mut s, now + ms(270)).is_empty());
+        assert_eq!(s.poll_timeout(), Some(now + ms(300)));
         assert_eq!(
-            drain(&mut s, now + ms(270)),
+            drain(&mut s, now + ms(300)),
             vec![Action::Have(vec![
                 BlockRange::new(4, 5),
                 BlockRange::new(5, 8)
             ])]
         );
         assert!(s.is_complete() && s.is_idle());
+    }
+
+    #[test]
+    fn ended_peer_pieces_are_told_together_and_master_pieces_at_once() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let (a, b) = (peer(), peer());
+        let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
+        drain(&mut s, now);
+        s.on_assignments(
+            now,
+            vec![
+                from_peer(a, BlockRange::new(0, 2)),
+                from_peer(b, BlockRange::new(2, 4)),
+                from_peer(a, BlockRange::new(4, 6)),
+                assign(BlockRange::new(6, 8), Source::Master),
+            ],
+            ms(0),
+        );
+        assert_eq!(drain(&mut s, now).len(), 4);
+        // The first piece to end, with no Have told before: at once.
+        s.on_transfer_end(now + ms(5), 0, 2, None);
+        assert_eq!(
+            drain(&mut s, now + ms(5)),
+            vec![Action::Have(vec![BlockRange::new(0, 2)])]
+        );
+        // Two more soon after: gathered into one Have, 50 ms after the last.
+        s.on_transfer_end(now + ms(10), 1, 2, None);
+        s.on_transfer_end(now + ms(30), 2, 2, None);
+        assert!(drain(&mut s, now + ms(30)).is_empty());
+        assert_eq!(s.poll_timeout(), Some(now + ms(55)));
+        assert!(drain(&mut s, now + ms(54)).is_empty());
+        assert_eq!(
+            drain(&mut s, now + ms(55)),
+            vec![Action::Have(vec![
+                BlockRange::new(2, 4),
+                BlockRange::new(4, 6)
+            ])]
+        );
+        // A master piece right after: at once, however recent the last Have.
+        s.on_transfer_end(now + ms(56), 3, 2, None);
+        assert_eq!(
+            drain(&mut s, now + ms(56)),
+            vec![Action::Have(vec![BlockRange::new(6, 8)])]
+        );
+        assert!(s.is_idle());
     }
 
     #[test]
