@@ -33,11 +33,13 @@ pub struct SchedulerConfig {
     pub deadlines: TransferDeadlines,
     /// Blocks verified in the middle of a transfer ([`Scheduler::on_progress`]) are told to
     /// the master at most this often, so that others may fetch them from this node before its
-    /// whole piece is in; blocks of a transfer that ended are told at once.
+    /// whole piece is in; blocks of a transfer that ended as `end_have_interval` says.
     pub have_interval: Duration,
     /// The blocks of a transfer from a peer that ended are told at most this long after the
     /// last Have, together with whatever else is due by then (at once when no Have went out
-    /// that recently); those of a master transfer at once. In a crowd a node ends a short
+    /// that recently, or the file is complete); those of a master transfer at once. The next
+    /// Locate waits for that Have (the master frees the holder's slot when it hears it). In a
+    /// crowd a node ends a short
     /// piece every few tens of milliseconds, and a Have each was about one request to the
     /// master per piece, half of a piece's streams.
     pub end_have_interval: Duration,
@@ -396,11 +398,12 @@ impl Scheduler {
 
     /// When [`Scheduler::poll`] may next have something to do without any other event.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let locate = if self.locating {
-            None
-        } else {
-            self.next_locate
-        };
+        // Only when a Locate could then go out: a time that passes while the transfers are
+        // full, or assignments are queued, would wake the caller for nothing, over and over.
+        let may_locate = !self.locating
+            && self.transfers.len() < self.cfg.max_transfers
+            && self.queue.is_empty();
+        let locate = if may_locate { self.next_locate } else { None };
         let have = if self.unreported.is_empty() {
             None
         } else {
@@ -506,8 +509,10 @@ impl Scheduler {
         if !new.is_empty() {
             let interval = match t.source {
                 // A master piece is told at once: the master hands this node its next first
-                // copies only once it hears that the last ones arrived.
+                // copies only once it hears that the last ones arrived. So is the last piece:
+                // there is nothing left to gather it with.
                 Source::Master => Duration::ZERO,
+                Source::Peer { .. } if self.have.is_full() => Duration::ZERO,
                 Source::Peer { .. } => self.cfg.end_have_interval,
             };
             self.tell_have(now, new, interval);
@@ -515,8 +520,9 @@ impl Scheduler {
         if !got.is_empty() {
             // Once the master hears of these, it may have more to give (it hands a requester
             // new first copies only when its last ones arrived, and a holder it was waiting
-            // for has a slot free): ask again now rather than at the end of an old wait.
-            self.next_locate = None;
+            // for has a slot free): ask again as soon as it has heard (`poll` tells the Have
+            // before it asks), rather than at the end of an old wait.
+            self.next_locate = self.have_due.filter(|t| *t > now);
         }
         let Some(peer) = t.peer() else {
             // From the master: a refusal or a dropped stream means its slots are full. Asking
@@ -760,11 +766,10 @@ mod tests {
             drain(&mut s, now),
             vec![Action::Have(vec![BlockRange::new(0, 4)])]
         );
-        // A peer's piece ending right after a Have is told `end_have_interval` later.
+        // The last piece is told at once, even from a peer right after a Have.
         s.on_transfer_end(now, 1, 6, None);
-        assert!(drain(&mut s, now).is_empty());
         assert_eq!(
-            drain(&mut s, now + Duration::from_millis(50)),
+            drain(&mut s, now),
             vec![Action::Have(vec![BlockRange::new(4, 10)])]
         );
         assert!(s.is_complete());
@@ -808,14 +813,12 @@ mod tests {
             drain(&mut s, now + ms(250)),
             vec![Action::Have(vec![BlockRange::new(2, 4)])]
         );
-        // The end of the piece is told within `end_have_interval` of the last Have, with
-        // what was queued before it, and only what was not told yet.
+        // The end of the file's last piece is told at once, with what was queued before it,
+        // and only what was not told yet.
         s.on_progress(now + ms(260), 0, 5);
         s.on_transfer_end(now + ms(270), 0, 8, None);
-        assert!(drain(&mut s, now + ms(270)).is_empty());
-        assert_eq!(s.poll_timeout(), Some(now + ms(300)));
         assert_eq!(
-            drain(&mut s, now + ms(300)),
+            drain(&mut s, now + ms(270)),
             vec![Action::Have(vec![
                 BlockRange::new(4, 5),
                 BlockRange::new(5, 8)
@@ -868,6 +871,90 @@ mod tests {
             vec![Action::Have(vec![BlockRange::new(6, 8)])]
         );
         assert!(s.is_idle());
+    }
+
+    #[test]
+    fn a_locate_after_a_peer_piece_waits_for_its_have() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let (a, b, c) = (peer(), peer(), peer());
+        let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
+        drain(&mut s, now);
+        s.on_assignments(
+            now,
+            vec![
+                from_peer(a, BlockRange::new(0, 2)),
+                from_peer(b, BlockRange::new(2, 4)),
+            ],
+            ms(0),
+        );
+        let need = || Action::Locate {
+            need: vec![BlockRange::new(4, 8)],
+        };
+        assert_eq!(drain(&mut s, now).last(), Some(&need()));
+        // Nothing to give now; ask again in a second.
+        s.on_assignments(now, vec![], ms(1000));
+        // A piece ends with no Have told before: its Have at once, then the Locate.
+        s.on_transfer_end(now + ms(5), 0, 2, None);
+        assert_eq!(
+            drain(&mut s, now + ms(5)),
+            vec![Action::Have(vec![BlockRange::new(0, 2)]), need()]
+        );
+        s.on_assignments(now + ms(5), vec![], ms(1000));
+        // The next one's Have is gathered for 50 ms after the last, and the Locate follows it
+        // (not the old second's wait, and not before the master has heard).
+        s.on_transfer_end(now + ms(20), 1, 2, None);
+        assert!(drain(&mut s, now + ms(20)).is_empty());
+        assert!(!s.is_idle());
+        assert_eq!(s.poll_timeout(), Some(now + ms(55)));
+        assert_eq!(
+            drain(&mut s, now + ms(55)),
+            vec![Action::Have(vec![BlockRange::new(2, 4)]), need()]
+        );
+        // The last piece, from a peer right after a Have: at once (nothing left to gather).
+        s.on_assignments(
+            now + ms(55),
+            vec![from_peer(c, BlockRange::new(4, 8))],
+            ms(0),
+        );
+        assert_eq!(drain(&mut s, now + ms(55)).len(), 1);
+        s.on_transfer_end(now + ms(60), 2, 4, None);
+        assert_eq!(
+            drain(&mut s, now + ms(60)),
+            vec![Action::Have(vec![BlockRange::new(4, 8)])]
+        );
+        assert!(s.is_complete() && s.is_idle());
+    }
+
+    #[test]
+    fn no_wake_up_is_due_while_no_locate_can_go() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let cfg = SchedulerConfig {
+            max_transfers: 2,
+            ..SchedulerConfig::default()
+        };
+        let mut s = Scheduler::new(Blocks::new(16), cfg);
+        drain(&mut s, now);
+        let p = peer();
+        s.on_assignments(
+            now,
+            (0..4)
+                .map(|i| from_peer(p, BlockRange::new(2 * i, 2 * i + 2)))
+                .collect(),
+            ms(0),
+        );
+        assert_eq!(drain(&mut s, now).len(), 2);
+        s.on_transfer_end(now + ms(1), 0, 2, None);
+        assert_eq!(drain(&mut s, now + ms(1)).len(), 2); // its Have, the next transfer
+                                                         // A piece ends while assignments are still queued: its Have waits 50 ms, and then,
+                                                         // with the transfers full again, nothing is due until something happens.
+        s.on_transfer_end(now + ms(2), 1, 2, None);
+        assert_eq!(drain(&mut s, now + ms(2)).len(), 1); // the last queued transfer
+        assert_eq!(s.poll_timeout(), Some(now + ms(51)));
+        assert_eq!(drain(&mut s, now + ms(51)).len(), 1); // the Have
+        assert_eq!(s.transfers(), 2);
+        assert_eq!(s.poll_timeout(), None);
     }
 
     #[test]
