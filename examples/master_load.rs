@@ -257,25 +257,21 @@ const SLICE: Duration = Duration::from_secs(5);
 fn measure(master: u32, workers: &[u32], span: Duration) -> Result<Measured> {
     let cpu = |pid: u32| pid_cpu_s(pid).with_context(|| format!("cannot read /proc/{pid}/stat"));
     let all = |pids: &[u32]| pids.iter().map(|&p| cpu(p)).sum::<Result<f64>>();
+    let sleep_until = |t: Instant| std::thread::sleep(t.saturating_duration_since(Instant::now()));
     let (m0, w0) = (cpu(master)?, all(workers)?);
     let t0 = Instant::now();
-    let (mut last, mut floor) = (m0, f64::INFINITY);
-    loop {
-        let left = span.saturating_sub(t0.elapsed());
-        if left.is_zero() {
-            break;
-        }
-        let step = left.min(SLICE);
-        std::thread::sleep(step);
-        let m = cpu(master)?;
-        if step == SLICE {
-            floor = floor.min((m - last) / SLICE.as_secs_f64());
-        }
-        last = m;
+    // Whole slices on fixed deadlines (sleeps overshoot), each divided by its measured length.
+    let (mut prev, mut floor) = ((t0, m0), f64::INFINITY);
+    for k in 1..=(span.as_millis() / SLICE.as_millis()) as u32 {
+        sleep_until(t0 + SLICE * k);
+        let now = (Instant::now(), cpu(master)?);
+        floor = floor.min((now.1 - prev.1) / (now.0 - prev.0).as_secs_f64());
+        prev = now;
     }
-    let w1 = all(workers)?;
-    let s = t0.elapsed().as_secs_f64();
-    let master_cpu = (last - m0) / s;
+    sleep_until(t0 + span);
+    let (t1, m1, w1) = (Instant::now(), cpu(master)?, all(workers)?);
+    let s = (t1 - t0).as_secs_f64();
+    let master_cpu = (m1 - m0) / s;
     Ok(Measured {
         rss: pid_rss_bytes(master).context("cannot read the master's /proc status")?,
         master_cpu,

@@ -392,6 +392,9 @@ impl Scheduler {
                 self.locating = true;
                 return Some(Action::Locate { need });
             }
+            // Everything missing is on its way: nothing to ask, and no time to wake up at
+            // (a transfer that fails frees its blocks and allows a Locate again).
+            self.next_locate = None;
         }
         None
     }
@@ -434,15 +437,16 @@ impl Scheduler {
             self.in_flight.remove(b);
             self.have.insert(b);
         }
-        self.tell_have(now, got, self.cfg.have_interval);
+        self.tell_have(now, Some(got), self.cfg.have_interval);
     }
 
-    /// Queues `got` for a Have, due at most `interval` after the last one (at once if none
-    /// was told that recently), or sooner if something queued before is due sooner.
-    fn tell_have(&mut self, now: Instant, got: BlockRange, interval: Duration) {
+    /// Queues `got` (if any) for a Have, and makes whatever is queued due at most `interval`
+    /// after the last Have (at once if none was told that recently), or sooner if it already
+    /// was.
+    fn tell_have(&mut self, now: Instant, got: Option<BlockRange>, interval: Duration) {
         let due_now = !self.unreported.is_empty() && self.have_due.is_none();
-        self.unreported.push(got);
-        if due_now {
+        self.unreported.extend(got);
+        if due_now || self.unreported.is_empty() {
             return;
         }
         let due = self.last_have.map_or(now, |t| (t + interval).max(now));
@@ -506,7 +510,7 @@ impl Scheduler {
         }
         // Only what `on_progress` did not take in yet is new.
         let new = BlockRange::new(got.start.saturating_add(done).min(got.end), got.end);
-        if !new.is_empty() {
+        if !got.is_empty() {
             let interval = match t.source {
                 // A master piece is told at once: the master hands this node its next first
                 // copies only once it hears that the last ones arrived. So is the last piece:
@@ -515,7 +519,9 @@ impl Scheduler {
                 Source::Peer { .. } if self.have.is_full() => Duration::ZERO,
                 Source::Peer { .. } => self.cfg.end_have_interval,
             };
-            self.tell_have(now, new, interval);
+            // Also when `on_progress` took in every block already: what it queued is then due
+            // within this interval, not its own longer one.
+            self.tell_have(now, (!new.is_empty()).then_some(new), interval);
         }
         if !got.is_empty() {
             // Once the master hears of these, it may have more to give (it hands a requester
@@ -927,6 +933,36 @@ mod tests {
     }
 
     #[test]
+    fn a_piece_whose_blocks_were_all_taken_in_by_progress_is_told_within_the_end_interval() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
+        drain(&mut s, now);
+        s.on_assignments(
+            now,
+            vec![
+                from_peer(peer(), BlockRange::new(0, 2)),
+                from_peer(peer(), BlockRange::new(2, 4)),
+            ],
+            ms(0),
+        );
+        // Two transfers and a Locate for the rest, answered with nothing for a second.
+        assert_eq!(drain(&mut s, now).len(), 3);
+        s.on_assignments(now, vec![], ms(1000));
+        s.on_progress(now, 0, 1);
+        assert_eq!(drain(&mut s, now).len(), 1); // the first Have, at once
+                                                 // The piece's last block comes in as progress (due with the 250 ms interval), then
+                                                 // the piece ends: due within 50 ms of the last Have, and the Locate after it.
+        s.on_progress(now + ms(10), 0, 2);
+        assert_eq!(s.poll_timeout(), Some(now + ms(250)));
+        s.on_transfer_end(now + ms(12), 0, 2, None);
+        assert_eq!(s.poll_timeout(), Some(now + ms(50)));
+        let actions = drain(&mut s, now + ms(50));
+        assert_eq!(actions[0], Action::Have(vec![BlockRange::new(1, 2)]));
+        assert!(matches!(actions[1], Action::Locate { .. }));
+    }
+
+    #[test]
     fn no_wake_up_is_due_while_no_locate_can_go() {
         let now = Instant::now();
         let ms = Duration::from_millis;
@@ -946,14 +982,30 @@ mod tests {
         );
         assert_eq!(drain(&mut s, now).len(), 2);
         s.on_transfer_end(now + ms(1), 0, 2, None);
-        assert_eq!(drain(&mut s, now + ms(1)).len(), 2); // its Have, the next transfer
-                                                         // A piece ends while assignments are still queued: its Have waits 50 ms, and then,
-                                                         // with the transfers full again, nothing is due until something happens.
+        // Its Have, and the next transfer.
+        assert_eq!(drain(&mut s, now + ms(1)).len(), 2);
+        // A piece ends while assignments are still queued: its Have waits 50 ms, and then,
+        // with the transfers full again, nothing is due until something happens.
         s.on_transfer_end(now + ms(2), 1, 2, None);
         assert_eq!(drain(&mut s, now + ms(2)).len(), 1); // the last queued transfer
         assert_eq!(s.poll_timeout(), Some(now + ms(51)));
         assert_eq!(drain(&mut s, now + ms(51)).len(), 1); // the Have
         assert_eq!(s.transfers(), 2);
+        assert_eq!(s.poll_timeout(), None);
+        // Near the end: a piece ends while every missing block is in flight. Once its Have
+        // is told there is nothing to ask for, and nothing is due either.
+        s.on_assignments(
+            now + ms(52),
+            vec![from_peer(p, BlockRange::new(8, 16))],
+            ms(0),
+        );
+        s.on_transfer_end(now + ms(60), 2, 2, None);
+        assert_eq!(drain(&mut s, now + ms(60)).len(), 1); // the last queued transfer
+        s.on_transfer_end(now + ms(70), 3, 2, None);
+        assert!(drain(&mut s, now + ms(70)).is_empty());
+        assert_eq!(s.poll_timeout(), Some(now + ms(101)));
+        assert_eq!(drain(&mut s, now + ms(101)).len(), 1); // the Have, and no Locate
+        assert_eq!(s.transfers(), 1);
         assert_eq!(s.poll_timeout(), None);
     }
 
