@@ -833,14 +833,21 @@ mod tests {
         assert!(s.is_complete() && s.is_idle());
     }
 
+    /// A scheduler of `blocks` blocks, after its first poll, given `assignments` at `now`.
+    fn given(blocks: u32, now: Instant, assignments: Vec<Assignment>) -> Scheduler {
+        let mut s = Scheduler::new(Blocks::new(blocks), SchedulerConfig::default());
+        drain(&mut s, now);
+        s.on_assignments(now, assignments, Duration::ZERO);
+        s
+    }
+
     #[test]
     fn ended_peer_pieces_are_told_together_and_master_pieces_at_once() {
         let now = Instant::now();
         let ms = Duration::from_millis;
         let (a, b) = (peer(), peer());
-        let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
-        drain(&mut s, now);
-        s.on_assignments(
+        let mut s = given(
+            8,
             now,
             vec![
                 from_peer(a, BlockRange::new(0, 2)),
@@ -848,7 +855,6 @@ mod tests {
                 from_peer(a, BlockRange::new(4, 6)),
                 assign(BlockRange::new(6, 8), Source::Master),
             ],
-            ms(0),
         );
         assert_eq!(drain(&mut s, now).len(), 4);
         // The first piece to end, with no Have told before: at once.
@@ -884,15 +890,13 @@ mod tests {
         let now = Instant::now();
         let ms = Duration::from_millis;
         let (a, b, c) = (peer(), peer(), peer());
-        let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
-        drain(&mut s, now);
-        s.on_assignments(
+        let mut s = given(
+            8,
             now,
             vec![
                 from_peer(a, BlockRange::new(0, 2)),
                 from_peer(b, BlockRange::new(2, 4)),
             ],
-            ms(0),
         );
         let need = || Action::Locate {
             need: vec![BlockRange::new(4, 8)],
@@ -936,15 +940,13 @@ mod tests {
     fn a_piece_whose_blocks_were_all_taken_in_by_progress_is_told_within_the_end_interval() {
         let now = Instant::now();
         let ms = Duration::from_millis;
-        let mut s = Scheduler::new(Blocks::new(8), SchedulerConfig::default());
-        drain(&mut s, now);
-        s.on_assignments(
+        let mut s = given(
+            8,
             now,
             vec![
                 from_peer(peer(), BlockRange::new(0, 2)),
                 from_peer(peer(), BlockRange::new(2, 4)),
             ],
-            ms(0),
         );
         // Two transfers and a Locate for the rest, answered with nothing for a second.
         assert_eq!(drain(&mut s, now).len(), 3);
