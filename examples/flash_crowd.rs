@@ -35,6 +35,7 @@ struct Args {
     bin: PathBuf,
     limit: Duration,
     idle: Option<Duration>,
+    block_size: Option<String>,
 }
 
 fn args() -> Result<Args> {
@@ -43,6 +44,7 @@ fn args() -> Result<Args> {
     let mut bin = None;
     let mut limit = Duration::from_secs(600);
     let mut idle = None;
+    let mut block_size = None;
     let secs = |v: Option<String>, flag: &str| -> Result<Duration> {
         Ok(Duration::from_secs(
             v.with_context(|| format!("{flag} needs seconds"))?
@@ -61,13 +63,18 @@ fn args() -> Result<Args> {
                 }
                 idle = Some(span);
             }
+            "--block-size" => {
+                block_size = Some(it.next().context("--block-size needs a number of bytes")?)
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: flash_crowd [N=12] [MIB=64] [--bin-dir DIR] [--limit SECS] [--idle SECS]\n\
+                     [--block-size BYTES]\n\
                      Runs a master (upload 8 MiB/s) and N fetch processes (upload 4 MiB/s each) \
                      from DIR (default: the directory above this binary, e.g. target/release).\n\
                      --limit SECS  give up when the crowd is not done by then (default 600)\n\
-                     --idle SECS   then measure the finished swarm's CPU while it seeds for SECS"
+                     --idle SECS   then measure the finished swarm's CPU while it seeds for SECS\n\
+                     --block-size BYTES  the file's block size (default: shoal-master add's)"
                 );
                 std::process::exit(0);
             }
@@ -107,6 +114,7 @@ fn args() -> Result<Args> {
         bin,
         limit,
         idle,
+        block_size,
     })
 }
 
@@ -157,12 +165,14 @@ fn main() -> Result<()> {
 
     // The master, with the file added before it starts (no rescan wait).
     let mdir = root.join("master");
-    let added = Command::new(a.bin.join("shoal-master"))
-        .args(["add"])
-        .arg(&src)
+    let mut add = Command::new(a.bin.join("shoal-master"));
+    add.args(["add"]).arg(&src);
+    if let Some(bs) = &a.block_size {
+        add.args(["--block-size", bs]);
+    }
+    let added = add
         .arg("--data-dir")
         .arg(&mdir)
-        .stderr(Stdio::null())
         .output()
         .context("running shoal-master add")?;
     if !added.status.success() {
@@ -332,9 +342,10 @@ fn main() -> Result<()> {
     let mut idle: Vec<f64> = nodes.iter().map(|x| x.idle_s).collect();
     idle.sort_by(f64::total_cmp);
     println!(
-        "flash crowd: {} nodes, {} MiB, master upload {} MiB/s, node upload {} MiB/s",
+        "flash crowd: {} nodes, {} MiB in blocks of {}, master upload {} MiB/s, node upload {} MiB/s",
         a.nodes,
         a.mib,
+        a.block_size.as_deref().unwrap_or("the default size"),
         MASTER_RATE / MIB,
         NODE_RATE / MIB
     );

@@ -238,6 +238,7 @@ fn a_wrong_master_peer_id_says_what_answered() -> anyhow::Result<()> {
 }
 
 /// `shoal-master add` prints a ticket; `shoal status` and `shoal fetch` need nothing else.
+/// `--block-size` is checked before anything is added, and a fetch works in the size asked for.
 #[test]
 fn a_ticket_is_all_a_fetch_needs() -> anyhow::Result<()> {
     let bins = bin_dir()?;
@@ -246,14 +247,34 @@ fn a_ticket_is_all_a_fetch_needs() -> anyhow::Result<()> {
     shoal_tests::write_random_file(&src, 3 * 1024 * 1024 + 17, 83)?;
     let master_dir = tmp.path().join("master");
     let (_master, bootstrap) = spawn_master(&bins, &master_dir, None)?;
-    let out = Command::new(bins.join("shoal-master"))
-        .arg("add")
-        .arg(&src)
-        .arg("--data-dir")
-        .arg(&master_dir)
-        .output()?;
-    anyhow::ensure!(out.status.success(), "shoal-master add failed");
+    let add = |block_size: &str| -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(bins.join("shoal-master"))
+            .arg("add")
+            .arg(&src)
+            .args(["--block-size", block_size])
+            .arg("--data-dir")
+            .arg(&master_dir)
+            .output()?)
+    };
+    // A block size that is not a power of two is refused before anything is added.
+    let bad = add("100000")?;
+    let said = String::from_utf8_lossy(&bad.stderr);
+    anyhow::ensure!(
+        !bad.status.success() && said.contains("100000 is not a power of two from 4096"),
+        "add --block-size 100000 should be refused: {said}"
+    );
+    anyhow::ensure!(
+        !master_dir.join("manifests").exists()
+            || std::fs::read_dir(master_dir.join("manifests"))?
+                .next()
+                .is_none(),
+        "a refused add left a manifest"
+    );
+    // The file in 128 KiB blocks (not the default 64 KiB): 25 of them, the last short.
+    let out = add("131072")?;
     let err = String::from_utf8(out.stderr)?;
+    anyhow::ensure!(out.status.success(), "shoal-master add failed: {err}");
+    anyhow::ensure!(err.contains(", 25 blocks;"), "not in 128 KiB blocks: {err}");
     let ticket = err
         .lines()
         .find_map(|l| l.split(": ").nth(1).filter(|t| t.starts_with("shoal:")))
