@@ -16,6 +16,7 @@
 //!
 //! `bench/flash-crowd.sh [N] [MIB]` builds the release binaries and runs this.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -36,6 +37,7 @@ struct Args {
     limit: Duration,
     idle: Option<Duration>,
     block_size: Option<String>,
+    keep: bool,
 }
 
 fn args() -> Result<Args> {
@@ -45,6 +47,7 @@ fn args() -> Result<Args> {
     let mut limit = Duration::from_secs(600);
     let mut idle = None;
     let mut block_size = None;
+    let mut keep = false;
     let secs = |v: Option<String>, flag: &str| -> Result<Duration> {
         Ok(Duration::from_secs(
             v.with_context(|| format!("{flag} needs seconds"))?
@@ -63,18 +66,20 @@ fn args() -> Result<Args> {
                 }
                 idle = Some(span);
             }
+            "--keep" => keep = true,
             "--block-size" => {
                 block_size = Some(it.next().context("--block-size needs a number of bytes")?)
             }
             "-h" | "--help" => {
                 println!(
                     "usage: flash_crowd [N=12] [MIB=64] [--bin-dir DIR] [--limit SECS] [--idle SECS]\n\
-                     [--block-size BYTES]\n\
+                     [--block-size BYTES] [--keep]\n\
                      Runs a master (upload 8 MiB/s) and N fetch processes (upload 4 MiB/s each) \
                      from DIR (default: the directory above this binary, e.g. target/release).\n\
                      --limit SECS  give up when the crowd is not done by then (default 600)\n\
                      --idle SECS   then measure the finished swarm's CPU while it seeds for SECS\n\
-                     --block-size BYTES  the file's block size (default: shoal-master add's)"
+                     --block-size BYTES  the file's block size (default: shoal-master add's)\n\
+                     --keep        keep the work dir (logs, reports, progress.csv) and say where"
                 );
                 std::process::exit(0);
             }
@@ -115,6 +120,7 @@ fn args() -> Result<Args> {
         limit,
         idle,
         block_size,
+        keep,
     })
 }
 
@@ -157,8 +163,12 @@ struct Node {
 
 fn main() -> Result<()> {
     let a = args()?;
-    let work = tempfile::Builder::new().prefix("shoal-crowd").tempdir()?;
+    let mut work = tempfile::Builder::new().prefix("shoal-crowd").tempdir()?;
+    work.disable_cleanup(a.keep);
     let root = work.path();
+    if a.keep {
+        eprintln!("work dir (kept): {}", root.display());
+    }
     let size = a.mib * MIB;
     let src = root.join("file.bin");
     shoal_tests::write_random_file(&src, size as usize, 7)?;
@@ -196,7 +206,7 @@ fn main() -> Result<()> {
             .args(["--max-upload-rate", &MASTER_RATE.to_string()])
             .args(["--metrics-addr", &mmetrics])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(root.join("master.log"))?)
             .spawn()
             .context("starting shoal-master")?,
     );
@@ -239,7 +249,10 @@ fn main() -> Result<()> {
         });
     }
 
-    // Watch: completion (the output is renamed into place once verified) and uploads.
+    // Watch: completion (the output is renamed into place once verified) and uploads. Each
+    // sample goes to progress.csv (seconds since the start, node, held and uploaded bytes).
+    let mut trace = std::io::BufWriter::new(std::fs::File::create(root.join("progress.csv"))?);
+    writeln!(trace, "t_s,node,held_bytes,uploaded_bytes")?;
     let mut last = Instant::now();
     while nodes.iter().any(|n| n.finished.is_none()) {
         if t0.elapsed() > a.limit {
@@ -274,7 +287,8 @@ fn main() -> Result<()> {
         let dt = now.duration_since(last).as_secs_f64();
         last = now;
         let downloading = nodes.iter().filter(|n| n.finished.is_none()).count();
-        for n in &mut nodes {
+        let t = now.duration_since(t0).as_secs_f64();
+        for (i, n) in nodes.iter_mut().enumerate() {
             // A node that is not up yet (no metrics) counts as neither idle nor busy.
             // One scrape a node a sample: the scrapes cost the nodes CPU in the crowd.
             let Ok(page) = metrics(&n.metrics) else {
@@ -284,6 +298,7 @@ fn main() -> Result<()> {
                 continue;
             };
             let held = page.get("shoal_node_download_held_bytes").unwrap_or(0.0);
+            writeln!(trace, "{t:.3},{i},{held},{up}")?;
             let others = downloading - usize::from(n.finished.is_none());
             if up <= n.uploaded && held > 0.0 && others > 0 {
                 n.idle_s += dt;
@@ -291,6 +306,8 @@ fn main() -> Result<()> {
             n.uploaded = n.uploaded.max(up);
         }
     }
+
+    trace.flush()?;
 
     // The finished swarm, seeding: nothing moves, so what it spends is its upkeep.
     // A failed reading is told, and the crowd's own results are still printed.

@@ -142,6 +142,11 @@ pub const BRIEF_AVOID: Duration = Duration::from_secs(5);
 /// this many pieces, and a crowd's requesters (small shares) are not affected.
 pub const LONE_SHARE_PIECES: u32 = 16;
 
+/// Under a capped master upload, a lone requester's answer of master pieces is at most what
+/// that upload sends in this long (see [`PolicyConfig::master_upload_rate`]); its pieces do
+/// not shrink below `max_master_piece` for it.
+pub const LONE_HORIZON: Duration = Duration::from_millis(250);
+
 /// Tunables of the policy. The defaults suit 64 KiB blocks.
 #[derive(Clone, Debug)]
 pub struct PolicyConfig {
@@ -184,6 +189,13 @@ pub struct PolicyConfig {
     /// answer's worth each, so that what the policy hands out the master can serve: more
     /// would be refused, and the refused nodes would only ask again.
     pub master_slots: u32,
+    /// The master's upload cap in bytes a second (`--max-upload-rate`), if any. Master pieces
+    /// grow past `max_master_piece` for a lone requester only while one answer's worth of
+    /// them is at most what this upload sends in [`LONE_HORIZON`]. Whatever the master hands
+    /// one requester, no one else gets from the master until it arrives: a node that asked a
+    /// moment before a crowd would otherwise be handed seconds of the capped upload's first
+    /// copies, and then be their only source at its own, slower upload.
+    pub master_upload_rate: Option<u64>,
     /// A node's upload slots (its piece server's default): a holder with this many
     /// requesters on their way to it is full; a block whose holders are all full is waited
     /// for (`retry_after`), neither refused by the holder nor sent again by the master.
@@ -226,6 +238,7 @@ impl Default for PolicyConfig {
             waiting_polls_per_s: 1_000,
             report_grace: Duration::from_secs(10),
             master_slots: 64,
+            master_upload_rate: None,
             peer_slots: 16,
             region_budget: false,
             one_entry_per_region: true,
@@ -821,22 +834,35 @@ impl Policy {
     }
 
     /// The master's piece for a requester whose fair share of first copies is `share`
-    /// blocks: `max_master_piece`, or up to `lone_master_piece` for a large share; smaller
-    /// under load.
-    fn master_piece(&self, share: u32) -> u32 {
-        let max = (share / LONE_SHARE_PIECES).clamp(
-            self.cfg.max_master_piece,
-            self.cfg.lone_master_piece.max(self.cfg.max_master_piece),
-        );
+    /// blocks: `max_master_piece`, or up to `lone` (see [`Policy::lone_piece`]) for a large
+    /// share; smaller under load.
+    fn master_piece(&self, share: u32, lone: u32) -> u32 {
+        let max = (share / LONE_SHARE_PIECES).clamp(self.cfg.max_master_piece, lone);
         self.under_load(max).clamp(self.cfg.min_master_piece, max)
+    }
+
+    /// The largest master piece a lone requester of `f` may get: `lone_master_piece`, or less
+    /// under a capped master upload, so that one answer's pieces take at most
+    /// [`LONE_HORIZON`] of it; never below `max_master_piece`.
+    fn lone_piece(&self, f: &FileState) -> u32 {
+        let lone = self.cfg.lone_master_piece.max(self.cfg.max_master_piece);
+        let Some(rate) = self.cfg.master_upload_rate else {
+            return lone;
+        };
+        let block = f.size.div_ceil(u64::from(f.blocks.max(1))).max(1);
+        let answer = (u128::from(rate) * LONE_HORIZON.as_millis() / 1000) / u128::from(block);
+        let piece = answer / u128::from(self.cfg.max_master_pieces.max(1));
+        u32::try_from(piece)
+            .unwrap_or(u32::MAX)
+            .clamp(self.cfg.max_master_piece, lone)
     }
 
     /// Requesters that may have master pieces on their way at once: the master's slots over
     /// the pieces of two answers (each may have one answer on its way and ask for the next).
-    fn master_clients(&self, share: u32) -> u32 {
+    fn master_clients(&self, share: u32, lone: u32) -> u32 {
         let pieces = self
             .under_load(self.cfg.max_master_pieces)
-            .min(share.div_ceil(self.master_piece(share).max(1)))
+            .min(share.div_ceil(self.master_piece(share, lone).max(1)))
             .max(1);
         (self.cfg.master_slots / (2 * pieces)).max(1)
     }
@@ -853,8 +879,8 @@ impl Policy {
     }
 
     /// Blocks the master hands out in one answer: several pieces when idle, one when busy.
-    fn master_budget(&self, share: u32) -> u32 {
-        self.master_piece(share) * self.under_load(self.cfg.max_master_pieces).max(1)
+    fn master_budget(&self, share: u32, lone: u32) -> u32 {
+        self.master_piece(share, lone) * self.under_load(self.cfg.max_master_pieces).max(1)
     }
 
     /// Answers a Locate from `requester` for the blocks `need` of `file`.
@@ -869,10 +895,13 @@ impl Policy {
         if self.expiry_floor.is_some_and(|t| now >= t) {
             self.expire(now);
         }
-        let share = self.files.get(file).map_or(1, |f| self.first_copy_share(f));
-        let master_piece = self.master_piece(share);
-        let master_budget = self.master_budget(share).min(share);
-        let master_clients = self.master_clients(share);
+        let (share, lone) = self
+            .files
+            .get(file)
+            .map_or((1, 1), |f| (self.first_copy_share(f), self.lone_piece(f)));
+        let master_piece = self.master_piece(share, lone);
+        let master_budget = self.master_budget(share, lone).min(share);
+        let master_clients = self.master_clients(share, lone);
         let cfg = self.cfg.clone();
         let f = self
             .files
@@ -2587,6 +2616,53 @@ mod tests {
         assert!(
             sizes.iter().all(|&n| n <= cfg.max_master_piece),
             "{sizes:?}"
+        );
+    }
+
+    #[test]
+    fn under_a_capped_master_upload_a_lone_answer_is_what_it_sends_in_the_horizon() {
+        let cfg = sequential();
+        let blocks = 16 * cfg.lone_master_piece;
+        let block = 64 * 1024u64;
+        let now = Instant::now();
+        // The master pieces a lone requester gets in its first answer, under `rate`.
+        let first_answer = |rate: Option<u64>| -> Vec<u32> {
+            let mut p = Policy::new(PolicyConfig {
+                master_upload_rate: rate,
+                ..cfg.clone()
+            });
+            p.add_file(
+                file(),
+                "f".into(),
+                u64::from(blocks) * block,
+                Blocks::full(blocks),
+            );
+            let a = peer();
+            p.peer_up(a, vec![addr()]);
+            let ans = p.locate(now, a, &file(), &all(blocks)).unwrap();
+            ans.assignments
+                .iter()
+                .inspect(|x| assert_eq!(x.source, Source::Master))
+                .map(|x| x.range.len())
+                .collect()
+        };
+        let horizon_s = LONE_HORIZON.as_secs_f64();
+        // Uncapped: the long pieces of a lone fetch.
+        assert_eq!(first_answer(None)[0], cfg.lone_master_piece);
+        // A fast cap: as uncapped (the horizon holds more than the longest pieces).
+        let fast = (f64::from(cfg.lone_master_piece * cfg.max_master_pieces) * block as f64
+            / horizon_s) as u64;
+        assert_eq!(first_answer(Some(fast))[0], cfg.lone_master_piece);
+        // Half that: pieces half as long, so the answer still fits the horizon.
+        let half = first_answer(Some(fast / 2));
+        assert_eq!(half[0], cfg.lone_master_piece / 2, "{half:?}");
+        // 8 MiB/s (the flash crowd's master): 2 MiB in the horizon, so no longer than a
+        // crowd's pieces, and no more blocks in the answer than that.
+        let slow = first_answer(Some(8 << 20));
+        assert!(slow.iter().all(|&n| n == cfg.max_master_piece), "{slow:?}");
+        assert!(
+            u64::from(slow.iter().sum::<u32>()) * block <= ((8u64 << 20) as f64 * horizon_s) as u64,
+            "{slow:?}"
         );
     }
 

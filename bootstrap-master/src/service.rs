@@ -219,6 +219,8 @@ impl Master {
             policy: Policy::new(PolicyConfig {
                 // What the policy hands out, the piece server must be able to take.
                 master_slots: u32::try_from(cfg.upload_slots).unwrap_or(u32::MAX),
+                // ... and what its upload cap sends soon (lone pieces, `LONE_HORIZON`).
+                master_upload_rate: cfg.max_upload_rate,
                 ..cfg.policy.clone()
             }),
             shelf,

@@ -365,6 +365,8 @@ impl<'a> Engine<'a> {
         let mut cfg = sc.policy.config();
         // The policy knows the master's slots, as the real master tells it its own.
         cfg.master_slots = u32::try_from(sc.master.upload_slots).unwrap_or(u32::MAX);
+        // ... and its upload cap, as the real master's `--max-upload-rate`.
+        cfg.master_upload_rate = Some(sc.master.upload.0 as u64);
         if let Some(slots) = sc.groups.iter().map(|g| g.upload_slots).min() {
             cfg.peer_slots = u32::try_from(slots).unwrap_or(u32::MAX);
         }
