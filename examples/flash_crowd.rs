@@ -38,6 +38,7 @@ struct Args {
     idle: Option<Duration>,
     block_size: Option<String>,
     keep: bool,
+    lead: Duration,
 }
 
 fn args() -> Result<Args> {
@@ -48,6 +49,7 @@ fn args() -> Result<Args> {
     let mut idle = None;
     let mut block_size = None;
     let mut keep = false;
+    let mut lead = Duration::ZERO;
     let secs = |v: Option<String>, flag: &str| -> Result<Duration> {
         Ok(Duration::from_secs(
             v.with_context(|| format!("{flag} needs seconds"))?
@@ -67,19 +69,28 @@ fn args() -> Result<Args> {
                 idle = Some(span);
             }
             "--keep" => keep = true,
+            "--lead" => {
+                let ms: u64 = it
+                    .next()
+                    .context("--lead needs milliseconds")?
+                    .parse()
+                    .context("--lead: milliseconds")?;
+                lead = Duration::from_millis(ms);
+            }
             "--block-size" => {
                 block_size = Some(it.next().context("--block-size needs a number of bytes")?)
             }
             "-h" | "--help" => {
                 println!(
                     "usage: flash_crowd [N=12] [MIB=64] [--bin-dir DIR] [--limit SECS] [--idle SECS]\n\
-                     [--block-size BYTES] [--keep]\n\
+                     [--block-size BYTES] [--keep] [--lead MS]\n\
                      Runs a master (upload 8 MiB/s) and N fetch processes (upload 4 MiB/s each) \
                      from DIR (default: the directory above this binary, e.g. target/release).\n\
                      --limit SECS  give up when the crowd is not done by then (default 600)\n\
                      --idle SECS   then measure the finished swarm's CPU while it seeds for SECS\n\
                      --block-size BYTES  the file's block size (default: shoal-master add's)\n\
-                     --keep        keep the work dir (logs, reports, progress.csv) and say where"
+                     --keep        keep the work dir (logs, reports, progress.csv) and say where\n\
+                     --lead MS     start the first node MS ms before the others (times count from it)"
                 );
                 std::process::exit(0);
             }
@@ -121,6 +132,7 @@ fn args() -> Result<Args> {
         idle,
         block_size,
         keep,
+        lead,
     })
 }
 
@@ -247,6 +259,9 @@ fn main() -> Result<()> {
             uploaded: 0.0,
             idle_s: 0.0,
         });
+        if i == 0 && !a.lead.is_zero() {
+            std::thread::sleep(a.lead);
+        }
     }
 
     // Watch: completion (the output is renamed into place once verified) and uploads. Each
