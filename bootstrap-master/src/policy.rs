@@ -2571,19 +2571,24 @@ mod tests {
         );
     }
 
+    /// The lengths of the master pieces `x` is given when it asks for all `blocks`; every
+    /// assignment must be the master's.
+    fn master_piece_lens(p: &mut Policy, now: Instant, x: PeerId, blocks: u32) -> Vec<u32> {
+        let ans = p.locate(now, x, &file(), &all(blocks)).unwrap();
+        ans.assignments
+            .iter()
+            .inspect(|a| assert_eq!(a.source, Source::Master))
+            .map(|a| a.range.len())
+            .collect()
+    }
+
     #[test]
     fn a_lone_requester_gets_longer_master_pieces_than_one_of_a_crowd() {
         let cfg = sequential();
         let blocks = 16 * cfg.lone_master_piece;
         let now = Instant::now();
-        let master_pieces = |p: &mut Policy, x: PeerId| -> Vec<u32> {
-            let ans = p.locate(now, x, &file(), &all(blocks)).unwrap();
-            ans.assignments
-                .iter()
-                .inspect(|a| assert_eq!(a.source, Source::Master))
-                .map(|a| a.range.len())
-                .collect()
-        };
+        let master_pieces =
+            |p: &mut Policy, x: PeerId| -> Vec<u32> { master_piece_lens(p, now, x, blocks) };
 
         let mut lone = Policy::new(cfg.clone());
         lone.add_file(
@@ -2639,12 +2644,7 @@ mod tests {
             );
             let a = peer();
             p.peer_up(a, vec![addr()]);
-            let ans = p.locate(now, a, &file(), &all(blocks)).unwrap();
-            ans.assignments
-                .iter()
-                .inspect(|x| assert_eq!(x.source, Source::Master))
-                .map(|x| x.range.len())
-                .collect()
+            master_piece_lens(&mut p, now, a, blocks)
         };
         let horizon_s = LONE_HORIZON.as_secs_f64();
         // Uncapped: the long pieces of a lone fetch.
