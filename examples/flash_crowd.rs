@@ -9,6 +9,12 @@
 //! and did not upload while some other node was still downloading. That over-counts idleness
 //! a little (the others may already hold what the idle node has), never under-counts it.
 //!
+//! `--lead MS` starts the first node MS ms before the others (from its spawn, so its own
+//! start-up eats into the lead; all times count from its start), as on a busy machine where
+//! processes start unevenly. `--keep` keeps the work dir: each node's `stderr.log` and
+//! `report.json`, the master's `master.log`, `progress.csv` (every node's held and uploaded
+//! bytes at each sample) and N+1 copies of the file.
+//!
 //! With `--idle SECS` it then lets the finished swarm seed for SECS more seconds and prints
 //! the CPU it used meanwhile (from `/proc/<pid>/stat`, so on Linux only): what a swarm costs
 //! while nothing moves (pings, gossip heartbeats, timers). All to all, that grows with the
@@ -89,7 +95,7 @@ fn args() -> Result<Args> {
                      --limit SECS  give up when the crowd is not done by then (default 600)\n\
                      --idle SECS   then measure the finished swarm's CPU while it seeds for SECS\n\
                      --block-size BYTES  the file's block size (default: shoal-master add's)\n\
-                     --keep        keep the work dir (logs, reports, progress.csv) and say where\n\
+                     --keep        keep the work dir (logs, reports, progress.csv, and N+1 copies of the file) and say where\n\
                      --lead MS     start the first node MS ms before the others (times count from it)"
                 );
                 std::process::exit(0);
@@ -224,7 +230,7 @@ fn main() -> Result<()> {
     );
     let bootstrap = master_bootstrap(&mdir)?;
 
-    // The crowd, all at once.
+    // The crowd, all at once (the first one `--lead` earlier).
     let t0 = Instant::now();
     let mut nodes = Vec::new();
     for i in 0..a.nodes {

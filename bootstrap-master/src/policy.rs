@@ -837,6 +837,7 @@ impl Policy {
     /// blocks: `max_master_piece`, or up to `lone` (see [`Policy::lone_piece`]) for a large
     /// share; smaller under load.
     fn master_piece(&self, share: u32, lone: u32) -> u32 {
+        let lone = lone.max(self.cfg.max_master_piece);
         let max = (share / LONE_SHARE_PIECES).clamp(self.cfg.max_master_piece, lone);
         self.under_load(max).clamp(self.cfg.min_master_piece, max)
     }
@@ -895,10 +896,12 @@ impl Policy {
         if self.expiry_floor.is_some_and(|t| now >= t) {
             self.expire(now);
         }
+        // An unknown file is refused before anything is computed for it.
         let (share, lone) = self
             .files
             .get(file)
-            .map_or((1, 1), |f| (self.first_copy_share(f), self.lone_piece(f)));
+            .map(|f| (self.first_copy_share(f), self.lone_piece(f)))
+            .ok_or(PolicyError::UnknownFile(*file))?;
         let master_piece = self.master_piece(share, lone);
         let master_budget = self.master_budget(share, lone).min(share);
         let master_clients = self.master_clients(share, lone);
@@ -2569,6 +2572,24 @@ mod tests {
                 BlockRange::new(8, 12)
             ]
         );
+    }
+
+    #[test]
+    fn a_locate_for_an_unknown_file_is_refused_not_a_panic() {
+        // Any peer may name any file id; the master must answer, not fall over.
+        for rate in [None, Some(8 << 20)] {
+            let mut p = Policy::new(PolicyConfig {
+                master_upload_rate: rate,
+                ..PolicyConfig::default()
+            });
+            let a = peer();
+            p.peer_up(a, vec![addr()]);
+            let other = FileId([7; 32]);
+            assert_eq!(
+                p.locate(Instant::now(), a, &other, &all(8)),
+                Err(PolicyError::UnknownFile(other))
+            );
+        }
     }
 
     /// The lengths of the master pieces `x` is given when it asks for all `blocks`; every
