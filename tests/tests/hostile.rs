@@ -374,6 +374,31 @@ async fn a_hostile_client_cannot_crash_stall_fill_or_ban_through_the_master() ->
         .await?;
     }
 
+    // 1b. Well-formed Locates and Haves for a file the master does not know: a refusal or an
+    // empty answer, not a crash (a lone-piece cap once computed before the file lookup made
+    // such a Locate panic the master's loop).
+    for request in [
+        MasterRequest::Locate {
+            file: file_id,
+            need: r(1),
+        },
+        MasterRequest::Have {
+            file: file_id,
+            ranges: r(1),
+            peer_bytes: 0,
+        },
+    ] {
+        send_raw(&hostile, mid, MASTER_PROTOCOL, &frame(&enc(&request))).await?;
+    }
+    alive(
+        &master,
+        file,
+        &hostile,
+        "a Locate and a Have for an unknown file",
+        &mut failures,
+    )
+    .await?;
+
     // 2. Oversized frame lengths: u32::MAX, and one byte over each protocol's cap. Only the
     // length is sent: the master must refuse it from the length alone.
     for (protocol, cap) in [
