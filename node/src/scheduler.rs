@@ -522,8 +522,6 @@ impl Scheduler {
             // Also when `on_progress` took in every block already: what it queued is then due
             // within this interval, not its own longer one.
             self.tell_have(now, (!new.is_empty()).then_some(new), interval);
-        }
-        if !got.is_empty() {
             // Once the master hears of these, it may have more to give (it hands a requester
             // new first copies only when its last ones arrived, and a holder it was waiting
             // for has a slot free): ask again as soon as it has heard (`poll` tells the Have
@@ -952,9 +950,10 @@ mod tests {
         assert_eq!(drain(&mut s, now).len(), 3);
         s.on_assignments(now, vec![], ms(1000));
         s.on_progress(now, 0, 1);
-        assert_eq!(drain(&mut s, now).len(), 1); // the first Have, at once
-                                                 // The piece's last block comes in as progress (due with the 250 ms interval), then
-                                                 // the piece ends: due within 50 ms of the last Have, and the Locate after it.
+        // The first Have, at once.
+        assert_eq!(drain(&mut s, now).len(), 1);
+        // The piece's last block comes in as progress (due with the 250 ms interval), then
+        // the piece ends: due within 50 ms of the last Have, and the Locate after it.
         s.on_progress(now + ms(10), 0, 2);
         assert_eq!(s.poll_timeout(), Some(now + ms(250)));
         s.on_transfer_end(now + ms(12), 0, 2, None);
