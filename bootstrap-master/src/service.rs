@@ -527,6 +527,12 @@ impl EventLoop {
                     .peers
                     .set(self.swarm.connected_peers().count() as i64);
                 self.bans.peer_gone(&peer_id);
+                // Out of the routing table too: a live node keeps a connection to the master
+                // (it dials again within seconds of losing it, and identify then puts it
+                // back), so a peer with none is most likely gone. libp2p-kad would otherwise
+                // keep it for good (nobody fails a query through the master's own table), and
+                // hand it to every node's bootstrap lookup, which dials it.
+                self.swarm.behaviour_mut().kad.remove_peer(&peer_id);
                 // Its reservation went with its connection.
                 self.relay_reservations.remove(&peer_id);
                 self.metrics

@@ -205,6 +205,112 @@ impl RawPeer {
             .await??;
         unframe(&out, MAX_MASTER_RESPONSE)
     }
+
+    /// Asks `peer` over `/shoal/kad/1` for the peers closest to `target` (a Kademlia
+    /// `FIND_NODE`, protobuf written and read by hand) and returns the PeerIds of the answer's
+    /// closer peers, within 10 s. The answer is `peer`'s routing table as it stands: unlike
+    /// libp2p-kad's own lookup, nothing is dialed, so a peer that is gone is listed as well.
+    pub async fn kad_find_node(&self, peer: PeerId, target: PeerId) -> anyhow::Result<Vec<PeerId>> {
+        let key = target.to_bytes();
+        // Message { type (1) = FIND_NODE (4), key (2) = target }
+        let mut msg = vec![0x08, 4, 0x12];
+        put_varint(&mut msg, key.len() as u64);
+        msg.extend_from_slice(&key);
+        let mut req = Vec::new();
+        put_varint(&mut req, msg.len() as u64);
+        req.extend_from_slice(&msg);
+        let mut s = self
+            .open(peer, shoal_protocol::limits::KAD_PROTOCOL)
+            .await?;
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            s.write_all(&req).await?;
+            s.flush().await?;
+            // The answer is one length-prefixed message; the stream stays open for the next.
+            let len = read_varint(&mut s).await?;
+            anyhow::ensure!(len <= 1 << 20, "a FIND_NODE answer of {len} bytes");
+            let mut body = vec![0; len as usize];
+            s.read_exact(&mut body).await?;
+            Ok(body)
+        })
+        .await
+        .context("no FIND_NODE answer within 10 s")??;
+        let mut peers = Vec::new();
+        // closerPeers (8): Peer { id (1), addrs (2), connection (3) }
+        for (field, value) in protobuf_fields(&answer)? {
+            if let (8, Field::Bytes(p)) = (field, value) {
+                for (f, v) in protobuf_fields(p)? {
+                    if let (1, Field::Bytes(id)) = (f, v) {
+                        peers.push(PeerId::from_bytes(id).context("a closer peer's id")?);
+                    }
+                }
+            }
+        }
+        Ok(peers)
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+async fn read_varint(s: &mut libp2p::Stream) -> anyhow::Result<u64> {
+    let mut bytes = Vec::new();
+    loop {
+        let mut b = [0u8];
+        s.read_exact(&mut b).await?;
+        bytes.push(b[0]);
+        if b[0] & 0x80 == 0 || bytes.len() == 10 {
+            return take_varint(&mut bytes.as_slice());
+        }
+    }
+}
+
+/// Takes one protobuf varint off the front of `b`.
+fn take_varint(b: &mut &[u8]) -> anyhow::Result<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&x, rest) = b.split_first().context("a truncated varint")?;
+        *b = rest;
+        v |= u64::from(x & 0x7f) << shift;
+        if x & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    anyhow::bail!("a varint longer than 64 bits")
+}
+
+/// A protobuf field's value: only the two wire types Kademlia's messages use here.
+enum Field<'a> {
+    Varint,
+    Bytes(&'a [u8]),
+}
+
+/// The fields of one protobuf message, in order, as (field number, value).
+fn protobuf_fields(mut b: &[u8]) -> anyhow::Result<Vec<(u64, Field<'_>)>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let tag = take_varint(&mut b)?;
+        let value = match tag & 7 {
+            0 => {
+                take_varint(&mut b)?;
+                Field::Varint
+            }
+            2 => {
+                let len = usize::try_from(take_varint(&mut b)?)?;
+                anyhow::ensure!(len <= b.len(), "a field of {len} bytes, {} left", b.len());
+                let (v, rest) = b.split_at(len);
+                b = rest;
+                Field::Bytes(v)
+            }
+            t => anyhow::bail!("protobuf wire type {t} in a Kademlia answer"),
+        };
+        out.push((tag >> 3, value));
+    }
+    Ok(out)
 }
 
 /// `payload` behind its `u32` LE length.

@@ -365,3 +365,52 @@ async fn a_holder_whose_hinted_addresses_are_wrong_is_found_through_kademlia() -
     master.shutdown().await;
     Ok(())
 }
+
+/// A peer that leaves is dropped from the master's routing table: the master hands out in
+/// answers to `FIND_NODE` (every node's bootstrap lookup asks it) only peers still connected,
+/// so new nodes are not sent to dial addresses nobody listens on. Asked with raw frames, so
+/// the answer is the master's table as it stands (libp2p-kad's own lookup would dial each
+/// peer and drop the dead ones itself, hiding the stale entries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_left_is_no_longer_handed_out_by_the_master() -> anyhow::Result<()> {
+    use libp2p::identity::Keypair;
+    use shoal_tests::raw::RawPeer;
+
+    shoal_tests::init_tracing();
+    let tmp = tempfile::tempdir()?;
+    let master = shoal_tests::start_master(&tmp.path().join("master"), None).await?;
+    let bootstrap = master.addrs()[0].clone();
+    let asker = RawPeer::start(Keypair::generate_ed25519(), false, Some(&bootstrap)).await?;
+    let leaver = RawPeer::start(Keypair::generate_ed25519(), true, Some(&bootstrap)).await?;
+    let gone = leaver.peer_id();
+    anyhow::ensure!(
+        leaver.connections() == 1,
+        "the leaving peer did not connect"
+    );
+
+    // `listed` is whether the master's answer names `gone`; waits up to 10 s for it to be so.
+    let until = |listed: bool| {
+        let asker = &asker;
+        let master = master.peer_id();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let peers = asker.kad_find_node(master, gone).await?;
+                if peers.contains(&gone) == listed {
+                    return anyhow::Ok(());
+                }
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "10 s on, the master's FIND_NODE answer {} {gone}: {peers:?}",
+                    if listed { "still lacks" } else { "still names" },
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    // Its identify put it in the table (the master feeds every peer's listen addresses in).
+    until(true).await.context("while the peer was connected")?;
+    drop(leaver);
+    until(false).await.context("after the peer left")?;
+    Ok(())
+}
