@@ -142,10 +142,67 @@ pub const BRIEF_AVOID: Duration = Duration::from_secs(5);
 /// this many pieces, and a crowd's requesters (small shares) are not affected.
 pub const LONE_SHARE_PIECES: u32 = 16;
 
-/// Under a capped master upload, a lone requester's answer of master pieces is at most what
-/// that upload sends in this long (see [`PolicyConfig::master_upload_rate`]); its pieces do
-/// not shrink below `max_master_piece` for it.
+/// A lone requester's answer of master pieces is at most what the master's upload sends in
+/// this long: its cap (see [`PolicyConfig::master_upload_rate`]), or else what it sent in the
+/// last this long ([`Policy::master_sent`]); its pieces do not shrink below
+/// `max_master_piece` for it.
 pub const LONE_HORIZON: Duration = Duration::from_millis(250);
+
+/// [`Policy::master_sent`] keeps a sample of the master's sent bytes at most this often.
+const SENT_SAMPLE: Duration = Duration::from_millis(10);
+
+/// Most samples of the master's sent bytes kept (those within [`LONE_HORIZON`] are about
+/// `LONE_HORIZON / SENT_SAMPLE`; this bounds the table whatever the calls).
+const SENT_SAMPLES_MAX: usize = 64;
+
+/// What the master's piece server has sent, sampled (see [`Policy::master_sent`]).
+#[derive(Debug, Default)]
+struct SentWindow {
+    /// `(when, total sent by then)`, oldest first: every sample of the last
+    /// [`LONE_HORIZON`], and the last one before it.
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl SentWindow {
+    fn note(&mut self, now: Instant, total: u64) {
+        // A counter only grows; a smaller total (a clock or counter gone back) counts as no
+        // bytes, not as a negative amount.
+        let total = self.samples.back().map_or(total, |&(_, t)| t.max(total));
+        match self.samples.back_mut() {
+            Some(last) if now.saturating_duration_since(last.0) < SENT_SAMPLE => last.1 = total,
+            _ => {
+                if self.samples.len() == SENT_SAMPLES_MAX {
+                    self.samples.pop_front();
+                }
+                self.samples.push_back((now, total));
+            }
+        }
+        while self
+            .samples
+            .get(1)
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) >= LONE_HORIZON)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Bytes sent in the last [`LONE_HORIZON`] before `now`, as far as the samples reach
+    /// (less while they cover less: a master that just started has sent nothing yet).
+    fn in_horizon(&self, now: Instant) -> u64 {
+        let Some(&(_, last)) = self.samples.back() else {
+            return 0;
+        };
+        // From the last sample before the horizon, or else the oldest one within it.
+        let from = self
+            .samples
+            .iter()
+            .rev()
+            .find(|&&(t, _)| now.saturating_duration_since(t) >= LONE_HORIZON)
+            .or(self.samples.front())
+            .map_or(last, |&(_, v)| v);
+        last.saturating_sub(from)
+    }
+}
 
 /// Tunables of the policy. The defaults suit 64 KiB blocks.
 #[derive(Clone, Debug)]
@@ -194,7 +251,9 @@ pub struct PolicyConfig {
     /// them is at most what this upload sends in [`LONE_HORIZON`]. Whatever the master hands
     /// one requester, no one else gets from the master until it arrives: a node that asked a
     /// moment before a crowd would otherwise be handed seconds of the capped upload's first
-    /// copies, and then be their only source at its own, slower upload.
+    /// copies, and then be their only source at its own, slower upload. Without a cap, what
+    /// the master sent in the last [`LONE_HORIZON`] stands for it ([`Policy::master_sent`]):
+    /// a link, not a flag, may be the limit.
     pub master_upload_rate: Option<u64>,
     /// A node's upload slots (its piece server's default): a holder with this many
     /// requesters on their way to it is full; a block whose holders are all full is waited
@@ -424,6 +483,8 @@ pub struct Policy {
     /// No pending assignment or handout expires before this (`None`: none pending), so a
     /// Locate only walks every pending list when something may have expired.
     expiry_floor: Option<Instant>,
+    /// What the master sent lately, for lone pieces under no upload cap.
+    sent: SentWindow,
 }
 
 impl Policy {
@@ -442,7 +503,16 @@ impl Policy {
             locations: Locations::default(),
             numbers: Numbers::default(),
             expiry_floor: None,
+            sent: SentWindow::default(),
         }
+    }
+
+    /// The master's piece server has sent `total` bytes so far (a counter; the master calls
+    /// this before each Locate). Without an upload cap, a lone requester's answer is at most
+    /// what was sent in the last [`LONE_HORIZON`]: an idle master's first answers are a
+    /// crowd's, and grow as fast as the bytes go out, as TCP's window does.
+    pub fn master_sent(&mut self, now: Instant, total: u64) {
+        self.sent.note(now, total);
     }
 
     /// Registers a file of `blocks` blocks, of which the master holds `master_has`.
@@ -843,15 +913,17 @@ impl Policy {
     }
 
     /// The largest master piece a lone requester of `f` may get: `lone_master_piece`, or less
-    /// under a capped master upload, so that one answer's pieces take at most
-    /// [`LONE_HORIZON`] of it; never below `max_master_piece`.
-    fn lone_piece(&self, f: &FileState) -> u32 {
+    /// so that one answer's pieces are at most what the master's upload sends in
+    /// [`LONE_HORIZON`] (its cap, or else what it sent in the last one); never below
+    /// `max_master_piece`.
+    fn lone_piece(&self, now: Instant, f: &FileState) -> u32 {
         let lone = self.cfg.lone_master_piece.max(self.cfg.max_master_piece);
-        let Some(rate) = self.cfg.master_upload_rate else {
-            return lone;
+        let in_horizon = match self.cfg.master_upload_rate {
+            Some(rate) => u128::from(rate) * LONE_HORIZON.as_millis() / 1000,
+            None => u128::from(self.sent.in_horizon(now)),
         };
         let block = f.size.div_ceil(u64::from(f.blocks.max(1))).max(1);
-        let answer = (u128::from(rate) * LONE_HORIZON.as_millis() / 1000) / u128::from(block);
+        let answer = in_horizon / u128::from(block);
         let piece = answer / u128::from(self.cfg.max_master_pieces.max(1));
         u32::try_from(piece)
             .unwrap_or(u32::MAX)
@@ -900,7 +972,7 @@ impl Policy {
         let (share, lone) = self
             .files
             .get(file)
-            .map(|f| (self.first_copy_share(f), self.lone_piece(f)))
+            .map(|f| (self.first_copy_share(f), self.lone_piece(now, f)))
             .ok_or(PolicyError::UnknownFile(*file))?;
         let master_piece = self.master_piece(share, lone);
         let master_budget = self.master_budget(share, lone).min(share);
@@ -2605,7 +2677,12 @@ mod tests {
 
     #[test]
     fn a_lone_requester_gets_longer_master_pieces_than_one_of_a_crowd() {
-        let cfg = sequential();
+        // A master whose upload is known to be fast (without a cap, it sizes lone pieces by
+        // what it sent lately: see the next tests).
+        let cfg = PolicyConfig {
+            master_upload_rate: Some(1 << 40),
+            ..sequential()
+        };
         let blocks = 16 * cfg.lone_master_piece;
         let now = Instant::now();
         let master_pieces =
@@ -2668,8 +2745,8 @@ mod tests {
             master_piece_lens(&mut p, now, a, blocks)
         };
         let horizon_s = LONE_HORIZON.as_secs_f64();
-        // Uncapped: the long pieces of a lone fetch.
-        assert_eq!(first_answer(None)[0], cfg.lone_master_piece);
+        // Uncapped and idle (nothing sent yet): a crowd's pieces; see the next test.
+        assert_eq!(first_answer(None)[0], cfg.max_master_piece);
         // A fast cap: as uncapped (the horizon holds more than the longest pieces).
         let fast = (f64::from(cfg.lone_master_piece * cfg.max_master_pieces) * block as f64
             / horizon_s) as u64;
@@ -2685,6 +2762,71 @@ mod tests {
             u64::from(slow.iter().sum::<u32>()) * block <= ((8u64 << 20) as f64 * horizon_s) as u64,
             "{slow:?}"
         );
+    }
+
+    #[test]
+    fn without_a_cap_a_lone_answer_is_what_the_master_sent_in_the_horizon() {
+        let cfg = sequential();
+        let blocks = 16 * cfg.lone_master_piece;
+        let block = 64 * 1024u64;
+        let t0 = Instant::now();
+        // The master pieces a lone requester gets when it asks at `t0 + at`, the master
+        // having reported `sent` (time from t0, total bytes) before that.
+        let answer = |sent: &[(Duration, u64)], at: Duration| -> Vec<u32> {
+            let mut p = Policy::new(cfg.clone());
+            p.add_file(
+                file(),
+                "f".into(),
+                u64::from(blocks) * block,
+                Blocks::full(blocks),
+            );
+            let a = peer();
+            p.peer_up(a, vec![addr()]);
+            for &(t, total) in sent {
+                p.master_sent(t0 + t, total);
+            }
+            master_piece_lens(&mut p, t0 + at, a, blocks)
+        };
+        let h = LONE_HORIZON;
+        let ms = Duration::from_millis;
+        // Bytes for one answer of the longest pieces.
+        let fast = u64::from(cfg.lone_master_piece * cfg.max_master_pieces) * block;
+        // Idle: nothing sent, so a crowd's pieces, as under a slow cap.
+        let idle = answer(&[(ms(0), 0)], h);
+        assert!(idle.iter().all(|&n| n == cfg.max_master_piece), "{idle:?}");
+        // A fast answer's worth sent in the horizon: the long pieces of a lone fetch.
+        assert_eq!(
+            answer(&[(ms(0), 0), (h, fast)], h)[0],
+            cfg.lone_master_piece
+        );
+        // Half that: pieces half as long.
+        let half = answer(&[(ms(0), 0), (h, fast / 2)], h);
+        assert_eq!(half[0], cfg.lone_master_piece / 2, "{half:?}");
+        // Sent before the horizon: no longer counted.
+        let old = answer(
+            &[(ms(0), 0), (ms(10), fast), (ms(20) + h, fast)],
+            ms(20) + h,
+        );
+        assert!(old.iter().all(|&n| n == cfg.max_master_piece), "{old:?}");
+        // A counter that went back counts as nothing sent, not as a wrap-around.
+        let back = answer(&[(ms(0), fast), (h, 0)], h);
+        assert!(back.iter().all(|&n| n == cfg.max_master_piece), "{back:?}");
+    }
+
+    #[test]
+    fn the_masters_sent_samples_are_bounded() {
+        let mut w = SentWindow::default();
+        let t0 = Instant::now();
+        // One call a millisecond for ten seconds: samples every 10 ms, within the horizon.
+        for i in 0..10_000u64 {
+            w.note(t0 + Duration::from_millis(i), i * 1000);
+            assert!(w.samples.len() <= SENT_SAMPLES_MAX);
+        }
+        let now = t0 + Duration::from_millis(9_999);
+        assert!(w.samples.len() <= (LONE_HORIZON.as_millis() / 10 + 2) as usize);
+        // 1000 bytes a millisecond: about the horizon's 250 ms of them.
+        let got = w.in_horizon(now);
+        assert!((250_000..=260_000).contains(&got), "{got}");
     }
 
     #[test]

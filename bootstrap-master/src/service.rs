@@ -775,8 +775,13 @@ impl EventLoop {
         }
         match request {
             MasterRequest::Locate { file, need } => {
+                let now = Instant::now();
+                // What went out lately sizes a lone requester's pieces when no
+                // `--max-upload-rate` does (`Policy::master_sent`).
+                self.policy
+                    .master_sent(now, self.metrics.piece_bytes_sent.get());
                 // The policy merges and clamps the ranges before it walks them.
-                match self.policy.locate(Instant::now(), peer, &file, &need) {
+                match self.policy.locate(now, peer, &file, &need) {
                     Ok(answer) => {
                         for a in &answer.assignments {
                             self.metrics.assignments.inc();

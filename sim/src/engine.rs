@@ -365,8 +365,11 @@ impl<'a> Engine<'a> {
         let mut cfg = sc.policy.config();
         // The policy knows the master's slots, as the real master tells it its own.
         cfg.master_slots = u32::try_from(sc.master.upload_slots).unwrap_or(u32::MAX);
-        // ... and its upload cap, as the real master's `--max-upload-rate`.
-        cfg.master_upload_rate = Some(sc.master.upload.0 as u64);
+        // ... and its upload cap, as the real master's `--max-upload-rate`, unless the
+        // scenario's master has none (its link is the limit; the policy sees what it sent).
+        if sc.master.rate_known {
+            cfg.master_upload_rate = Some(sc.master.upload.0 as u64);
+        }
         if let Some(slots) = sc.groups.iter().map(|g| g.upload_slots).min() {
             cfg.peer_slots = u32::try_from(slots).unwrap_or(u32::MAX);
         }
@@ -905,6 +908,7 @@ impl<'a> Engine<'a> {
                 if self.nodes[n].banned {
                     return;
                 }
+                self.master.master_sent(now, self.origin_bytes);
                 let (assignments, retry) = self.master.locate(now, n, &need);
                 let at = self.now + self.lat_master(n);
                 let epoch = self.nodes[n].epoch;

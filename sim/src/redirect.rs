@@ -78,6 +78,8 @@ pub trait Redirector {
     fn avoid(&mut self, reporter: usize, peer: usize, until: Option<Instant>);
     /// `node` is banned.
     fn ban(&mut self, node: usize);
+    /// The master has sent `total` bytes so far (before each Locate, as the real master).
+    fn master_sent(&mut self, _now: Instant, _total: u64) {}
     /// Answers a Locate.
     fn locate(
         &mut self,
@@ -140,6 +142,10 @@ impl Redirector for Shoal {
 
     fn ban(&mut self, node: usize) {
         self.policy.ban(self.peers[node]);
+    }
+
+    fn master_sent(&mut self, now: Instant, total: u64) {
+        self.policy.master_sent(now, total);
     }
 
     fn locate(

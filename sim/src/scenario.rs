@@ -220,6 +220,15 @@ pub struct MasterSpec {
     /// Concurrent piece uploads (over that: the stream is dropped).
     #[serde(default = "default_master_slots")]
     pub upload_slots: usize,
+    /// Whether the policy is told `upload`, as `shoal-master --max-upload-rate` tells it
+    /// (default). `false`: a master without the flag whose link is the limit; the policy
+    /// then goes by what the master sent lately.
+    #[serde(default = "default_rate_known")]
+    pub rate_known: bool,
+}
+
+fn default_rate_known() -> bool {
+    true
 }
 
 fn default_master_slots() -> usize {
