@@ -2688,28 +2688,13 @@ mod tests {
         let master_pieces =
             |p: &mut Policy, x: PeerId| -> Vec<u32> { master_piece_lens(p, now, x, blocks) };
 
-        let mut lone = Policy::new(cfg.clone());
-        lone.add_file(
-            file(),
-            "f".into(),
-            u64::from(blocks) << 16,
-            Blocks::full(blocks),
-        );
-        let a = peer();
-        lone.peer_up(a, vec![addr()]);
-        let sizes = master_pieces(&mut lone, a);
+        let sizes = lone_answer(&cfg, blocks, &[], now);
         assert!(cfg.lone_master_piece > cfg.max_master_piece);
         assert_eq!(sizes[0], cfg.lone_master_piece, "{sizes:?}");
 
         // The same file wanted by a crowd: each share is 1/16 as large, and so are the
         // pieces it may come in; they stay at `max_master_piece`.
-        let mut crowd = Policy::new(cfg.clone());
-        crowd.add_file(
-            file(),
-            "f".into(),
-            u64::from(blocks) << 16,
-            Blocks::full(blocks),
-        );
+        let mut crowd = with_file(&cfg, blocks);
         let peers: Vec<PeerId> = (0..16).map(|_| peer()).collect();
         for x in &peers {
             crowd.peer_up(*x, vec![addr()]);
@@ -2722,6 +2707,35 @@ mod tests {
         );
     }
 
+    /// A policy under `cfg` holding one file of `blocks` 64 KiB blocks.
+    fn with_file(cfg: &PolicyConfig, blocks: u32) -> Policy {
+        let mut p = Policy::new(cfg.clone());
+        p.add_file(
+            file(),
+            "f".into(),
+            u64::from(blocks) << 16,
+            Blocks::full(blocks),
+        );
+        p
+    }
+
+    /// The master pieces a lone requester of a file of `blocks` 64 KiB blocks gets when it
+    /// asks at `at`, the master having reported `sent` (when, total bytes) before that.
+    fn lone_answer(
+        cfg: &PolicyConfig,
+        blocks: u32,
+        sent: &[(Instant, u64)],
+        at: Instant,
+    ) -> Vec<u32> {
+        let mut p = with_file(cfg, blocks);
+        let a = peer();
+        p.peer_up(a, vec![addr()]);
+        for &(t, total) in sent {
+            p.master_sent(t, total);
+        }
+        master_piece_lens(&mut p, at, a, blocks)
+    }
+
     #[test]
     fn under_a_capped_master_upload_a_lone_answer_is_what_it_sends_in_the_horizon() {
         let cfg = sequential();
@@ -2730,19 +2744,11 @@ mod tests {
         let now = Instant::now();
         // The master pieces a lone requester gets in its first answer, under `rate`.
         let first_answer = |rate: Option<u64>| -> Vec<u32> {
-            let mut p = Policy::new(PolicyConfig {
+            let cfg = PolicyConfig {
                 master_upload_rate: rate,
                 ..cfg.clone()
-            });
-            p.add_file(
-                file(),
-                "f".into(),
-                u64::from(blocks) * block,
-                Blocks::full(blocks),
-            );
-            let a = peer();
-            p.peer_up(a, vec![addr()]);
-            master_piece_lens(&mut p, now, a, blocks)
+            };
+            lone_answer(&cfg, blocks, &[], now)
         };
         let horizon_s = LONE_HORIZON.as_secs_f64();
         // Uncapped and idle (nothing sent yet): a crowd's pieces; see the next test.
@@ -2770,22 +2776,10 @@ mod tests {
         let blocks = 16 * cfg.lone_master_piece;
         let block = 64 * 1024u64;
         let t0 = Instant::now();
-        // The master pieces a lone requester gets when it asks at `t0 + at`, the master
-        // having reported `sent` (time from t0, total bytes) before that.
+        // As `lone_answer`, with times counted from t0.
         let answer = |sent: &[(Duration, u64)], at: Duration| -> Vec<u32> {
-            let mut p = Policy::new(cfg.clone());
-            p.add_file(
-                file(),
-                "f".into(),
-                u64::from(blocks) * block,
-                Blocks::full(blocks),
-            );
-            let a = peer();
-            p.peer_up(a, vec![addr()]);
-            for &(t, total) in sent {
-                p.master_sent(t0 + t, total);
-            }
-            master_piece_lens(&mut p, t0 + at, a, blocks)
+            let sent: Vec<(Instant, u64)> = sent.iter().map(|&(t, n)| (t0 + t, n)).collect();
+            lone_answer(&cfg, blocks, &sent, t0 + at)
         };
         let h = LONE_HORIZON;
         let ms = Duration::from_millis;
