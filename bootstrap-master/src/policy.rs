@@ -155,7 +155,8 @@ const SENT_SAMPLE: Duration = Duration::from_millis(10);
 /// `LONE_HORIZON / SENT_SAMPLE`; this bounds the table whatever the calls).
 const SENT_SAMPLES_MAX: usize = 64;
 
-/// What the master's piece server has sent, sampled (see [`Policy::master_sent`]).
+/// What the master's piece server has sent (counted as each piece stream ends), sampled (see
+/// [`Policy::master_sent`]).
 #[derive(Debug, Default)]
 struct SentWindow {
     /// `(when, total sent by then)`, oldest first: every sample of the last
@@ -168,10 +169,14 @@ impl SentWindow {
         // A counter only grows; a smaller total (a clock or counter gone back) counts as no
         // bytes, not as a negative amount.
         let total = self.samples.back().map_or(total, |&(_, t)| t.max(total));
+        // The last sample follows the counter; it stays, and a new one follows, once it is
+        // `SENT_SAMPLE` past the one before it.
+        let n = self.samples.len();
+        let moving = n >= 2 && now.saturating_duration_since(self.samples[n - 2].0) < SENT_SAMPLE;
         match self.samples.back_mut() {
-            Some(last) if now.saturating_duration_since(last.0) < SENT_SAMPLE => last.1 = total,
+            Some(last) if moving => *last = (now, total),
             _ => {
-                if self.samples.len() == SENT_SAMPLES_MAX {
+                if n == SENT_SAMPLES_MAX {
                     self.samples.pop_front();
                 }
                 self.samples.push_back((now, total));
@@ -187,19 +192,33 @@ impl SentWindow {
     }
 
     /// Bytes sent in the last [`LONE_HORIZON`] before `now`, as far as the samples reach
-    /// (less while they cover less: a master that just started has sent nothing yet).
+    /// (less while they cover less: a master that just started has sent nothing yet). The
+    /// counter's value at the horizon's start is interpolated between the samples either
+    /// side of it: samples come only with Locates, and bytes counted after a quiet minute
+    /// may have gone out at any time in it, not all in the last 250 ms.
     fn in_horizon(&self, now: Instant) -> u64 {
-        let Some(&(_, last)) = self.samples.back() else {
+        let (Some(&(_, first)), Some(&(_, last))) = (self.samples.front(), self.samples.back())
+        else {
             return 0;
         };
-        // From the last sample before the horizon, or else the oldest one within it.
-        let from = self
-            .samples
-            .iter()
-            .rev()
-            .find(|&&(t, _)| now.saturating_duration_since(t) >= LONE_HORIZON)
-            .or(self.samples.front())
-            .map_or(last, |&(_, v)| v);
+        let from = match now.checked_sub(LONE_HORIZON) {
+            None => first,
+            Some(start) => {
+                // Samples at or before the start; time only moves on, so they come first.
+                let before = self.samples.partition_point(|&(t, _)| t <= start);
+                match (before.checked_sub(1), self.samples.get(before)) {
+                    (None, _) => first,
+                    (Some(_), None) => last,
+                    (Some(i), Some(&(tb, vb))) => {
+                        let (ta, va) = self.samples[i];
+                        let span = tb.saturating_duration_since(ta).as_nanos().max(1);
+                        let part = start.saturating_duration_since(ta).as_nanos();
+                        let grown = u128::from(vb.saturating_sub(va)) * part / span;
+                        va.saturating_add(u64::try_from(grown).unwrap_or(u64::MAX))
+                    }
+                }
+            }
+        };
         last.saturating_sub(from)
     }
 }
@@ -2802,6 +2821,20 @@ mod tests {
             ms(20) + h,
         );
         assert!(old.iter().all(|&n| n == cfg.max_master_piece), "{old:?}");
+        // Counted at a Locate after a quiet spell: spread over the spell, not all recent
+        // (samples come only with Locates; a fetch's last pieces end after its last one).
+        let secs = Duration::from_secs;
+        let quiet = answer(&[(ms(0), 0), (secs(10), fast)], secs(10));
+        assert!(
+            quiet.iter().all(|&n| n == cfg.max_master_piece),
+            "{quiet:?}"
+        );
+        // The same bytes within the last quarter of a second: recent.
+        let recent = answer(
+            &[(ms(0), 0), (secs(10) - ms(200), 0), (secs(10), fast)],
+            secs(10),
+        );
+        assert_eq!(recent[0], cfg.lone_master_piece, "{recent:?}");
         // A counter that went back counts as nothing sent, not as a wrap-around.
         let back = answer(&[(ms(0), fast), (h, 0)], h);
         assert!(back.iter().all(|&n| n == cfg.max_master_piece), "{back:?}");
@@ -2817,10 +2850,12 @@ mod tests {
             assert!(w.samples.len() <= SENT_SAMPLES_MAX);
         }
         let now = t0 + Duration::from_millis(9_999);
-        assert!(w.samples.len() <= (LONE_HORIZON.as_millis() / 10 + 2) as usize);
+        // About one per `SENT_SAMPLE` within the horizon, and the one before it.
+        let per_horizon = (LONE_HORIZON.as_millis() / SENT_SAMPLE.as_millis()) as usize;
+        assert!(w.samples.len() <= per_horizon + 4, "{}", w.samples.len());
         // 1000 bytes a millisecond: about the horizon's 250 ms of them.
         let got = w.in_horizon(now);
-        assert!((250_000..=260_000).contains(&got), "{got}");
+        assert!((249_000..=251_000).contains(&got), "{got}");
     }
 
     #[test]
