@@ -148,7 +148,7 @@ pub const LONE_SHARE_PIECES: u32 = 16;
 /// `max_master_piece` for it.
 pub const LONE_HORIZON: Duration = Duration::from_millis(250);
 
-/// [`Policy::master_sent`] keeps a sample of the master's sent bytes at most this often.
+/// [`Policy::master_sent`] keeps about one sample of the master's sent bytes this often.
 const SENT_SAMPLE: Duration = Duration::from_millis(10);
 
 /// Most samples of the master's sent bytes kept (those within [`LONE_HORIZON`] are about
@@ -213,7 +213,7 @@ impl SentWindow {
                         let (ta, va) = self.samples[i];
                         let span = tb.saturating_duration_since(ta).as_nanos().max(1);
                         let part = start.saturating_duration_since(ta).as_nanos();
-                        let grown = u128::from(vb.saturating_sub(va)) * part / span;
+                        let grown = u128::from(vb.saturating_sub(va)).saturating_mul(part) / span;
                         va.saturating_add(u64::try_from(grown).unwrap_or(u64::MAX))
                     }
                 }
