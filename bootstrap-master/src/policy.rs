@@ -201,23 +201,21 @@ impl SentWindow {
         else {
             return 0;
         };
-        let from = match now.checked_sub(LONE_HORIZON) {
-            None => first,
-            Some(start) => {
-                // Samples at or before the start; time only moves on, so they come first.
-                let before = self.samples.partition_point(|&(t, _)| t <= start);
-                match (before.checked_sub(1), self.samples.get(before)) {
-                    (None, _) => first,
-                    (Some(_), None) => last,
-                    (Some(i), Some(&(tb, vb))) => {
-                        let (ta, va) = self.samples[i];
-                        let span = tb.saturating_duration_since(ta).as_nanos().max(1);
-                        let part = start.saturating_duration_since(ta).as_nanos();
-                        let grown = u128::from(vb.saturating_sub(va)).saturating_mul(part) / span;
-                        va.saturating_add(u64::try_from(grown).unwrap_or(u64::MAX))
-                    }
-                }
+        // Samples at or before the horizon's start come first (time only moves on).
+        let start = now.checked_sub(LONE_HORIZON);
+        let before = start.map_or(0, |st| self.samples.partition_point(|&(t, _)| t <= st));
+        let prev = before.checked_sub(1).map(|i| self.samples[i]);
+        let from = match (start, prev, self.samples.get(before)) {
+            (Some(start), Some((ta, va)), Some(&(tb, vb))) => {
+                let span = tb.saturating_duration_since(ta).as_nanos().max(1);
+                let part = start.saturating_duration_since(ta).as_nanos();
+                let grown = u128::from(vb.saturating_sub(va)).saturating_mul(part) / span;
+                va.saturating_add(u64::try_from(grown).unwrap_or(u64::MAX))
             }
+            // Every sample is before the start: nothing was counted since.
+            (_, Some(_), None) => last,
+            // No sample before the start: from the oldest.
+            _ => first,
         };
         last.saturating_sub(from)
     }
@@ -2704,8 +2702,6 @@ mod tests {
         };
         let blocks = 16 * cfg.lone_master_piece;
         let now = Instant::now();
-        let master_pieces =
-            |p: &mut Policy, x: PeerId| -> Vec<u32> { master_piece_lens(p, now, x, blocks) };
 
         let sizes = lone_answer(&cfg, blocks, &[], now);
         assert!(cfg.lone_master_piece > cfg.max_master_piece);
@@ -2718,7 +2714,7 @@ mod tests {
         for x in &peers {
             crowd.peer_up(*x, vec![addr()]);
         }
-        let sizes = master_pieces(&mut crowd, peers[0]);
+        let sizes = master_piece_lens(&mut crowd, now, peers[0], blocks);
         assert!(!sizes.is_empty());
         assert!(
             sizes.iter().all(|&n| n <= cfg.max_master_piece),
